@@ -1,0 +1,10 @@
+//! pagellm: run quantized LLMs locally.
+//!
+//! Module map (DESIGN.md): `dtype` names the tensor types, `gguf` reads and writes files, `quant` decodes
+//! blocks, `synth` writes random-weight models for benchmarks and tests, `cli` holds the commands.
+
+pub mod cli;
+pub mod dtype;
+pub mod gguf;
+pub mod quant;
+pub mod synth;
