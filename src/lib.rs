@@ -7,4 +7,5 @@ pub mod cli;
 pub mod dtype;
 pub mod gguf;
 pub mod quant;
+pub mod sampling;
 pub mod synth;

@@ -1,0 +1,243 @@
+//! Token sampling: greedy, or a chain like llama.cpp's default one —
+//! penalties -> top-k -> top-p -> min-p -> temperature -> draw — with a seeded RNG (same seed, same output).
+//!
+//! `Sampler::sample` takes the logits of one position and returns a token id; it keeps the history it
+//! needs for the repetition/presence/frequency penalties (`accept` adds prompt or generated tokens).
+
+use std::collections::HashMap;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// 0 (or below) means greedy: the arg-max token, no randomness.
+    pub temperature: f32,
+    /// Keep the k most likely tokens; 0 disables.
+    pub top_k: usize,
+    /// Keep the smallest set whose probability reaches p; 1.0 disables.
+    pub top_p: f32,
+    /// Drop tokens less likely than min_p times the most likely one; 0 disables.
+    pub min_p: f32,
+    /// Divide positive logits (multiply negative ones) of recently seen tokens; 1.0 disables.
+    pub repeat_penalty: f32,
+    /// How many recent tokens the penalties look at.
+    pub repeat_last_n: usize,
+    /// Subtracted once from the logit of every token seen in the window.
+    pub presence_penalty: f32,
+    /// Subtracted per occurrence in the window.
+    pub frequency_penalty: f32,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    /// llama.cpp's defaults, so outputs compare.
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: 0xC0FFEE,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        SamplingParams { temperature: 0.0, ..Default::default() }
+    }
+}
+
+pub struct Sampler {
+    pub params: SamplingParams,
+    rng: StdRng,
+    history: Vec<u32>,
+}
+
+/// The arg-max of `logits` (the first one on ties, as llama.cpp's greedy sampler).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Softmax into probabilities (f64 accumulation); the result sums to 1.
+pub fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f64> = logits.iter().map(|&l| ((l - max) as f64).exp()).collect();
+    let sum: f64 = exps.iter().sum();
+    exps.iter().map(|&e| (e / sum) as f32).collect()
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Sampler {
+        let rng = StdRng::seed_from_u64(params.seed);
+        Sampler { params, rng, history: Vec::new() }
+    }
+
+    /// Record tokens (the prompt, then each generated token) for the penalties.
+    pub fn accept(&mut self, tokens: &[u32]) {
+        self.history.extend_from_slice(tokens);
+    }
+
+    pub fn reset(&mut self) {
+        self.history.clear();
+        self.rng = StdRng::seed_from_u64(self.params.seed);
+    }
+
+    /// Apply the penalties to `logits` in place.
+    pub fn apply_penalties(&self, logits: &mut [f32]) {
+        let p = &self.params;
+        let neutral = p.repeat_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0;
+        if neutral || p.repeat_last_n == 0 {
+            return;
+        }
+        let start = self.history.len().saturating_sub(p.repeat_last_n);
+        let mut counts: HashMap<u32, u32> = HashMap::new();
+        for &t in &self.history[start..] {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (&t, &c) in &counts {
+            let Some(l) = logits.get_mut(t as usize) else { continue };
+            if *l > 0.0 {
+                *l /= p.repeat_penalty;
+            } else {
+                *l *= p.repeat_penalty;
+            }
+            *l -= c as f32 * p.frequency_penalty + p.presence_penalty;
+        }
+    }
+
+    /// Pick the next token from one position's logits. `logits` is used as scratch.
+    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
+        self.apply_penalties(logits);
+        let p = self.params.clone();
+        if p.temperature <= 0.0 {
+            return argmax(logits);
+        }
+        // Candidates sorted by logit, descending; ties by id so the order is deterministic.
+        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if p.top_k > 0 && p.top_k < cand.len() {
+            cand.select_nth_unstable_by(p.top_k - 1, by_logit);
+            cand.truncate(p.top_k);
+        }
+        cand.sort_unstable_by(by_logit);
+
+        // top-p and min-p work on the probabilities of the candidates that remain.
+        let probs = softmax(&cand.iter().map(|c| c.1).collect::<Vec<_>>());
+        let mut keep = cand.len();
+        if p.top_p < 1.0 {
+            let mut cum = 0.0f32;
+            for (i, &pr) in probs.iter().enumerate() {
+                cum += pr;
+                if cum >= p.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        if p.min_p > 0.0 {
+            let floor = probs[0] * p.min_p;
+            keep = keep.min(probs.iter().take_while(|&&pr| pr >= floor).count().max(1));
+        }
+        cand.truncate(keep.max(1));
+
+        // Temperature, then draw from the renormalised distribution.
+        let scaled: Vec<f32> = cand.iter().map(|c| c.1 / p.temperature).collect();
+        let probs = softmax(&scaled);
+        let r: f32 = self.rng.gen();
+        let mut cum = 0.0f32;
+        for (c, &pr) in cand.iter().zip(&probs) {
+            cum += pr;
+            if r < cum {
+                return c.0;
+            }
+        }
+        cand.last().expect("at least one candidate").0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random_logits(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        (0..n).map(|_| rng.gen_range(-5.0..5.0)).collect()
+    }
+
+    #[test]
+    fn greedy_takes_the_argmax() {
+        let l = random_logits(1000, 1);
+        let best = l.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32;
+        assert_eq!(Sampler::new(SamplingParams::greedy()).sample(&mut l.clone()), best);
+        let top1 = SamplingParams { top_k: 1, temperature: 1.0, ..Default::default() };
+        assert_eq!(Sampler::new(top1).sample(&mut l.clone()), best);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_other_seed_other_tokens() {
+        let l = random_logits(500, 2);
+        let run = |seed| {
+            let mut s = Sampler::new(SamplingParams { seed, temperature: 1.5, top_k: 0, top_p: 1.0, min_p: 0.0, ..Default::default() });
+            (0..64).map(|_| s.sample(&mut l.clone())).collect::<Vec<_>>()
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7), run(8));
+    }
+
+    #[test]
+    fn draws_follow_the_softmax() {
+        let l = vec![0.0f32, 1.0, 2.0, -1.0];
+        let expect = softmax(&l);
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, ..Default::default() });
+        let mut counts = [0usize; 4];
+        let n = 40_000;
+        for _ in 0..n {
+            counts[s.sample(&mut l.clone()) as usize] += 1;
+        }
+        for i in 0..4 {
+            let f = counts[i] as f32 / n as f32;
+            assert!((f - expect[i]).abs() < 0.01, "token {i}: drawn {f}, softmax {}", expect[i]);
+        }
+    }
+
+    #[test]
+    fn top_k_top_p_min_p_restrict_the_candidates() {
+        // probs ~ [0.64, 0.24, 0.09, 0.03] for logits [3, 2, 1, 0]
+        let l = vec![0.0f32, 3.0, 1.0, 2.0];
+        let draws = |params: SamplingParams| {
+            let mut s = Sampler::new(params);
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..2000 {
+                seen.insert(s.sample(&mut l.clone()));
+            }
+            seen.into_iter().collect::<Vec<_>>()
+        };
+        let base = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, ..Default::default() };
+        assert_eq!(draws(base.clone()), vec![0, 1, 2, 3]);
+        assert_eq!(draws(SamplingParams { top_k: 2, ..base.clone() }), vec![1, 3]);
+        assert_eq!(draws(SamplingParams { top_p: 0.8, ..base.clone() }), vec![1, 3]);
+        assert_eq!(draws(SamplingParams { min_p: 0.1, ..base.clone() }), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn penalties_follow_llama_cpp() {
+        let params = SamplingParams { repeat_penalty: 2.0, presence_penalty: 0.5, frequency_penalty: 0.25, repeat_last_n: 3, ..SamplingParams::greedy() };
+        let mut s = Sampler::new(params);
+        s.accept(&[0, 1, 1, 2]); // window of 3: [1, 1, 2]
+        let mut l = vec![4.0f32, 4.0, -4.0, 4.0];
+        s.apply_penalties(&mut l);
+        assert_eq!(l, vec![4.0, 4.0 / 2.0 - 0.5 - 0.5, -4.0 * 2.0 - 0.25 - 0.5, 4.0]);
+    }
+}
