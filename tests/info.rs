@@ -8,16 +8,8 @@ use pagellm::cli::info::ModelInfo;
 use pagellm::gguf::GgufFile;
 use serde_json::Value as Json;
 
-/// The model path, or `None` (with a printed reason) when it is absent outside CI.
-pub fn model_or_skip(rel: &str) -> Option<std::path::PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
-    if path.exists() {
-        return Some(path);
-    }
-    assert!(std::env::var_os("CI").is_none(), "{rel} is missing in CI: .ci/run must fetch it (models/fetch.sh)");
-    println!("skipped: {rel} missing (run models/fetch.sh)");
-    None
-}
+mod common;
+use common::model_or_skip;
 
 fn check(fixture: &str, rel: &str) {
     let Some(path) = model_or_skip(rel) else { return };
