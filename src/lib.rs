@@ -4,9 +4,14 @@
 //! blocks, `synth` writes random-weight models for benchmarks and tests, `cli` holds the commands.
 
 pub mod chat_template;
+pub mod backend;
 pub mod cli;
 pub mod dtype;
+pub mod engine;
 pub mod gguf;
+pub mod kv;
+pub mod model;
 pub mod quant;
 pub mod sampling;
 pub mod synth;
+pub mod tokenizer;

@@ -1,0 +1,311 @@
+//! The CPU backend: weights read in place from the mapped file, activations in `Vec<f32>`, K/V in f16
+//! pools, ops on a rayon pool of its own, kernels from one table chosen at start-up ([`Kernels`]).
+//!
+//! Elementwise ops follow ggml's CPU code where its rounding is visible in the logits: RMS norm sums
+//! squares in f64 and multiplies by the weight after scaling; GELU goes through an f16 table
+//! (`GGML_GELU_FP16`); RoPE angles come from ggml's running product `theta *= base^(-2/n_rot)`.
+
+mod attention;
+mod avx2;
+mod kernels;
+mod matmul;
+
+use std::borrow::Cow;
+use std::sync::{Arc, OnceLock};
+
+use half::f16;
+use rayon::prelude::*;
+
+pub use kernels::{quantize_q8_0, quantize_q8_1, quantize_q8_k, FDotFn, Isa, Kernels, QDotFn};
+
+use super::{
+    AttnParams, AttnSeq, Backend, BackendError, Buffer, Glu, HostBytes, HostWeight, KvShape, KvStore, RopeMode,
+    RopeParams, Weight,
+};
+use attention::CpuKv;
+
+/// A weight: a byte range of a host source, never copied.
+struct CpuWeight {
+    source: Arc<dyn HostBytes>,
+    offset: usize,
+    len: usize,
+}
+
+impl CpuWeight {
+    fn data(&self) -> &[u8] {
+        &self.source.host_bytes()[self.offset..self.offset + self.len]
+    }
+}
+
+/// Rows per parallel task in elementwise ops (big enough that task overhead vanishes).
+const ELEMS_PER_TASK: usize = 16 * 1024;
+
+pub struct CpuBackend {
+    pool: rayon::ThreadPool,
+    threads: usize,
+    k: Kernels,
+}
+
+impl CpuBackend {
+    /// `threads` workers (0: one per available core) running `kernels`.
+    pub fn new(threads: usize, kernels: Kernels) -> Result<CpuBackend, BackendError> {
+        let threads = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("pagellm-cpu-{i}"))
+            .build()
+            .map_err(|e| BackendError::Init { backend: "cpu".into(), problem: e.to_string() })?;
+        Ok(CpuBackend { pool, threads, k: kernels })
+    }
+
+    pub fn kernels(&self) -> &Kernels {
+        &self.k
+    }
+
+    /// The bytes a weight reads (for tests: they lie inside the mapped file).
+    pub fn weight_data<'a>(&self, w: &'a Weight) -> &'a [u8] {
+        weight(w).data()
+    }
+}
+
+fn weight(w: &Weight) -> &CpuWeight {
+    w.inner().downcast_ref::<CpuWeight>().expect("weight from another backend")
+}
+
+fn buf(b: &Buffer) -> &[f32] {
+    b.inner().downcast_ref::<Vec<f32>>().expect("buffer from another backend")
+}
+
+fn buf_mut(b: &mut Buffer) -> &mut [f32] {
+    b.inner_mut().downcast_mut::<Vec<f32>>().expect("buffer from another backend")
+}
+
+fn kv_ref(kv: &KvStore) -> &CpuKv {
+    kv.inner().downcast_ref::<CpuKv>().expect("kv store from another backend")
+}
+
+/// A weight vector (norm weights, biases) as f32: borrowed when it is aligned little-endian F32.
+fn vector(w: &Weight) -> Cow<'_, [f32]> {
+    let data = weight(w).data();
+    if w.ty() == crate::dtype::GgmlType::F32 && cfg!(target_endian = "little") {
+        // SAFETY: any 4 bytes are a valid f32; align_to only hands out the aligned middle part.
+        let (pre, mid, post) = unsafe { data.align_to::<f32>() };
+        if pre.is_empty() && post.is_empty() {
+            return Cow::Borrowed(mid);
+        }
+    }
+    let mut v = vec![0.0f32; w.row_len() * w.n_rows()];
+    crate::quant::dequantize(w.ty(), data, &mut v).expect("weight type checked at upload");
+    Cow::Owned(v)
+}
+
+/// ggml's `gelu_f32` (tanh approximation), used to fill the f16 table.
+fn gelu_f32(x: f32) -> f32 {
+    const GELU_COEF_A: f32 = 0.044715;
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + GELU_COEF_A * x * x)).tanh())
+}
+
+/// GELU of every f16 input, as f16 bits (ggml's `ggml_table_gelu_f16`, 128 KiB).
+fn gelu_table() -> &'static [u16] {
+    static TABLE: OnceLock<Vec<u16>> = OnceLock::new();
+    TABLE.get_or_init(|| (0..=u16::MAX).map(|b| f16::from_f32(gelu_f32(f16::from_bits(b).to_f32())).to_bits()).collect())
+}
+
+/// ggml's f32 GEGLU with `GGML_GELU_FP16`: the gate goes through f16 and the table.
+fn gelu_mul(x: f32, g: f32, table: &[u16]) -> f32 {
+    if x <= -10.0 {
+        0.0
+    } else if x >= 10.0 {
+        x * g
+    } else {
+        f16::from_bits(table[f16::from_f32(x).to_bits() as usize]).to_f32() * g
+    }
+}
+
+/// `(cos, sin)` of every rotated pair at `pos`, as ggml's `ggml_rope_cache_init` computes them.
+fn rope_cache(pos: u32, p: &RopeParams, cache: &mut Vec<(f32, f32)>) {
+    let theta_scale = p.freq_base.powf(-2.0 / p.n_rot as f32);
+    let mut theta = pos as f32;
+    cache.clear();
+    for i in 0..p.n_rot / 2 {
+        let ff = p.freq_factors.map_or(1.0, |f| f[i]);
+        let t = p.freq_scale * (theta / ff);
+        cache.push((t.cos(), t.sin()));
+        theta *= theta_scale;
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> String {
+        format!("cpu ({}, {} threads)", self.k.name(), self.threads)
+    }
+
+    fn upload_weight(&self, w: &HostWeight) -> Result<Weight, BackendError> {
+        let bad = |problem: String| BackendError::BadWeight { name: w.name.clone(), problem };
+        if !matmul::supported(w.ty) {
+            return Err(BackendError::UnsupportedType { name: w.name.clone(), ty: w.ty, backend: "cpu".into() });
+        }
+        let row_bytes = crate::quant::row_bytes(w.ty, w.row_len)
+            .ok_or_else(|| bad(format!("rows of {} are not whole {} blocks", w.row_len, w.ty)))?;
+        let len = row_bytes.checked_mul(w.n_rows).ok_or_else(|| bad("size overflows".into()))?;
+        let available = w.source.host_bytes().len();
+        if w.offset.checked_add(len).is_none_or(|end| end > available) {
+            return Err(bad(format!("{len} bytes at offset {} run past the {available} bytes of the file", w.offset)));
+        }
+        let inner = CpuWeight { source: w.source.clone(), offset: w.offset, len };
+        Ok(Weight::new(w.ty, w.row_len, w.n_rows, Box::new(inner)))
+    }
+
+    fn weight_bytes_copied(&self) -> usize {
+        0
+    }
+
+    fn run(&self, f: &mut (dyn FnMut() + Send)) {
+        self.pool.install(f)
+    }
+
+    fn alloc(&self, len: usize) -> Result<Buffer, BackendError> {
+        let mut v: Vec<f32> = Vec::new();
+        v.try_reserve_exact(len).map_err(|_| BackendError::OutOfMemory {
+            what: "activations".into(),
+            bytes: len * 4,
+            backend: "cpu".into(),
+        })?;
+        v.resize(len, 0.0);
+        Ok(Buffer::new(len, Box::new(v)))
+    }
+
+    fn alloc_kv(&self, shape: KvShape) -> Result<KvStore, BackendError> {
+        let bytes = shape.num_slots() * shape.token_width() * 2 * 2;
+        let mut probe: Vec<u8> = Vec::new();
+        probe.try_reserve_exact(bytes).map_err(|_| BackendError::OutOfMemory {
+            what: "the KV cache".into(),
+            bytes,
+            backend: "cpu".into(),
+        })?;
+        drop(probe);
+        Ok(KvStore::new(shape, Box::new(CpuKv::new(shape))))
+    }
+
+    fn write_buffer(&self, dst: &mut Buffer, offset: usize, src: &[f32]) {
+        buf_mut(dst)[offset..offset + src.len()].copy_from_slice(src);
+    }
+
+    fn read_buffer(&self, src: &Buffer, offset: usize, dst: &mut [f32]) {
+        dst.copy_from_slice(&buf(src)[offset..offset + dst.len()]);
+    }
+
+    fn embed(&self, table: &Weight, tokens: &[u32], out: &mut Buffer) {
+        let (tw, row_len) = (weight(table), table.row_len());
+        let data = tw.data();
+        let row_bytes = data.len() / table.n_rows();
+        let out = &mut buf_mut(out)[..tokens.len() * row_len];
+        self.pool.install(|| {
+            out.par_chunks_mut(row_len).zip(tokens.par_iter()).for_each(|(o, &tok)| {
+                let r = tok as usize;
+                assert!(r < table.n_rows(), "embed: token {r} outside a vocabulary of {}", table.n_rows());
+                crate::quant::dequantize(table.ty(), &data[r * row_bytes..(r + 1) * row_bytes], o)
+                    .expect("weight type checked at upload");
+            })
+        });
+    }
+
+    fn matmul(&self, w: &Weight, x: &Buffer, n_tokens: usize, out: &mut Buffer) {
+        let (x, out) = (buf(x), buf_mut(out));
+        self.pool.install(|| {
+            matmul::matmul(&self.k, self.threads, w.ty(), weight(w).data(), w.row_len(), w.n_rows(), x, n_tokens, out)
+        });
+    }
+
+    fn add_bias(&self, x: &mut Buffer, bias: &Weight, n_tokens: usize) {
+        let b = vector(bias);
+        for row in buf_mut(x)[..n_tokens * b.len()].chunks_exact_mut(b.len()) {
+            row.iter_mut().zip(b.iter()).for_each(|(o, &v)| *o += v);
+        }
+    }
+
+    fn rms_norm(&self, x: &Buffer, w: Option<&Weight>, row_len: usize, n_rows: usize, eps: f32, out: &mut Buffer) {
+        let wv = w.map(vector);
+        if let Some(wv) = &wv {
+            assert_eq!(wv.len(), row_len, "rms_norm: weight length");
+        }
+        let (x, out) = (&buf(x)[..n_rows * row_len], &mut buf_mut(out)[..n_rows * row_len]);
+        let rows_per_task = (ELEMS_PER_TASK / row_len).max(1);
+        self.pool.install(|| {
+            out.par_chunks_mut(rows_per_task * row_len).zip(x.par_chunks(rows_per_task * row_len)).for_each(|(o, xs)| {
+                for (orow, xrow) in o.chunks_exact_mut(row_len).zip(xs.chunks_exact(row_len)) {
+                    let sum: f64 = xrow.iter().map(|&v| (v * v) as f64).sum();
+                    let mean = (sum / row_len as f64) as f32;
+                    let scale = 1.0 / (mean + eps).sqrt();
+                    match &wv {
+                        Some(wv) => orow.iter_mut().zip(xrow).zip(wv.iter()).for_each(|((o, &v), &g)| *o = (v * scale) * g),
+                        None => orow.iter_mut().zip(xrow).for_each(|(o, &v)| *o = v * scale),
+                    }
+                }
+            })
+        });
+    }
+
+    fn rope(&self, x: &mut Buffer, positions: &[u32], n_heads: usize, head_dim: usize, p: &RopeParams) {
+        assert!(p.n_rot <= head_dim && p.n_rot.is_multiple_of(2));
+        let width = n_heads * head_dim;
+        let x = &mut buf_mut(x)[..positions.len() * width];
+        let half = p.n_rot / 2;
+        self.pool.install(|| {
+            x.par_chunks_mut(width).zip(positions.par_iter()).for_each_init(Vec::new, |cache, (row, &pos)| {
+                rope_cache(pos, p, cache);
+                for head in row.chunks_exact_mut(head_dim) {
+                    for (i, &(c, s)) in cache.iter().enumerate() {
+                        let (a, b) = match p.mode {
+                            RopeMode::Norm => (2 * i, 2 * i + 1),
+                            RopeMode::Neox => (i, i + half),
+                        };
+                        let (x0, x1) = (head[a], head[b]);
+                        head[a] = x0 * c - x1 * s;
+                        head[b] = x0 * s + x1 * c;
+                    }
+                }
+            })
+        });
+    }
+
+    fn kv_write(&self, kv: &mut KvStore, k: &Buffer, v: &Buffer, slot_mapping: &[u32]) {
+        let shape = kv.shape();
+        let store = kv.inner_mut().downcast_mut::<CpuKv>().expect("kv store from another backend");
+        attention::kv_write(store, shape, buf(k), buf(v), slot_mapping);
+    }
+
+    fn attention(&self, q: &Buffer, kv: &KvStore, seqs: &[AttnSeq], p: &AttnParams, out: &mut Buffer) {
+        let (q, out) = (buf(q), buf_mut(out));
+        self.pool.install(|| attention::attention(&self.k, q, kv_ref(kv), kv.shape(), seqs, p, out));
+    }
+
+    fn add(&self, x: &mut Buffer, y: &Buffer, len: usize) {
+        let (x, y) = (&mut buf_mut(x)[..len], &buf(y)[..len]);
+        x.iter_mut().zip(y).for_each(|(a, &b)| *a += b);
+    }
+
+    fn scale(&self, x: &mut Buffer, s: f32, len: usize) {
+        buf_mut(x)[..len].iter_mut().for_each(|v| *v *= s);
+    }
+
+    fn glu(&self, gate: &mut Buffer, up: &Buffer, len: usize, act: Glu) {
+        let (g, u) = (&mut buf_mut(gate)[..len], &buf(up)[..len]);
+        let table = gelu_table();
+        self.pool.install(|| {
+            g.par_chunks_mut(ELEMS_PER_TASK).zip(u.par_chunks(ELEMS_PER_TASK)).for_each(|(g, u)| match act {
+                Glu::Silu => g.iter_mut().zip(u).for_each(|(x, &y)| *x = *x / (1.0 + (-*x).exp()) * y),
+                Glu::GeluTanh => g.iter_mut().zip(u).for_each(|(x, &y)| *x = gelu_mul(*x, y, table)),
+            })
+        });
+    }
+
+    fn get_rows(&self, src: &Buffer, row_len: usize, rows: &[u32], out: &mut Buffer) {
+        let (src, out) = (buf(src), buf_mut(out));
+        for (i, &r) in rows.iter().enumerate() {
+            let r = r as usize;
+            out[i * row_len..(i + 1) * row_len].copy_from_slice(&src[r * row_len..(r + 1) * row_len]);
+        }
+    }
+}

@@ -1,0 +1,636 @@
+//! The CPU backend's kernels against naive f64 references on random inputs (never zeros), and the SIMD
+//! kernel table against the scalar one (DESIGN.md, "Error bounds"):
+//! - integer dots on quantized blocks: SIMD equals scalar bit for bit; scalar against the f64 dot of the
+//!   dequantized blocks within f32 rounding (relative to sum |w_i a_i|);
+//! - f32 kernels (rms_norm, silu, rope at small positions) < 1e-5 relative L2;
+//! - kernels with f16 K/V or f16 intermediates (attention, GELU's f16 table) < 2e-3;
+//! - matmul against the f64 product of the dequantized weights and the Q8-quantized activations < 1e-5
+//!   (the activation quantization llama.cpp does too; against unquantized activations < 3e-2).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use pagellm::backend::cpu::{quantize_q8_0, quantize_q8_1, quantize_q8_k, CpuBackend, Kernels};
+use pagellm::backend::{
+    AttnParams, AttnSeq, Backend, Buffer, Glu, HostBytes, HostWeight, KvShape, RopeMode, RopeParams, Weight,
+};
+use pagellm::dtype::GgmlType;
+use pagellm::model::{Logits, Model, ModelOptions, G, L};
+use pagellm::quant;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+// ---- a heap counter, for the weights-stay-in-the-map test ----
+
+struct Counting;
+static CURRENT: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let p = System.alloc(l);
+        if !p.is_null() {
+            let now = CURRENT.fetch_add(l.size(), Ordering::Relaxed) + l.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        System.dealloc(p, l);
+        CURRENT.fetch_sub(l.size(), Ordering::Relaxed);
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Tests in this file run one at a time, so the heap measurement sees only its own allocations.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+// ---- helpers ----
+
+struct Bytes(Vec<u8>);
+impl HostBytes for Bytes {
+    fn host_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+fn rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}
+
+fn randn(r: &mut StdRng, n: usize) -> Vec<f32> {
+    // sum of uniforms: roughly normal, never exactly zero in practice; a few outliers like real activations
+    (0..n)
+        .map(|i| {
+            let v: f32 = (0..4).map(|_| r.gen_range(-1.0f32..1.0)).sum();
+            if i % 97 == 5 {
+                v * 8.0
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+fn f16_bytes(v: f32) -> [u8; 2] {
+    half::f16::from_f32(v).to_bits().to_le_bytes()
+}
+
+/// `n_rows` random rows of `k` weights of `ty`, as GGUF bytes.
+fn random_weights(r: &mut StdRng, ty: GgmlType, n_rows: usize, k: usize) -> Vec<u8> {
+    let nb = k / ty.block_size();
+    let mut out = vec![0u8; n_rows * nb * ty.type_size()];
+    match ty {
+        // no quantizer for these: random bytes with sane f16 scales
+        GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K | GgmlType::Q2K | GgmlType::Q3K => {
+            r.fill(&mut out[..]);
+            for blk in out.chunks_exact_mut(ty.type_size()) {
+                let (d, dmin) = (r.gen_range(0.001f32..0.01), r.gen_range(0.001f32..0.01));
+                let at = match ty {
+                    GgmlType::Q6K => 208,
+                    GgmlType::Q3K => 108,
+                    GgmlType::Q2K => 80,
+                    _ => 0,
+                };
+                blk[at..at + 2].copy_from_slice(&f16_bytes(d));
+                if matches!(ty, GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q2K) {
+                    blk[at + 2..at + 4].copy_from_slice(&f16_bytes(dmin));
+                }
+            }
+        }
+        _ => quant::quantize(ty, &randn(r, n_rows * k), &mut out).unwrap(),
+    }
+    out
+}
+
+fn dequant(ty: GgmlType, b: &[u8], n: usize) -> Vec<f32> {
+    let mut v = vec![0.0; n];
+    quant::dequantize(ty, b, &mut v).unwrap();
+    v
+}
+
+fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    assert!(got.iter().all(|v| v.is_finite()), "NaN or inf in the output");
+    let num: f64 = got.iter().zip(want).map(|(&g, &w)| (g as f64 - w).powi(2)).sum();
+    let den: f64 = want.iter().map(|w| w * w).sum();
+    assert!(den > 0.0, "reference is all zeros");
+    (num / den).sqrt()
+}
+
+fn backends() -> Vec<(&'static str, CpuBackend)> {
+    let mut v = vec![("scalar", CpuBackend::new(2, Kernels::scalar()).unwrap())];
+    if let Some(k) = Kernels::avx2() {
+        v.push(("avx2", CpuBackend::new(2, k).unwrap()));
+    } else {
+        println!("no AVX2 on this machine: SIMD-vs-scalar checks cover the scalar table only");
+    }
+    v
+}
+
+fn upload(b: &CpuBackend, ty: GgmlType, bytes: Vec<u8>, row_len: usize, n_rows: usize) -> Weight {
+    let source: Arc<dyn HostBytes> = Arc::new(Bytes(bytes));
+    b.upload_weight(&HostWeight { name: "w".into(), ty, row_len, n_rows, source, offset: 0 }).unwrap()
+}
+
+fn buffer(b: &CpuBackend, data: &[f32]) -> Buffer {
+    let mut buf = b.alloc(data.len()).unwrap();
+    b.write_buffer(&mut buf, 0, data);
+    buf
+}
+
+fn read(b: &CpuBackend, buf: &Buffer, n: usize) -> Vec<f32> {
+    let mut v = vec![0.0; n];
+    b.read_buffer(buf, 0, &mut v);
+    v
+}
+
+// ---- dot products ----
+
+/// An activation quantizer (`quantize_q8_*`).
+type Quantizer = fn(&[f32], &mut [u8]);
+
+/// (weight type, activation type, activation quantizer, kernel)
+fn quant_dots(k: &Kernels) -> Vec<(GgmlType, GgmlType, Quantizer, pagellm::backend::cpu::QDotFn)> {
+    vec![
+        (GgmlType::Q4_0, GgmlType::Q8_0, quantize_q8_0, k.dot_q4_0),
+        (GgmlType::Q4_1, GgmlType::Q8_1, quantize_q8_1, k.dot_q4_1),
+        (GgmlType::Q5_0, GgmlType::Q8_0, quantize_q8_0, k.dot_q5_0),
+        (GgmlType::Q8_0, GgmlType::Q8_0, quantize_q8_0, k.dot_q8_0),
+        (GgmlType::Q4K, GgmlType::Q8K, quantize_q8_k, k.dot_q4_k),
+        (GgmlType::Q6K, GgmlType::Q8K, quantize_q8_k, k.dot_q6_k),
+    ]
+}
+
+#[test]
+fn quantized_dots_match_dequantized_reference() {
+    let _serial = serial();
+    let scalar = Kernels::scalar();
+    let mut r = rng(1);
+    for (wty, aty, quantize, dot) in quant_dots(&scalar) {
+        // 2304 = 9 K-quant super-blocks = 72 legacy blocks: the 4-block SIMD loop and its tail both run
+        for k in [256, 512, 2304] {
+            let w = random_weights(&mut r, wty, 1, k);
+            let x = randn(&mut r, k);
+            let mut a = vec![0u8; k / aty.block_size() * aty.type_size()];
+            quantize(&x, &mut a);
+            let (wf, af) = (dequant(wty, &w, k), dequant(aty, &a, k));
+            let exact: f64 = wf.iter().zip(&af).map(|(&p, &q)| p as f64 * q as f64).sum();
+            let scale: f64 = wf.iter().zip(&af).map(|(&p, &q)| (p as f64 * q as f64).abs()).sum();
+            let got = dot(&w, &a) as f64;
+            // Q4_1's dot uses s = f16(d * sum q) where the dequantized activation has d * q: f16 rounding
+            let bound = if wty == GgmlType::Q4_1 { 1e-3 } else { 1e-6 };
+            let err = (got - exact).abs() / scale;
+            assert!(err < bound, "{wty} k={k}: dot {got} vs {exact} (error {err:e} of sum |w a|)");
+        }
+    }
+}
+
+#[test]
+fn simd_quantized_dots_equal_scalar_bit_for_bit() {
+    let _serial = serial();
+    let Some(avx2) = Kernels::avx2() else {
+        println!("skipped: no AVX2 on this machine");
+        return;
+    };
+    let mut r = rng(2);
+    for ((wty, aty, quantize, scalar_dot), (_, _, _, simd_dot)) in quant_dots(&Kernels::scalar()).into_iter().zip(quant_dots(&avx2)) {
+        for k in [256, 768, 2304, 4096] {
+            for _ in 0..20 {
+                let w = random_weights(&mut r, wty, 1, k);
+                let mut a = vec![0u8; k / aty.block_size() * aty.type_size()];
+                quantize(&randn(&mut r, k), &mut a);
+                let (s, v) = (scalar_dot(&w, &a), simd_dot(&w, &a));
+                assert_eq!(s.to_bits(), v.to_bits(), "{wty} k={k}: scalar {s} vs avx2 {v}");
+            }
+        }
+    }
+}
+
+#[test]
+fn float_dots_agree() {
+    let _serial = serial();
+    let mut r = rng(3);
+    let kernels: Vec<Kernels> = std::iter::once(Kernels::scalar()).chain(Kernels::avx2()).collect();
+    for k in &kernels {
+        for n in [1, 7, 64, 257, 1000] {
+            let (a, b) = (randn(&mut r, n), randn(&mut r, n));
+            let exact: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+            let scale: f64 = a.iter().zip(&b).map(|(&x, &y)| (x as f64 * y as f64).abs()).sum();
+            assert!(((k.dot_f32)(&a, &b) as f64 - exact).abs() / scale < 1e-6, "dot_f32 n={n}");
+            let wb: Vec<u8> = a.iter().flat_map(|v| v.to_le_bytes()).collect();
+            assert!(((k.dot_f32w)(&wb, &b) as f64 - exact).abs() / scale < 1e-6, "dot_f32w n={n}");
+            let h: Vec<u16> = a.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+            let ah: Vec<f64> = h.iter().map(|&v| half::f16::from_bits(v).to_f64()).collect();
+            let exact_h: f64 = ah.iter().zip(&b).map(|(&x, &y)| x * y as f64).sum();
+            assert!(((k.dot_f16)(&h, &b) as f64 - exact_h).abs() / scale < 1e-6, "dot_f16 n={n}");
+            let hb: Vec<u8> = h.iter().flat_map(|v| v.to_le_bytes()).collect();
+            assert!(((k.dot_f16w)(&hb, &b) as f64 - exact_h).abs() / scale < 1e-6, "dot_f16w n={n}");
+            let mut y = b.clone();
+            (k.axpy_f16)(&mut y, 0.37, &h);
+            let want: Vec<f64> = b.iter().zip(&ah).map(|(&y, &x)| y as f64 + 0.37 * x).collect();
+            assert!(rel_l2(&y, &want) < 1e-6, "axpy_f16 n={n}");
+        }
+    }
+}
+
+#[test]
+fn activation_quantizers_round_within_half_a_step() {
+    let _serial = serial();
+    let mut r = rng(4);
+    let x = randn(&mut r, 1024);
+    for (ty, quantize) in [(GgmlType::Q8_0, quantize_q8_0 as Quantizer), (GgmlType::Q8_1, quantize_q8_1), (GgmlType::Q8K, quantize_q8_k)] {
+        let mut a = vec![0u8; 1024 / ty.block_size() * ty.type_size()];
+        quantize(&x, &mut a);
+        let back = dequant(ty, &a, 1024);
+        for (blk, (xs, bs)) in x.chunks(ty.block_size()).zip(back.chunks(ty.block_size())).enumerate() {
+            let amax = xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            for (&v, &q) in xs.iter().zip(bs) {
+                // half a step of amax/127, plus the f16 rounding of the scale (Q8_0/Q8_1)
+                assert!((v - q).abs() <= amax / 127.0 * 0.5 + amax * 1e-3, "{ty} block {blk}: {v} -> {q}");
+            }
+        }
+    }
+}
+
+// ---- matmul ----
+
+#[test]
+fn matmul_matches_reference_and_simd_equals_scalar() {
+    let _serial = serial();
+    let bks = backends();
+    let mut r = rng(5);
+    let types = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q6K,
+        // generic path: dequantized rows, f32 dots
+        GgmlType::Q5_1,
+        GgmlType::Q5K,
+    ];
+    let (n_rows, k, n_tok) = (37, 512, 5);
+    // the activation format llama.cpp (and pagellm) quantize x to for each weight type
+    let act = |ty: GgmlType| -> Option<(GgmlType, Quantizer)> {
+        match ty {
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => Some((GgmlType::Q8_0, quantize_q8_0)),
+            GgmlType::Q4_1 => Some((GgmlType::Q8_1, quantize_q8_1)),
+            GgmlType::Q4K | GgmlType::Q6K => Some((GgmlType::Q8K, quantize_q8_k)),
+            _ => None,
+        }
+    };
+    for ty in types {
+        let w = random_weights(&mut r, ty, n_rows, k);
+        let wf = dequant(ty, &w, n_rows * k);
+        let x = randn(&mut r, n_tok * k);
+        // x as the kernel sees it: Q8-quantized for the integer paths
+        let xq = match act(ty) {
+            Some((aty, quantize)) => {
+                let mut a = vec![0u8; n_tok * k / aty.block_size() * aty.type_size()];
+                quantize(&x, &mut a);
+                dequant(aty, &a, n_tok * k)
+            }
+            None => x.clone(),
+        };
+        let product = |x: &[f32]| -> Vec<f64> { (0..n_tok)
+            .flat_map(|t| {
+                let (wf, x) = (&wf, &x);
+                (0..n_rows).map(move |row| (0..k).map(|i| wf[row * k + i] as f64 * x[t * k + i] as f64).sum())
+            })
+            .collect() };
+        let (want, want_q) = (product(&x), product(&xq));
+        let mut outs = Vec::new();
+        for (name, b) in &bks {
+            let wt = upload(b, ty, w.clone(), k, n_rows);
+            let xb = buffer(b, &x);
+            let mut out = b.alloc(n_tok * n_rows).unwrap();
+            b.matmul(&wt, &xb, n_tok, &mut out);
+            let got = read(b, &out, n_tok * n_rows);
+            // against the product with the quantized activations: f32 rounding only (Q4_1: f16 of s)
+            let bound = if ty == GgmlType::Q4_1 { 1e-3 } else { 1e-5 };
+            let err = rel_l2(&got, &want_q);
+            assert!(err < bound, "{name} {ty}: matmul error {err:e} > {bound:e}");
+            // against the exact product: the activation quantization's own error
+            let err = rel_l2(&got, &want);
+            assert!(err < 3e-2, "{name} {ty}: matmul error vs unquantized activations {err:e}");
+
+            // batch invariance: token 3 alone gives the same row, bit for bit
+            let x3 = buffer(b, &x[3 * k..4 * k]);
+            let mut o3 = b.alloc(n_rows).unwrap();
+            b.matmul(&wt, &x3, 1, &mut o3);
+            assert!(read(b, &o3, n_rows) == got[3 * n_rows..4 * n_rows], "{name} {ty}: batch-dependent result");
+            outs.push(got);
+        }
+        if outs.len() == 2 {
+            let exact = !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::Q5_1 | GgmlType::Q5K);
+            if exact {
+                assert!(outs[0] == outs[1], "{ty}: avx2 matmul differs from scalar");
+            } else {
+                let s: Vec<f64> = outs[0].iter().map(|&v| v as f64).collect();
+                assert!(rel_l2(&outs[1], &s) < 1e-5, "{ty}: avx2 vs scalar");
+            }
+        }
+    }
+}
+
+#[test]
+fn unsupported_weights_are_refused() {
+    let _serial = serial();
+    let b = CpuBackend::new(1, Kernels::scalar()).unwrap();
+    let source: Arc<dyn HostBytes> = Arc::new(Bytes(vec![0; 64]));
+    let mk = |ty, row_len, n_rows| HostWeight { name: "t".into(), ty, row_len, n_rows, source: source.clone(), offset: 0 };
+    assert!(b.upload_weight(&mk(GgmlType::IQ2XXS, 256, 1)).is_err());
+    assert!(b.upload_weight(&mk(GgmlType::Q4_0, 33, 1)).is_err(), "row not a whole block");
+    assert!(b.upload_weight(&mk(GgmlType::Q8_0, 32, 2)).is_err(), "runs past the source");
+}
+
+// ---- elementwise ops ----
+
+#[test]
+fn embed_rms_norm_glu_match_reference() {
+    let _serial = serial();
+    let mut r = rng(6);
+    for (name, b) in backends() {
+        // embeddings: dequantized rows
+        let (vocab, dim) = (50, 64);
+        let table = random_weights(&mut r, GgmlType::Q8_0, vocab, dim);
+        let tw = upload(&b, GgmlType::Q8_0, table.clone(), dim, vocab);
+        let toks = [3u32, 49, 0, 3];
+        let mut out = b.alloc(toks.len() * dim).unwrap();
+        b.embed(&tw, &toks, &mut out);
+        let got = read(&b, &out, toks.len() * dim);
+        for (i, &t) in toks.iter().enumerate() {
+            let row = &table[t as usize * 68..(t as usize + 1) * 68];
+            assert_eq!(got[i * dim..(i + 1) * dim], dequant(GgmlType::Q8_0, row, dim)[..], "{name} embed");
+        }
+
+        // rms_norm with a weight: whole rows and per-head
+        for (row_len, n_rows) in [(576, 7), (64, 21)] {
+            let x = randn(&mut r, row_len * n_rows);
+            let g = randn(&mut r, row_len);
+            let gw = upload(&b, GgmlType::F32, g.iter().flat_map(|v| v.to_le_bytes()).collect(), row_len, 1);
+            let mut o = b.alloc(x.len()).unwrap();
+            b.rms_norm(&buffer(&b, &x), Some(&gw), row_len, n_rows, 1e-6, &mut o);
+            let want: Vec<f64> = x
+                .chunks(row_len)
+                .flat_map(|row| {
+                    let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / row_len as f64;
+                    let s = 1.0 / (ms + 1e-6).sqrt();
+                    row.iter().zip(&g).map(move |(&v, &gg)| v as f64 * s * gg as f64).collect::<Vec<_>>()
+                })
+                .collect();
+            let err = rel_l2(&read(&b, &o, x.len()), &want);
+            assert!(err < 1e-5, "{name} rms_norm {row_len}: {err:e}");
+        }
+
+        // GLUs
+        let n = 3000;
+        let (gate, up) = (randn(&mut r, n), randn(&mut r, n));
+        for (act, bound) in [(Glu::Silu, 1e-5), (Glu::GeluTanh, 2e-3)] {
+            let mut gb = buffer(&b, &gate);
+            b.glu(&mut gb, &buffer(&b, &up), n, act);
+            let want: Vec<f64> = gate
+                .iter()
+                .zip(&up)
+                .map(|(&x, &u)| {
+                    let (x, u) = (x as f64, u as f64);
+                    let a = match act {
+                        Glu::Silu => x / (1.0 + (-x).exp()),
+                        Glu::GeluTanh => 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh()),
+                    };
+                    a * u
+                })
+                .collect();
+            let err = rel_l2(&read(&b, &gb, n), &want);
+            assert!(err < bound, "{name} {act:?}: {err:e}");
+        }
+
+        // add, scale, get_rows
+        let (x, y) = (randn(&mut r, 100), randn(&mut r, 100));
+        let mut xb = buffer(&b, &x);
+        b.add(&mut xb, &buffer(&b, &y), 100);
+        b.scale(&mut xb, 0.5, 100);
+        let want: Vec<f64> = x.iter().zip(&y).map(|(&a, &c)| (a as f64 + c as f64) * 0.5).collect();
+        assert!(rel_l2(&read(&b, &xb, 100), &want) < 1e-6);
+        let mut rows = b.alloc(20).unwrap();
+        b.get_rows(&xb, 10, &[7, 2], &mut rows);
+        let all = read(&b, &xb, 100);
+        assert_eq!(read(&b, &rows, 20), [&all[70..80], &all[20..30]].concat());
+    }
+}
+
+fn rope_ref(x: &[f32], pos: &[u32], n_heads: usize, hd: usize, p: &RopeParams) -> Vec<f64> {
+    let mut out: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    for (t, &ps) in pos.iter().enumerate() {
+        for h in 0..n_heads {
+            let head = &mut out[(t * n_heads + h) * hd..][..hd];
+            for i in 0..p.n_rot / 2 {
+                let ff = p.freq_factors.map_or(1.0, |f| f[i] as f64);
+                let theta = ps as f64 * p.freq_scale as f64 * (p.freq_base as f64).powf(-2.0 * i as f64 / p.n_rot as f64) / ff;
+                let (a, b) = match p.mode {
+                    RopeMode::Norm => (2 * i, 2 * i + 1),
+                    RopeMode::Neox => (i, i + p.n_rot / 2),
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * theta.cos() - x1 * theta.sin();
+                head[b] = x0 * theta.sin() + x1 * theta.cos();
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn rope_both_modes_match_reference() {
+    let _serial = serial();
+    let mut r = rng(7);
+    let factors: Vec<f32> = (0..24).map(|_| r.gen_range(1.0f32..8.0)).collect();
+    for (name, b) in backends() {
+        for mode in [RopeMode::Norm, RopeMode::Neox] {
+            // (positions, bound): f32 cannot hold an angle of ~4000 rad better than ~1e-4
+            for (p0, bound) in [(0u32, 1e-5), (4000, 5e-4)] {
+                for (n_rot, scale, ff) in [(64, 1.0, None), (48, 0.25, Some(&factors[..]))] {
+                    let (n_heads, hd, n) = (3, 64, 9);
+                    let x = randn(&mut r, n * n_heads * hd);
+                    let pos: Vec<u32> = (0..n as u32).map(|i| p0 + i * 7).collect();
+                    let p = RopeParams { mode, n_rot, freq_base: 10000.0, freq_scale: scale, freq_factors: ff };
+                    let mut xb = buffer(&b, &x);
+                    b.rope(&mut xb, &pos, n_heads, hd, &p);
+                    let err = rel_l2(&read(&b, &xb, x.len()), &rope_ref(&x, &pos, n_heads, hd, &p));
+                    assert!(err < bound, "{name} {mode:?} n_rot {n_rot} pos {p0}: {err:e}");
+                }
+            }
+        }
+    }
+}
+
+// ---- paged attention ----
+
+/// Naive attention in f64 over f16-rounded K/V: q [n_q x n_heads x hd] at positions ctx-n_q..ctx.
+fn attn_ref(q: &[f32], k: &[f32], v: &[f32], ctx: usize, n_q: usize, p: &AttnParams) -> Vec<f64> {
+    let (hd, nh, nkv) = (p.head_dim, p.n_heads, p.n_kv_heads);
+    let r16 = |x: f32| half::f16::from_f32(x).to_f64();
+    let mut out = vec![0.0; n_q * nh * hd];
+    for i in 0..n_q {
+        let pos = ctx - n_q + i;
+        for h in 0..nh {
+            let g = h / (nh / nkv);
+            let qv = &q[(i * nh + h) * hd..][..hd];
+            let keys: Vec<usize> = (0..=pos).filter(|&j| p.window.is_none_or(|w| pos - j < w)).collect();
+            let s: Vec<f64> = keys
+                .iter()
+                .map(|&j| (0..hd).map(|d| qv[d] as f64 * r16(k[(j * nkv + g) * hd + d])).sum::<f64>() * p.scale as f64)
+                .collect();
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for (&j, &ej) in keys.iter().zip(&e) {
+                for d in 0..hd {
+                    out[(i * nh + h) * hd + d] += ej / z * r16(v[(j * nkv + g) * hd + d]);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn paged_attention_matches_reference() {
+    let _serial = serial();
+    let mut r = rng(8);
+    let (nh, nkv, hd, bs) = (6, 2, 64, 16);
+    let shape = KvShape { num_blocks: 16, block_size: bs, n_kv_heads: nkv, head_dim: hd };
+    // two sequences with scattered blocks: 70 tokens (50 cached + 20 new), 37 tokens (30 + 7)
+    let tables: [Vec<u32>; 2] = [vec![7, 2, 9, 0, 11], vec![3, 14, 5]];
+    let (ctx, n_new) = ([70usize, 37], [20usize, 7]);
+    let mut outs = Vec::new();
+    for window in [None, Some(24)] {
+        let p = AttnParams { n_heads: nh, n_kv_heads: nkv, head_dim: hd, scale: 0.125, window };
+        let kvs: Vec<(Vec<f32>, Vec<f32>)> = ctx.iter().map(|&c| (randn(&mut r, c * nkv * hd), randn(&mut r, c * nkv * hd))).collect();
+        let qs: Vec<Vec<f32>> = n_new.iter().map(|&n| randn(&mut r, n * nh * hd)).collect();
+        let mut per_backend = Vec::new();
+        for (name, b) in backends() {
+            let mut kv = b.alloc_kv(shape).unwrap();
+            // the cached prefixes first, then the new tokens, each through its block table
+            for (s, (k, v)) in kvs.iter().enumerate() {
+                let slot = |j: usize| tables[s][j / bs] * bs as u32 + (j % bs) as u32;
+                for range in [0..ctx[s] - n_new[s], ctx[s] - n_new[s]..ctx[s]] {
+                    let w = nkv * hd;
+                    let kb = buffer(&b, &k[range.start * w..range.end * w]);
+                    let vb = buffer(&b, &v[range.start * w..range.end * w]);
+                    b.kv_write(&mut kv, &kb, &vb, &range.map(slot).collect::<Vec<_>>());
+                }
+            }
+            // both sequences' new tokens in one call
+            let q_all: Vec<f32> = qs.concat();
+            let seqs = [
+                AttnSeq { q_start: 0, n_q: n_new[0], ctx_len: ctx[0], block_table: &tables[0] },
+                AttnSeq { q_start: n_new[0], n_q: n_new[1], ctx_len: ctx[1], block_table: &tables[1] },
+            ];
+            let mut out = b.alloc(q_all.len()).unwrap();
+            b.attention(&buffer(&b, &q_all), &kv, &seqs, &p, &mut out);
+            let got = read(&b, &out, q_all.len());
+            let split = n_new[0] * nh * hd;
+            for s in 0..2 {
+                let part = if s == 0 { &got[..split] } else { &got[split..] };
+                let want = attn_ref(&qs[s], &kvs[s].0, &kvs[s].1, ctx[s], n_new[s], &p);
+                let err = rel_l2(part, &want);
+                assert!(err < 2e-3, "{name} window {window:?} seq {s}: {err:e}");
+            }
+            // decode-style: the last token of sequence 0 alone gives the same row, bit for bit
+            let last = &qs[0][(n_new[0] - 1) * nh * hd..];
+            let mut o1 = b.alloc(nh * hd).unwrap();
+            let one = [AttnSeq { q_start: 0, n_q: 1, ctx_len: ctx[0], block_table: &tables[0] }];
+            b.attention(&buffer(&b, last), &kv, &one, &p, &mut o1);
+            assert!(read(&b, &o1, nh * hd) == got[split - nh * hd..split], "{name}: attention depends on the batch");
+            per_backend.push(got);
+        }
+        outs.push(per_backend);
+    }
+    for per_backend in &outs {
+        if per_backend.len() == 2 {
+            let s: Vec<f64> = per_backend[0].iter().map(|&v| v as f64).collect();
+            let err = rel_l2(&per_backend[1], &s);
+            assert!(err < 1e-3, "attention avx2 vs scalar: {err:e}");
+        }
+    }
+}
+
+// ---- weights are read in place ----
+
+#[test]
+fn weights_are_views_of_their_source() {
+    let _serial = serial();
+    let b = CpuBackend::new(1, Kernels::detect()).unwrap();
+    let mut r = rng(9);
+    let bytes = random_weights(&mut r, GgmlType::Q4_0, 8, 64);
+    let src = Arc::new(Bytes(bytes));
+    let range = src.0.as_ptr_range();
+    let source: Arc<dyn HostBytes> = src.clone();
+    let w = b
+        .upload_weight(&HostWeight { name: "w".into(), ty: GgmlType::Q4_0, row_len: 64, n_rows: 4, source, offset: 4 * 36 })
+        .unwrap();
+    let data = b.weight_data(&w);
+    assert!(range.contains(&data.as_ptr()) && data.len() == 4 * 36, "weight was copied");
+    assert_eq!(b.weight_bytes_copied(), 0);
+}
+
+/// Loading a real model and running it allocates far less heap than the model's size.
+#[test]
+fn model_weights_stay_in_the_map() {
+    let _serial = serial();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/gemma-3-270m-q4_k_m.gguf");
+    if !path.exists() {
+        assert!(std::env::var_os("CI").is_none(), "model {} is missing", path.display());
+        println!("skipped: model {} is missing", path.display());
+        return;
+    }
+    let file = Arc::new(pagellm::gguf::GgufFile::open(&path).unwrap());
+    let size = file.file_size() as usize;
+    let before = CURRENT.load(Ordering::Relaxed);
+    PEAK.store(before, Ordering::Relaxed);
+    let cpu = Arc::new(CpuBackend::new(2, Kernels::detect()).unwrap());
+    let opts = ModelOptions { ctx: 256, threads: 2 };
+    let model = Model::load_on(file.clone(), opts, cpu.clone()).unwrap();
+    let mut sess = model.new_session(256).unwrap();
+    let logits = model.forward(&mut sess, &[2, 651, 6037, 529], Logits::Last).unwrap();
+    assert_eq!(logits.len(), model.config().n_vocab);
+    let peak = PEAK.load(Ordering::Relaxed).saturating_sub(before);
+    println!("model file {} MiB, peak heap growth {} MiB", size >> 20, peak >> 20);
+    assert!(peak < size / 8, "heap grew by {peak} bytes for a {size}-byte model: weights were copied?");
+
+    // every weight the backend holds is a slice of the map
+    let map = file.bytes().as_ptr_range();
+    let inside = |w: &Weight| {
+        let d = cpu.weight_data(w);
+        map.contains(&d.as_ptr()) && d.as_ptr_range().end <= map.end
+    };
+    let w = model.weights();
+    assert!([G::TokenEmbd, G::OutputNorm].iter().all(|&g| inside(w.get(g))) && inside(w.output()));
+    let all = [
+        L::AttnNorm, L::Q, L::K, L::V, L::QBias, L::KBias, L::VBias, L::QNorm, L::KNorm, L::Out,
+        L::PostAttnNorm, L::FfnNorm, L::Gate, L::Up, L::Down, L::PostFfwNorm,
+    ];
+    let mut n = 0;
+    for layer in &w.layers {
+        for t in all {
+            if let Some(x) = layer.opt(t) {
+                assert!(inside(x), "{t:?} is not in the map");
+                n += 1;
+            }
+        }
+    }
+    assert_eq!(n, 13 * model.config().n_layers, "gemma3 has 13 tensors per layer");
+    assert_eq!(cpu.weight_bytes_copied(), 0);
+}
