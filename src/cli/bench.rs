@@ -1,0 +1,82 @@
+//! `pagellm bench`: prompt processing (pp) and text generation (tg) throughput, measured like llama-bench:
+//! pp = one forward over `n_prompt` random tokens from an empty cache; tg = `n_gen` single-token steps
+//! from an empty cache. Each test runs once to warm up, then `reps` times; mean and standard deviation.
+
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::model::{Logits, Model};
+
+#[derive(Serialize, Debug, Clone)]
+pub struct BenchRow {
+    /// "pp512", "tg128"
+    pub test: String,
+    pub n_tokens: usize,
+    pub threads: usize,
+    pub samples_ts: Vec<f64>,
+    pub avg_ts: f64,
+    pub stddev_ts: f64,
+}
+
+fn stats(samples: &[f64]) -> (f64, f64) {
+    let n = samples.len() as f64;
+    let mean = samples.iter().sum::<f64>() / n;
+    let var = if samples.len() > 1 { samples.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    (mean, var.sqrt())
+}
+
+fn random_tokens(n: usize, n_vocab: usize, seed: u64) -> Vec<u32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n).map(|_| rng.gen_range(0..n_vocab as u32)).collect()
+}
+
+/// Time pp (when `n_prompt > 0`) and tg (when `n_gen > 0`).
+pub fn run(model: &Model, n_prompt: usize, n_gen: usize, reps: usize, threads: usize) -> Result<Vec<BenchRow>, crate::model::ModelError> {
+    let n_vocab = model.config().n_vocab;
+    let mut sess = model.new_session(n_prompt.max(n_gen).max(1))?;
+    let mut rows = Vec::new();
+    let mut row = |test: String, n: usize, samples: Vec<f64>| {
+        let (avg, sd) = stats(&samples);
+        rows.push(BenchRow { test, n_tokens: n, threads, samples_ts: samples, avg_ts: avg, stddev_ts: sd });
+    };
+    if n_prompt > 0 {
+        let toks = random_tokens(n_prompt, n_vocab, 1);
+        let mut samples = Vec::new();
+        for rep in 0..=reps {
+            sess.clear();
+            let t = Instant::now();
+            model.forward(&mut sess, &toks, Logits::Last)?;
+            if rep > 0 {
+                samples.push(n_prompt as f64 / t.elapsed().as_secs_f64());
+            }
+        }
+        row(format!("pp{n_prompt}"), n_prompt, samples);
+    }
+    if n_gen > 0 {
+        let toks = random_tokens(n_gen, n_vocab, 2);
+        let mut samples = Vec::new();
+        for rep in 0..=reps {
+            sess.clear();
+            let t = Instant::now();
+            for &tok in &toks {
+                model.forward(&mut sess, &[tok], Logits::Last)?;
+            }
+            if rep > 0 {
+                samples.push(n_gen as f64 / t.elapsed().as_secs_f64());
+            }
+        }
+        row(format!("tg{n_gen}"), n_gen, samples);
+    }
+    Ok(rows)
+}
+
+/// llama-bench's table.
+pub fn render(model_name: &str, rows: &[BenchRow]) -> String {
+    let mut s = format!("| {:<40} | {:>7} | {:>8} | {:>20} |\n| {:-<40} | {:->7} | {:->8} | {:->20} |\n", "model", "threads", "test", "t/s", "", "", "", "");
+    for r in rows {
+        s += &format!("| {:<40} | {:>7} | {:>8} | {:>20} |\n", model_name, r.threads, r.test, format!("{:.2} ± {:.2}", r.avg_ts, r.stddev_ts));
+    }
+    s
+}
