@@ -150,20 +150,26 @@ impl Sim {
         }
     }
 
+    /// A whole fork, or (half the time) a fork of a random computed prefix, as the engine continues a
+    /// finished sequence token by token.
     fn fork(&mut self, i: usize) {
         let s = &self.seqs[i];
-        if s.num_computed != s.table.num_tokens() {
+        if s.num_computed != s.table.num_tokens() || s.num_computed == 0 {
             return; // forks happen after a step computed every slot
         }
-        let Some(forked) = self.kv.fork(&s.table) else { return };
+        let n = if self.rng.gen_bool(0.5) { s.num_computed } else { self.rng.gen_range(1..=s.num_computed) };
+        let forked = if n == s.num_computed { self.kv.fork(&s.table) } else { self.kv.fork_prefix(&s.table, n) };
+        let Some(forked) = forked else { return };
         let bs = self.bs();
+        assert_eq!(forked.table.num_tokens(), n);
+        assert_eq!(forked.table.block_ids()[..n / bs], s.table.block_ids()[..n / bs], "full blocks are shared");
         if let Some(c) = forked.copy {
-            assert_eq!(c.src, *s.table.block_ids().last().unwrap());
+            assert_eq!(c.src, s.table.block_ids()[n / bs]);
             for off in 0..bs {
                 self.shadow[c.dst as usize * bs + off] = self.shadow[c.src as usize * bs + off];
             }
         }
-        let (tokens, n) = (s.tokens.clone(), s.num_computed);
+        let tokens = s.tokens[..n].to_vec();
         self.forks += 1;
         self.seqs.push(Seq::new(tokens, n, forked.table));
     }
@@ -379,6 +385,38 @@ fn fork_shares_full_blocks_and_copies_the_partial_one() {
     kv.free(ta);
     kv.free(tb);
     assert_eq!((probe(&mut kv, &tok_a), probe(&mut kv, &tok_b)), (8, 8));
+    assert_eq!(kv.usage().used_blocks, 0);
+}
+
+/// `fork_prefix`: the first n tokens of a finished sequence, full blocks shared, the block holding the
+/// rest copied; the fork appends after n, committing its own blocks.
+#[test]
+fn fork_prefix_shares_full_blocks_and_copies_the_one_holding_the_rest() {
+    let mut kv = default_manager(16, 16);
+    let tokens = seq(0, 40);
+    let mut t = kv.new_table();
+    kv.allocate_slots(&mut t, &tokens, 0, 40).unwrap();
+    kv.cache_full_blocks(&mut t, &tokens, 40);
+    for (n, shared, copied) in [(37, 2, true), (32, 2, false), (5, 0, true), (16, 1, false)] {
+        let f = kv.fork_prefix(&t, n).unwrap();
+        assert_eq!(f.table.num_tokens(), n);
+        assert_eq!(f.table.num_cached_blocks(), shared);
+        assert_eq!(&f.table.block_ids()[..shared], &t.block_ids()[..shared]);
+        assert_eq!(f.copy.map(|c| c.src), copied.then(|| t.block_ids()[shared]));
+        kv.check_invariants(&[&t, &f.table]).unwrap();
+        // The fork continues with other tokens: its own blocks, cached after the shared ones.
+        let mut mine = tokens[..n].to_vec();
+        mine.extend(seq(1000, 30));
+        let mut ft = f.table;
+        kv.allocate_slots(&mut ft, &mine, n, 30).unwrap();
+        kv.cache_full_blocks(&mut ft, &mine, n + 30);
+        assert!(ft.block_ids()[shared..].iter().all(|b| !t.block_ids().contains(b)), "writes only its own blocks");
+        kv.check_invariants(&[&t, &ft]).unwrap();
+        kv.free(ft);
+        assert_eq!(probe(&mut kv, &mine), (n + 30 - 1) / 16 * 16);
+    }
+    kv.free(t);
+    kv.check_invariants(&[]).unwrap();
     assert_eq!(kv.usage().used_blocks, 0);
 }
 

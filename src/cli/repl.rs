@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use super::generate;
 use crate::chat_template::{ChatTemplate, Message, TemplateSource};
-use crate::engine::{Engine, EngineError, EngineOptions, FinishReason, Generation};
+use crate::engine::{Engine, EngineError, EngineOptions, FinishReason, Generation, PoolOptions};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -36,9 +36,12 @@ pub struct ReplArgs {
     pub n_predict: usize,
     pub ctx: usize,
     pub threads: usize,
+    pub device: crate::backend::DeviceChoice,
     pub chat_template: Option<String>,
     pub sampling: SamplingParams,
     pub prefix_cache: bool,
+    /// KV pool size in MiB (`--kv-mem`); 0: one context.
+    pub kv_mem_mib: usize,
 }
 
 /// A conversation as `/save` writes it: `{"system": ..., "messages": [{"role", "content"}, ...]}`.
@@ -204,13 +207,15 @@ struct Repl {
 pub fn run(args: &ReplArgs) -> Result<(), BoxError> {
     let interactive = std::io::stdin().is_terminal();
     let generate::Loaded { model, tokenizer, template, file: _ } =
-        generate::load(&args.model, args.ctx, args.threads, args.chat_template.as_deref())?;
+        generate::load_on(&args.model, args.ctx, args.threads, args.chat_template.as_deref(), args.device)?;
     if let TemplateSource::BuiltIn(name) = &template.origin {
         eprintln!("note: the model has no chat template; using the built-in '{name}' template (--chat-template FILE to pick another)");
     }
     let ctx = args.ctx.min(model.config().ctx_train.max(1));
     let eog_ids = tokenizer.eog_ids().to_vec();
-    let engine = Engine::new(model, eog_ids, EngineOptions { ctx, prefix_cache: args.prefix_cache })?;
+    let opts = EngineOptions { ctx, prefix_cache: args.prefix_cache };
+    let pool = PoolOptions { kv_mem_bytes: args.kv_mem_mib << 20, block_size: 0 };
+    let engine = Engine::with_pool(model, eog_ids, opts, pool)?;
     let mut repl = Repl {
         engine,
         tokenizer,
@@ -353,13 +358,14 @@ impl Repl {
         let rate = if s.queried_tokens == 0 { 0.0 } else { 100.0 * s.hit_tokens as f64 / s.queried_tokens as f64 };
         format!(
             "conversation: {} messages, last prompt {} tokens\n\
-             KV pool: {} of {} blocks used ({} tokens each), {} full blocks cached for re-use\n\
+             KV pool: {} of {} blocks held ({} tokens each, {:.1} MiB), {} full blocks cached for re-use\n\
              prefix cache: {} of {} prompt tokens re-used (hit rate {rate:.1}%)",
             self.conv.messages.len(),
             self.last_prompt_tokens,
             s.used_blocks,
             s.total_blocks,
             s.block_size,
+            self.engine.kv_pool_bytes() as f64 / (1 << 20) as f64,
             s.cached_blocks,
             s.hit_tokens,
             s.queried_tokens,

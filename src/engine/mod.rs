@@ -1,33 +1,44 @@
-//! The engine: turns a prompt (token ids) into a reply, re-using the KV cache of the longest prefix it
-//! has already computed. The REPL, and later the server, call only this API; it speaks token ids, never
-//! sessions or blocks, so the internals can move to the shared paged pool with a hash-based prefix cache
-//! (`kv`) without changing a caller.
+//! The engine: turns a prompt (token ids) into a reply, re-using the KV cache of every prefix it has
+//! already computed. The REPL and the server call only this API; it speaks token ids, never blocks.
 //!
-//! ## v0 internals
-//! One [`Session`] and `held`, the token ids whose KV it holds (`held.len() == sess.len()` between
-//! calls). A request's prompt is compared with `held` token by token; the session is cut back to the
-//! common prefix and only the rest is prefilled:
+//! ## Internals
+//! One shared paged KV pool (`kv`): per layer a K/V store of `num_blocks x block_size` token slots on
+//! the model's backend, and the block bookkeeping (ref counts, hash-chained prefix cache, LRU free queue)
+//! in a [`KvCacheManager`](crate::kv::KvCacheManager). A request:
 //! ```text
-//! held     [ t0 t1 ... t(k-1) | h(k) ... ]          prompt + reply of the turns before
 //! prompt   [ t0 t1 ... t(k-1) | p(k) ... p(n-1) ]
 //!            \ cached_tokens=k / \_ prefilled _/     k <= n - 1: the last prompt token is always run,
 //!                                                    its logits pick the first reply token
 //! ```
-//! Every reply token handed to `on_token` is run through the model too (including the last one of a
-//! reply cut by `max_tokens`), so `held` ends as prompt + whole reply and the next turn of a chat, whose
-//! rendering starts with both, prefills only its new tokens. An EOG token is not run (the template
-//! writes its own end-of-turn text). With `prefix_cache: false` every request starts from an empty
-//! session (for comparisons and benchmarks).
+//! `k` is the longest prefix whose KV the pool holds: cached full blocks from any earlier request (any
+//! conversation, any client), continued token by token into the last block of a recently finished
+//! sequence (cache.rs). The rest is prefilled in micro-batches through `forward_batch` with the
+//! sequence's block table and slot mapping, then the reply is decoded one token at a time; blocks join
+//! the prefix cache as they fill. Every reply token handed to `on_token` is run through the model too
+//! (including the last one of a reply cut by `max_tokens`), so the next turn of a chat, whose rendering
+//! starts with prompt + reply, prefills only its new tokens. An EOG token is not run (the template writes
+//! its own end-of-turn text). At the end the sequence's blocks stay cached, in LRU order.
+//!
+//! With `prefix_cache: false` nothing is re-used: every request prefills its whole prompt (for
+//! comparisons and benchmarks). Kernels are batch invariant, so both give the same tokens.
+//!
+//! Pool size: [`PoolOptions`]; by default exactly one context of `ctx` tokens.
 //!
 //! Sampling: the prompt and each sampled token are passed to `sampler.accept` (penalties see the whole
 //! conversation); give each request a fresh or reset [`Sampler`].
 
+pub mod scheduler;
+mod cache;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use crate::kv::DEFAULT_BLOCK_SIZE;
-use crate::model::{Logits, Model, ModelError, Session, UBATCH};
+use crate::kv::{KvCacheConfig, KvError, KvStorage, DEFAULT_BLOCK_SIZE};
+use crate::model::{AttnSeq, ForwardBatch, Model, ModelError, Scratch, UBATCH};
 use crate::sampling::Sampler;
+
+use cache::{KvCache, SeqKv};
+pub use cache::RETAINED_SEQS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -35,6 +46,12 @@ pub enum EngineError {
     PromptTooLong { n_prompt: usize, ctx: usize, ctx_train: usize },
     #[error("the prompt is empty: nothing to generate from")]
     EmptyPrompt,
+    #[error("a context of {ctx} tokens exceeds the KV pool of {pool_tokens} tokens ({kv_mem_mib} MiB at {bytes_per_token} bytes per token): pass a larger --kv-mem (at least {need_mib} MiB) or a smaller --ctx")]
+    PoolTooSmall { ctx: usize, pool_tokens: usize, kv_mem_mib: usize, bytes_per_token: usize, need_mib: usize },
+    #[error("the KV pool is full: a sequence needs {need} blocks of {block_size} tokens and the pool has {num_blocks}: pass a larger --kv-mem or a smaller --ctx")]
+    PoolExhausted { need: usize, num_blocks: usize, block_size: usize },
+    #[error(transparent)]
+    Kv(#[from] KvError),
     #[error(transparent)]
     Model(#[from] ModelError),
 }
@@ -45,6 +62,16 @@ pub struct EngineOptions {
     pub ctx: usize,
     /// Re-use the KV of the prefix shared with earlier requests (off: prefill every prompt whole).
     pub prefix_cache: bool,
+}
+
+/// How the shared KV pool is sized ([`Engine::with_pool`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PoolOptions {
+    /// Bytes of KV memory over all layers, K and V (`--kv-mem`); 0: exactly one context of `ctx`
+    /// tokens. More than that keeps more prefixes cached (other conversations, other clients).
+    pub kv_mem_bytes: usize,
+    /// Tokens per block; 0: [`DEFAULT_BLOCK_SIZE`].
+    pub block_size: usize,
 }
 
 /// Why a generation ended.
@@ -91,9 +118,10 @@ pub struct Generation {
 pub struct CacheStats {
     /// Blocks in the pool.
     pub total_blocks: usize,
-    /// Blocks holding some token's KV.
+    /// Blocks held by a sequence: the running one and the finished ones kept for continuation
+    /// ([`RETAINED_SEQS`]).
     pub used_blocks: usize,
-    /// Full blocks a later prompt can re-use.
+    /// Full blocks in the prefix cache, held or free: what a later prompt can re-use.
     pub cached_blocks: usize,
     pub block_size: usize,
     /// Prompt tokens asked for, over all requests.
@@ -108,29 +136,59 @@ pub struct Engine {
     opts: EngineOptions,
     /// Most tokens a request may use.
     ctx: usize,
-    sess: Session,
-    /// The token ids whose KV `sess` holds, in order.
-    held: Vec<u32>,
+    /// The shared pool, its bookkeeping and the retained sequences.
+    cache: KvCache,
+    scratch: Scratch,
     queried_tokens: u64,
     hit_tokens: u64,
 }
 
 impl Engine {
-    /// An engine over `model`; generation stops at any of `eog_ids`.
+    /// An engine over `model` with a pool of one context; generation stops at any of `eog_ids`.
     pub fn new(model: Model, eog_ids: Vec<u32>, opts: EngineOptions) -> Result<Engine, EngineError> {
+        Engine::with_pool(model, eog_ids, opts, PoolOptions::default())
+    }
+
+    /// An engine whose KV pool is sized by `pool`: `num_blocks = kv_mem_bytes / bytes per block`, which
+    /// must hold at least one context of `ctx` tokens.
+    pub fn with_pool(model: Model, eog_ids: Vec<u32>, opts: EngineOptions, pool: PoolOptions) -> Result<Engine, EngineError> {
         let ctx = if opts.ctx == 0 { model.ctx() } else { opts.ctx };
-        let sess = model.new_session(ctx)?;
-        Ok(Engine { model, eog_ids, opts, ctx, sess, held: Vec::new(), queried_tokens: 0, hit_tokens: 0 })
+        if ctx > model.ctx() {
+            return Err(ModelError::SessionTooLarge { requested: ctx, ctx: model.ctx() }.into());
+        }
+        let block_size = if pool.block_size == 0 { DEFAULT_BLOCK_SIZE } else { pool.block_size };
+        let min_blocks = ctx.div_ceil(block_size).max(1);
+        let num_blocks = if pool.kv_mem_bytes == 0 {
+            min_blocks
+        } else {
+            let (n_layers, one) = (model.config().n_layers, model.kv_shape(1, block_size));
+            let per_block = KvStorage::bytes_per_block(n_layers, one);
+            let num_blocks = KvStorage::blocks_for_bytes(pool.kv_mem_bytes, n_layers, one);
+            if num_blocks < min_blocks {
+                const MIB: usize = 1 << 20;
+                return Err(EngineError::PoolTooSmall {
+                    ctx,
+                    pool_tokens: num_blocks * block_size,
+                    kv_mem_mib: pool.kv_mem_bytes / MIB,
+                    bytes_per_token: per_block / block_size,
+                    need_mib: (min_blocks * per_block).div_ceil(MIB),
+                });
+            }
+            num_blocks
+        };
+        let config = KvCacheConfig { num_blocks, block_size, ..KvCacheConfig::new(num_blocks) };
+        let cache = KvCache::new(&model, config, opts.prefix_cache)?;
+        Ok(Engine { model, eog_ids, opts, ctx, cache, scratch: Scratch::default(), queried_tokens: 0, hit_tokens: 0 })
     }
 
     pub fn model(&self) -> &Model {
         &self.model
     }
 
-    /// Generate a reply to `prompt` (the whole rendered conversation's token ids). Re-uses the cached
-    /// prefix shared with what was computed before (prompt + reply tokens of earlier turns): only the rest
-    /// is prefilled. `on_token` gets each sampled token (not EOG ones); returning false stops. `cancel`
-    /// is checked between steps (Ctrl-C).
+    /// Generate a reply to `prompt` (the whole rendered conversation's token ids). Re-uses the longest
+    /// prefix whose KV the pool holds (see the module doc): only the rest is prefilled. `on_token` gets
+    /// each sampled token (not EOG ones); returning false stops. `cancel` is checked between steps
+    /// (Ctrl-C).
     pub fn generate(
         &mut self,
         prompt: &[u32],
@@ -148,14 +206,34 @@ impl Engine {
             let ctx_train = self.model.config().ctx_train;
             return Err(EngineError::PromptTooLong { n_prompt: n, ctx: self.ctx, ctx_train });
         }
+        let n_vocab = self.model.config().n_vocab;
+        if let Some(&id) = prompt.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(ModelError::BadToken { id, n_vocab }.into());
+        }
 
-        // Step 1: keep the longest prefix of `held` that the prompt repeats, minus at least one token.
-        let cached = if self.opts.prefix_cache { common_prefix(&self.held, prompt).min(n - 1) } else { 0 };
-        self.sess.truncate(cached);
-        self.held.truncate(cached);
+        // Step 1: the longest prefix the pool holds (none without the prefix cache).
+        let mut seq = self.cache.start(&self.model, prompt);
+        let res = self.run(&mut seq, sampler, max_tokens, cancel, on_token);
+        // Step 4: commit the computed blocks; the sequence stays cached.
+        self.cache.finish(seq);
+        debug_assert!(self.cache.check_invariants().is_ok(), "{:?}", self.cache.check_invariants());
+        res
+    }
+
+    /// Steps 2 and 3 of [`Engine::generate`] for `seq`, which holds the prompt.
+    fn run(
+        &mut self,
+        seq: &mut SeqKv,
+        sampler: &mut Sampler,
+        max_tokens: usize,
+        cancel: &AtomicBool,
+        on_token: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<Generation, EngineError> {
+        let n = seq.tokens.len();
+        let cached = seq.num_computed;
         self.queried_tokens += n as u64;
         self.hit_tokens += cached as u64;
-        sampler.accept(prompt);
+        sampler.accept(&seq.tokens);
         let mut out = Generation {
             tokens: Vec::new(),
             prompt_tokens: n,
@@ -169,12 +247,12 @@ impl Engine {
         // (batch invariance: the split does not change the logits).
         let t = Instant::now();
         let mut logits = Vec::new();
-        for chunk in prompt[cached..].chunks(UBATCH) {
+        while seq.num_computed < n {
             if cancel.load(Ordering::Relaxed) {
                 out.prefill_secs = t.elapsed().as_secs_f64();
                 return Ok(out);
             }
-            logits = self.forward(chunk)?;
+            logits = self.forward(seq, (n - seq.num_computed).min(UBATCH))?;
         }
         out.prefill_secs = t.elapsed().as_secs_f64();
 
@@ -196,65 +274,61 @@ impl Engine {
             if !on_token(next) {
                 break FinishReason::Stop;
             }
-            if self.held.len() >= self.ctx {
+            if seq.num_computed >= self.ctx {
                 break FinishReason::ContextFull;
             }
-            logits = self.forward(&[next])?;
+            seq.tokens.push(next);
+            logits = self.forward(seq, 1)?;
         };
         out.decode_secs = t.elapsed().as_secs_f64();
         Ok(out)
     }
 
+    /// Runs the `n_new` tokens of `seq` after its computed ones; returns the last one's logits.
+    fn forward(&mut self, seq: &mut SeqKv, n_new: usize) -> Result<Vec<f32>, EngineError> {
+        self.cache.allocate(seq, n_new)?;
+        let p0 = seq.num_computed;
+        let positions: Vec<u32> = (p0..p0 + n_new).map(|p| p as u32).collect();
+        let slot_mapping: Vec<u32> = (p0..p0 + n_new).map(|p| seq.table.slot(p) as u32).collect();
+        let seqs = [AttnSeq { q_start: 0, n_q: n_new, ctx_len: p0 + n_new, block_table: seq.table.block_ids() }];
+        let out_rows = [n_new as u32 - 1];
+        let batch = ForwardBatch {
+            tokens: &seq.tokens[p0..p0 + n_new],
+            positions: &positions,
+            slot_mapping: &slot_mapping,
+            seqs: &seqs,
+            out_rows: &out_rows,
+        };
+        let logits = self.model.forward_batch(self.cache.layers_mut(), &batch, &mut self.scratch)?;
+        seq.num_computed += n_new;
+        Ok(logits)
+    }
+
     pub fn stats(&self) -> CacheStats {
-        let bs = DEFAULT_BLOCK_SIZE;
+        let u = self.cache.usage();
         CacheStats {
-            total_blocks: self.sess.capacity() / bs,
-            used_blocks: self.sess.len().div_ceil(bs),
-            cached_blocks: if self.opts.prefix_cache { self.held.len() / bs } else { 0 },
-            block_size: bs,
+            total_blocks: u.num_blocks,
+            used_blocks: u.used_blocks,
+            cached_blocks: if self.opts.prefix_cache { u.cached_blocks } else { 0 },
+            block_size: u.block_size,
             queried_tokens: self.queried_tokens,
             hit_tokens: self.hit_tokens,
         }
     }
 
+    /// Bytes of the KV pool, all layers, K and V.
+    pub fn kv_pool_bytes(&self) -> usize {
+        self.cache.storage().bytes()
+    }
+
     /// Forget every cached token (the hit counters stay).
     pub fn clear_cache(&mut self) {
-        self.sess.clear();
-        self.held.clear();
+        self.cache.clear().expect("the pool's configuration was accepted at start");
     }
 
-    /// Run `tokens` after `held`; returns the last token's logits.
-    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
-        match self.model.forward(&mut self.sess, tokens, Logits::Last) {
-            Ok(logits) => {
-                self.held.extend_from_slice(tokens);
-                debug_assert_eq!(self.held.len(), self.sess.len());
-                Ok(logits)
-            }
-            Err(e) => {
-                // The session may hold part of `tokens`; start the next request from nothing rather
-                // than trust a half-written cache.
-                self.clear_cache();
-                Err(e.into())
-            }
-        }
-    }
-}
-
-/// Length of the longest common prefix of `a` and `b`.
-fn common_prefix(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::common_prefix;
-
-    #[test]
-    fn common_prefix_lengths() {
-        assert_eq!(common_prefix(&[], &[1, 2]), 0);
-        assert_eq!(common_prefix(&[1, 2, 3], &[1, 2]), 2);
-        assert_eq!(common_prefix(&[1, 2, 3], &[1, 9, 3]), 1);
-        assert_eq!(common_prefix(&[4, 5], &[4, 5]), 2);
+    /// Checks the pool's invariants (ref counts, free queue, prefix cache, the retained tables); tests
+    /// call it after every request.
+    pub fn check_invariants(&self) -> Result<(), KvError> {
+        self.cache.check_invariants()
     }
 }

@@ -227,12 +227,26 @@ impl KvCacheManager {
     /// never written again). `None` when no block is free for the copy.
     pub fn fork(&mut self, table: &BlockTable) -> Option<Forked> {
         debug_assert_eq!(table.len(), table.num_tokens.div_ceil(self.block_size()));
-        let num_full = table.num_tokens / self.block_size();
-        let has_partial = table.len() > num_full;
+        self.fork_prefix(table, table.num_tokens)
+    }
+
+    /// A new table holding the first `num_tokens` tokens of `table` (all computed): the full blocks among
+    /// them shared, the block holding the last `num_tokens % block_size` of them copied (`copy`), as in
+    /// [`fork`](Self::fork). This continues a token-level prefix of a finished sequence that the prefix
+    /// cache (whole blocks only) does not reach:
+    /// ```text
+    /// table     [ b0 full ][ b1 full ][ b2 : t32 .. t40 ]       num_tokens = 37
+    /// forked    [ b0      ][ b7 <- copy of b2 ]                 holds t0 .. t36, appends at 37
+    /// ```
+    /// `None` when no block is free for the copy.
+    pub fn fork_prefix(&mut self, table: &BlockTable, num_tokens: usize) -> Option<Forked> {
+        assert!(num_tokens <= table.num_tokens, "fork_prefix: {num_tokens} tokens of a table of {}", table.num_tokens);
+        let num_full = num_tokens / self.block_size();
+        let has_partial = !num_tokens.is_multiple_of(self.block_size());
         if has_partial && self.pool.num_free_blocks() == 0 {
             return None;
         }
-        let mut block_ids = Vec::with_capacity(table.len());
+        let mut block_ids = Vec::with_capacity(num_tokens.div_ceil(self.block_size()));
         for &b in &table.block_ids[..num_full] {
             self.pool.touch(b);
             block_ids.push(b);
@@ -242,12 +256,14 @@ impl KvCacheManager {
             block_ids.push(dst);
             BlockCopy { src: table.block_ids[num_full], dst }
         });
+        let num_cached_blocks = table.num_cached_blocks.min(num_full);
         let forked = BlockTable {
             block_ids,
             block_size: table.block_size,
-            num_tokens: table.num_tokens,
-            num_cached_blocks: table.num_cached_blocks,
-            caching_stopped: table.caching_stopped,
+            num_tokens,
+            num_cached_blocks,
+            // The block that could not be cached is kept only when the fork reaches past it.
+            caching_stopped: table.caching_stopped && num_full > table.num_cached_blocks,
         };
         Some(Forked { table: forked, copy })
     }

@@ -12,7 +12,9 @@
 //! - [`BlockTable`] (block_table.rs): one sequence's `block_ids`; `slot(pos)` is where the KV of token
 //!   position `pos` lives: `block_ids[pos / block_size] * block_size + pos % block_size`.
 //! - [`KvCacheManager`] (manager.rs): the API the engine calls, in vLLM's words: `find_cached_prefix`,
-//!   `allocate_slots`, `cache_full_blocks`, `fork`, `free`, `usage`, `check_invariants`.
+//!   `allocate_slots`, `cache_full_blocks`, `fork` / `fork_prefix`, `free`, `usage`, `check_invariants`.
+//! - [`KvStorage`] (storage.rs): the one place that owns device memory: one backend [`KvStore`](crate::backend::KvStore) per
+//!   layer (K and V, f16), and the block copies that copy-on-write asks for.
 //! - prefix.rs: `block_hash = hash(parent block_hash, the block's token ids)`, SipHash with fixed keys.
 //!
 //! ## Contract
@@ -38,7 +40,7 @@
 //! | touch a cached free block (unlink from the middle of the queue) | O(1) |
 //! | `find_cached_prefix(tokens)` | O(n): one hash + one table probe + one B-token compare per block |
 //! | `allocate_slots` | O(new blocks + newly full blocks x B) |
-//! | `fork(table)` | O(blocks in the table) |
+//! | `fork(table)`, `fork_prefix(table, n)` | O(blocks in the table) |
 //! | `free(table)` | O(blocks in the table) |
 //! | `check_invariants` | O(num_blocks x B + table entries), tests only |
 //!
@@ -56,11 +58,14 @@ mod free_queue;
 mod manager;
 mod pool;
 mod prefix;
+mod storage;
 
 pub use block_table::{slot_for, BlockTable};
 pub use manager::{BlockCopy, Forked, KvCacheConfig, KvCacheManager, KvUsage, PrefixCacheStats};
 pub use pool::BlockPool;
 pub use prefix::{hash_block_tokens, BlockHash, HashFn};
+pub use storage::{KvStorage, KV_ELEM_BYTES};
+
 
 /// Index of a block in the pool: `0..num_blocks`, the same in every layer.
 pub type BlockId = u32;

@@ -1,6 +1,7 @@
 //! A minimal paged KV cache for one sequence: per-layer pools on the backend, a block allocator and the
-//! sequence's block table. The shared pool with prefix caching (`kv` module, next issue) replaces the
-//! allocator; the forward pass already speaks only block tables and slot mappings, so it stays as is.
+//! sequence's block table, behind [`Model::forward`](super::Model::forward) (one-shot `run -p`,
+//! perplexity, bench, scoring). The engine uses the shared pool with prefix caching (`kv` module) and
+//! calls `forward_batch` directly; both speak only block tables and slot mappings.
 //!
 //! ```text
 //! block_table [b0, b1, b2]      token j -> slot block_table[j / block_size] * block_size + j % block_size

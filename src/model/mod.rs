@@ -7,7 +7,8 @@
 //! model.new_session(max_tokens) -> Session            owns a paged KV cache for one sequence
 //! model.forward(&mut sess, &tokens, Logits::Last)     appends tokens at positions sess.len()..
 //!                                                     -> [n_out x n_vocab] logits, row-major
-//! model.forward_batch(&mut kv, &batch, &mut scratch)  the same for a ForwardBatch (engine, next issue)
+//! model.forward_batch(&mut kv, &batch, &mut scratch)  the same for a ForwardBatch over a shared pool
+//!                                                     (the engine: many sequences, block tables)
 //! ```
 //! Contract: file problems and user input (unknown architecture, missing tensor, bad token id, a prompt
 //! longer than the session) are typed [`ModelError`]s, never panics. A session belongs to the model that
@@ -22,11 +23,13 @@ mod weights;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::backend::{self, AttnSeq, Backend, BackendError, DEFAULT_BLOCK_SIZE};
+use crate::backend::{self, Backend, BackendError, DEFAULT_BLOCK_SIZE};
 use crate::gguf::GgufFile;
 
 pub use config::{Arch, Config, ROPE_FREQ_BASE_SWA};
 pub use forward::{ForwardBatch, Scratch};
+/// The backend types a [`ForwardBatch`] and a shared KV pool are made of, for callers that build them.
+pub use crate::backend::{AttnSeq, KvShape, KvStore};
 pub use weights::{LayerWeights, Weights, G, L};
 
 /// Tokens per micro-batch of a long prompt (bounds activation memory).
@@ -154,6 +157,11 @@ impl Model {
     /// The context the model was loaded with (most tokens per session).
     pub fn ctx(&self) -> usize {
         self.ctx
+    }
+
+    /// The shape of one layer's K/V pool of `num_blocks` blocks of `block_size` tokens for this model.
+    pub fn kv_shape(&self, num_blocks: usize, block_size: usize) -> KvShape {
+        KvShape { num_blocks, block_size, n_kv_heads: self.cfg.n_kv_heads, head_dim: self.cfg.head_dim }
     }
 
     /// A session holding up to `max_tokens` tokens (0: the loaded context).

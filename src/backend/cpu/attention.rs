@@ -1,23 +1,46 @@
-//! Paged attention on the CPU: K/V in f16 pools addressed through block tables.
+//! Paged attention on the CPU: K/V in f16 pools addressed through block tables, for decode (one query
+//! token per sequence, many sequences) and prefill (new tokens over the cached prefix and themselves)
+//! alike.
 //!
 //! ```text
 //! pool (K, and V alike)  [num_slots x n_kv_heads x head_dim] f16,  slot = block_id * block_size + offset
 //! query row t of sequence s is at position pos = ctx_len - n_q + (t - q_start); it sees keys
 //!     j in lo ..= pos,   lo = 0, or pos + 1 - window for a sliding window (p - j < window)
+//! those keys are cut into splits of SPLIT_TOKENS, counted from lo:
+//!     [lo, lo + S) [lo + S, lo + 2S) ... [.., pos]          S = SPLIT_TOKENS
 //! ```
-//! One task per (query token, head): scores over its visible keys in position order, softmax (sum in
-//! f64, as ggml), then the V rows weighted in the same order. Nothing depends on which other queries
-//! share the call, so prefill, chunked prefill and decode give a token the same result.
+//! **GQA.** The unit of work is one query row and one KV head: each K and V row is read once and serves
+//! the `n_heads / n_kv_heads` query heads of its group.
 //!
-//! Like llama.cpp's attention over an f16 cache (no flash attention), Q is rounded to f16 before the
-//! `q . k` products and the softmax weights are rounded to f16 before they weight V: ggml multiplies
-//! f16 by f16 there. Mirroring it keeps pagellm's logits closest to llama.cpp's.
+//! **Splits (flash-decoding).** Each split gives, per query head, a partial result normalized on its own:
+//! its max score `m`, its exp-sum `l = sum exp(s_j - m)` and `o = sum f16(exp(s_j - m) / l) v_j`. The
+//! partials are merged with log-sum-exp weights, as vLLM's paged attention v2 reduces its partitions:
+//! ```text
+//! M = max(m_a, m_b);  a = l_a exp(m_a - M);  b = l_b exp(m_b - M);  o = o_a a/(a+b) + o_b b/(a+b)
+//! ```
+//! folded left in split order. A query with at most SPLIT_TOKENS visible keys has one split, and its
+//! result is ggml's non-flash attention over an f16 cache exactly: Q rounded to f16 before the `q . k`
+//! products, the softmax summed in f64 and its weights rounded to f16 before they weight V (ggml
+//! multiplies f16 by f16 there), keys in position order. That keeps pagellm's logits closest to
+//! llama.cpp's.
+//!
+//! **Batch invariance.** Where a split starts and ends depends only on the query's position and the
+//! window; every sum runs in position order, and splits merge in order. How the work is spread over
+//! threads (all splits of a row in one task when there are many rows, as in prefill; one task per split
+//! when there are few, as in decode of a long context) never changes an output bit, so prefill,
+//! chunked prefill, decode, and a sequence alone or among others give a token the same result.
 
+use std::ops::Range;
+
+use half::slice::HalfFloatSliceExt;
 use half::f16;
 use rayon::prelude::*;
 
 use super::kernels::Kernels;
 use crate::backend::{AttnParams, AttnSeq, KvShape};
+
+/// Keys per split. Fixed, so a token's result never depends on how its batch was formed.
+pub const SPLIT_TOKENS: usize = 512;
 
 /// One layer's K and V pools.
 pub(super) struct CpuKv {
@@ -48,7 +71,220 @@ pub(super) fn kv_write(kv: &mut CpuKv, shape: KvShape, k: &[f32], v: &[f32], slo
     }
 }
 
-/// See the module doc. `q` and `out` are `[n_tokens x n_heads x head_dim]`.
+/// Copies every slot of block `src` to block `dst`, K and V, for each `(src, dst)` in order.
+pub(super) fn kv_copy_blocks(kv: &mut CpuKv, shape: KvShape, copies: &[(u32, u32)]) {
+    let n = shape.block_size * shape.token_width();
+    for &(src, dst) in copies {
+        let (src, dst) = (src as usize, dst as usize);
+        assert!(src < shape.num_blocks && dst < shape.num_blocks, "kv_copy_blocks: block outside a pool of {}", shape.num_blocks);
+        kv.k.copy_within(src * n..(src + 1) * n, dst * n);
+        kv.v.copy_within(src * n..(src + 1) * n, dst * n);
+    }
+}
+
+/// The keys `keys` of sequence `seq` in KV head `g`: the unit a partial result covers.
+#[derive(Clone)]
+struct Span {
+    seq: usize,
+    g: usize,
+    keys: Range<usize>,
+}
+
+/// A query head's partial (or merged) softmax state: max score and exp-sum.
+#[derive(Clone, Copy, Default)]
+struct Ml {
+    max: f32,
+    sum: f64,
+}
+
+/// Scratch of [`Job::partial`].
+#[derive(Default)]
+struct Work {
+    /// `[group x split len]` scores, then softmax weights.
+    scores: Vec<f32>,
+    /// `[split len]` one head's weights in f16.
+    half: Vec<f16>,
+}
+
+/// What every task reads.
+struct Job<'a> {
+    kern: &'a Kernels,
+    kv: &'a CpuKv,
+    q: &'a [f32],
+    seqs: &'a [AttnSeq<'a>],
+    /// Per query row: (sequence, position), `None` for rows outside every sequence.
+    rows: Vec<Option<(usize, usize)>>,
+    bs: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    hd: usize,
+    /// Query heads per KV head.
+    group: usize,
+    scale: f32,
+    window: Option<usize>,
+}
+
+/// Scratch of one task.
+#[derive(Default)]
+struct Tmp {
+    /// `[group x hd]` the query heads of the group, rounded to f16.
+    qv: Vec<f32>,
+    work: Work,
+    /// `[group x hd]` and `[group]`: a later split's partial before it is merged.
+    o: Vec<f32>,
+    ml: Vec<Ml>,
+    /// `[group]` the merged state.
+    acc: Vec<Ml>,
+}
+
+impl Job<'_> {
+    /// The key ranges of the query at `pos`, in order (see the module doc).
+    fn splits(&self, pos: usize) -> impl Iterator<Item = Range<usize>> {
+        let lo = self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        (lo..=pos).step_by(SPLIT_TOKENS).map(move |s| s..(s + SPLIT_TOKENS).min(pos + 1))
+    }
+
+    /// Loads query row `t`'s heads of KV head `g`, rounded to f16 like ggml.
+    fn load_q(&self, t: usize, g: usize, qv: &mut Vec<f32>, half: &mut Vec<f16>) {
+        let (start, len) = ((t * self.n_heads + g * self.group) * self.hd, self.group * self.hd);
+        half.resize(len, f16::ZERO);
+        half.convert_from_f32_slice(&self.q[start..start + len]);
+        qv.resize(len, 0.0);
+        half.convert_to_f32_slice(qv);
+    }
+
+    /// Offsets of KV head `g`'s rows of `keys` in the pools, in key order (one block lookup per block).
+    fn kv_rows<'b>(&self, bt: &'b [u32], keys: Range<usize>, g: usize) -> impl Iterator<Item = usize> + 'b {
+        let (bs, stride, head) = (self.bs, self.n_kv_heads * self.hd, g * self.hd);
+        let first = keys.start / bs;
+        bt[first..keys.end.div_ceil(bs)].iter().enumerate().flat_map(move |(i, &b)| {
+            let start = (first + i) * bs;
+            let (lo, hi) = (keys.start.max(start) - start, keys.end.min(start + bs) - start);
+            let base = b as usize * bs;
+            (lo..hi).map(move |off| (base + off) * stride + head)
+        })
+    }
+
+    /// Attention of the group's query heads `qv` over `span`, normalized within it: `o` `[group x hd]`,
+    /// `ml` `[group]`.
+    fn partial(&self, span: &Span, qv: &[f32], work: &mut Work, o: &mut [f32], ml: &mut [Ml]) {
+        let Work { scores, half } = work;
+        let (hd, group, n, g) = (self.hd, self.group, span.keys.len(), span.g);
+        let (bt, kv, keys) = (self.seqs[span.seq].block_table, self.kv, span.keys.clone());
+        scores.resize(group * n, 0.0);
+        ml.fill(Ml { max: f32::NEG_INFINITY, sum: 0.0 });
+        // scores = scale * q . k_j, one read of k_j for the whole group
+        for (i, r) in self.kv_rows(bt, keys.clone(), g).enumerate() {
+            let k = &kv.k[r..r + hd];
+            for (hh, m) in ml.iter_mut().enumerate() {
+                let s = (self.kern.dot_f16)(k, &qv[hh * hd..(hh + 1) * hd]) * self.scale;
+                m.max = m.max.max(s);
+                scores[hh * n + i] = s;
+            }
+        }
+        // softmax, summed in f64 like ggml; weights rounded to f16 (in bulk: F16C where the CPU has it)
+        half.resize(n, f16::ZERO);
+        for (hh, m) in ml.iter_mut().enumerate() {
+            let row = &mut scores[hh * n..(hh + 1) * n];
+            let mut sum = 0.0f64;
+            for s in row.iter_mut() {
+                *s = (*s - m.max).exp();
+                sum += *s as f64;
+            }
+            let inv = (1.0 / sum) as f32;
+            row.iter_mut().for_each(|s| *s *= inv);
+            half.convert_from_f32_slice(row);
+            half.convert_to_f32_slice(row);
+            m.sum = sum;
+        }
+        // o = sum_j w_j v_j, one read of v_j for the whole group
+        o.fill(0.0);
+        for (i, r) in self.kv_rows(bt, keys, g).enumerate() {
+            let v = &kv.v[r..r + hd];
+            for hh in 0..group {
+                (self.kern.axpy_f16)(&mut o[hh * hd..(hh + 1) * hd], scores[hh * n + i], v);
+            }
+        }
+    }
+
+    /// Folds the partial `(o_b, ml_b)` into `(o_a, ml_a)`, per query head (module doc).
+    fn merge(&self, o_a: &mut [f32], ml_a: &mut [Ml], o_b: &[f32], ml_b: &[Ml]) {
+        let hd = self.hd;
+        for (hh, (a, b)) in ml_a.iter_mut().zip(ml_b).enumerate() {
+            let max = a.max.max(b.max);
+            let wa = a.sum * ((a.max - max) as f64).exp();
+            let wb = b.sum * ((b.max - max) as f64).exp();
+            let sum = wa + wb;
+            let (fa, fb) = ((wa / sum) as f32, (wb / sum) as f32);
+            for (x, &y) in o_a[hh * hd..(hh + 1) * hd].iter_mut().zip(&o_b[hh * hd..(hh + 1) * hd]) {
+                *x = *x * fa + y * fb;
+            }
+            *a = Ml { max, sum };
+        }
+    }
+
+    /// One task per (row, KV head): every split of the row in order, merged as it goes.
+    fn run_rows(&self, out: &mut [f32]) {
+        let (group, hd, n_kv) = (self.group, self.hd, self.n_kv_heads);
+        out.par_chunks_mut(group * hd).enumerate().for_each_init(Tmp::default, |tmp, (idx, o)| {
+            let (t, g) = (idx / n_kv, idx % n_kv);
+            let Some((seq, pos)) = self.rows[t] else { return };
+            self.load_q(t, g, &mut tmp.qv, &mut tmp.work.half);
+            tmp.acc.resize(group, Ml::default());
+            for (k, keys) in self.splits(pos).enumerate() {
+                let span = Span { seq, g, keys };
+                if k == 0 {
+                    self.partial(&span, &tmp.qv, &mut tmp.work, o, &mut tmp.acc);
+                } else {
+                    tmp.o.resize(group * hd, 0.0);
+                    tmp.ml.resize(group, Ml::default());
+                    self.partial(&span, &tmp.qv, &mut tmp.work, &mut tmp.o, &mut tmp.ml);
+                    self.merge(o, &mut tmp.acc, &tmp.o, &tmp.ml);
+                }
+            }
+        });
+    }
+
+    /// One task per (row, KV head, split), then one per (row, KV head) merging its splits in order:
+    /// the same arithmetic as [`Job::run_rows`], with more parallelism when rows are few.
+    fn run_splits(&self, out: &mut [f32]) {
+        let (group, hd, n_kv) = (self.group, self.hd, self.n_kv_heads);
+        // items of (row, KV head) idx are items[first[idx]..first[idx + 1]]
+        let mut items: Vec<(usize, Span)> = Vec::new();
+        let mut first = vec![0usize];
+        for (t, row) in self.rows.iter().enumerate() {
+            for g in 0..n_kv {
+                if let Some((seq, pos)) = *row {
+                    items.extend(self.splits(pos).map(|keys| (t, Span { seq, g, keys })));
+                }
+                first.push(items.len());
+            }
+        }
+        let mut parts = vec![0.0f32; items.len() * group * hd];
+        let mut mls = vec![Ml::default(); items.len() * group];
+        parts.par_chunks_mut(group * hd).zip(mls.par_chunks_mut(group)).zip(items.par_iter()).for_each_init(
+            Tmp::default,
+            |tmp, ((o, ml), (t, span))| {
+                self.load_q(*t, span.g, &mut tmp.qv, &mut tmp.work.half);
+                self.partial(span, &tmp.qv, &mut tmp.work, o, ml);
+            },
+        );
+        out.par_chunks_mut(group * hd).enumerate().for_each(|(idx, o)| {
+            let range = first[idx]..first[idx + 1];
+            if range.is_empty() {
+                return;
+            }
+            o.copy_from_slice(&parts[range.start * group * hd..(range.start + 1) * group * hd]);
+            let mut acc = mls[range.start * group..(range.start + 1) * group].to_vec();
+            for i in range.start + 1..range.end {
+                self.merge(o, &mut acc, &parts[i * group * hd..(i + 1) * group * hd], &mls[i * group..(i + 1) * group]);
+            }
+        });
+    }
+}
+
+/// See the module doc. `q` and `out` are `[n_tokens x n_heads x head_dim]`; rows outside every sequence
+/// are left alone.
 pub(super) fn attention(
     kern: &Kernels,
     q: &[f32],
@@ -60,54 +296,39 @@ pub(super) fn attention(
 ) {
     let (hd, n_heads) = (p.head_dim, p.n_heads);
     assert!(shape.head_dim == hd && shape.n_kv_heads == p.n_kv_heads && n_heads % p.n_kv_heads == 0);
-    let group = n_heads / p.n_kv_heads;
     let bs = shape.block_size;
 
-    // (sequence, position) of every query row; rows outside every sequence are left alone.
+    // (sequence, position) of every query row
     let n_rows = seqs.iter().map(|s| s.q_start + s.n_q).max().unwrap_or(0);
-    let mut row_of: Vec<Option<(usize, usize)>> = vec![None; n_rows];
+    let mut rows: Vec<Option<(usize, usize)>> = vec![None; n_rows];
     for (si, s) in seqs.iter().enumerate() {
         assert!(s.n_q <= s.ctx_len && s.block_table.len() * bs >= s.ctx_len, "attention: block table too short");
+        assert!(s.block_table.iter().all(|&b| (b as usize) < shape.num_blocks), "attention: block id outside the pool");
         for i in 0..s.n_q {
-            row_of[s.q_start + i] = Some((si, s.ctx_len - s.n_q + i));
+            rows[s.q_start + i] = Some((si, s.ctx_len - s.n_q + i));
         }
     }
     assert!(q.len() >= n_rows * n_heads * hd && out.len() >= n_rows * n_heads * hd);
 
-    out[..n_rows * n_heads * hd].par_chunks_mut(hd).enumerate().for_each_init(|| (Vec::new(), Vec::new()), |(scores, qv), (idx, o)| {
-        let (t, h) = (idx / n_heads, idx % n_heads);
-        let Some((si, pos)) = row_of[t] else { return };
-        let bt = seqs[si].block_table;
-        let g = h / group;
-        qv.clear();
-        qv.extend(q[idx * hd..(idx + 1) * hd].iter().map(|&x| f16::from_f32(x).to_f32()));
-        let lo = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-        let row = |j: usize| {
-            let slot = bt[j / bs] as usize * bs + j % bs;
-            (slot * p.n_kv_heads + g) * hd
-        };
-
-        // scores = scale * q . k_j
-        scores.clear();
-        let mut max = f32::NEG_INFINITY;
-        for j in lo..=pos {
-            let r = row(j);
-            let s = (kern.dot_f16)(&kv.k[r..r + hd], qv) * p.scale;
-            max = max.max(s);
-            scores.push(s);
-        }
-        // softmax, summed in f64 like ggml
-        let mut sum = 0.0f64;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s as f64;
-        }
-        let inv = (1.0 / sum) as f32;
-        // out = sum_j p_j v_j
-        o.fill(0.0);
-        for (j, &e) in (lo..=pos).zip(scores.iter()) {
-            let r = row(j);
-            (kern.axpy_f16)(o, f16::from_f32(e * inv).to_f32(), &kv.v[r..r + hd]);
-        }
-    });
+    let job = Job {
+        kern,
+        kv,
+        q,
+        seqs,
+        rows,
+        bs,
+        n_heads,
+        n_kv_heads: p.n_kv_heads,
+        hd,
+        group: n_heads / p.n_kv_heads,
+        scale: p.scale,
+        window: p.window,
+    };
+    let out = &mut out[..n_rows * n_heads * hd];
+    // Few (row, KV head) tasks, as in decode: spread the splits of a long context over the threads too.
+    if n_rows * p.n_kv_heads < 2 * rayon::current_num_threads() {
+        job.run_splits(out);
+    } else {
+        job.run_rows(out);
+    }
 }

@@ -7,6 +7,7 @@
 
 mod attention;
 mod avx2;
+mod avx512;
 mod kernels;
 mod matmul;
 
@@ -16,7 +17,11 @@ use std::sync::{Arc, OnceLock};
 use half::f16;
 use rayon::prelude::*;
 
-pub use kernels::{quantize_q8_0, quantize_q8_1, quantize_q8_k, FDotFn, Isa, Kernels, QDotFn};
+pub use attention::SPLIT_TOKENS as ATTN_SPLIT_TOKENS;
+pub use kernels::{
+    act_side, aux_per_block, quantize_q8_0, quantize_q8_1, quantize_q8_k, FDotFn, GemmFn, GemmKernels, Isa, Kernels,
+    QActs, QDotFn, QuantizeFn, Scratch,
+};
 
 use super::{
     AttnParams, AttnSeq, Backend, BackendError, Buffer, Glu, HostBytes, HostWeight, KvShape, KvStore, RopeMode,
@@ -274,6 +279,12 @@ impl Backend for CpuBackend {
         let shape = kv.shape();
         let store = kv.inner_mut().downcast_mut::<CpuKv>().expect("kv store from another backend");
         attention::kv_write(store, shape, buf(k), buf(v), slot_mapping);
+    }
+
+    fn kv_copy_blocks(&self, kv: &mut KvStore, copies: &[(u32, u32)]) {
+        let shape = kv.shape();
+        let store = kv.inner_mut().downcast_mut::<CpuKv>().expect("kv store from another backend");
+        attention::kv_copy_blocks(store, shape, copies);
     }
 
     fn attention(&self, q: &Buffer, kv: &KvStore, seqs: &[AttnSeq], p: &AttnParams, out: &mut Buffer) {

@@ -1,0 +1,182 @@
+//! The engine's KV cache: the shared paged pool ([`KvStorage`], one K/V store per layer on the backend),
+//! the block bookkeeping ([`KvCacheManager`]: ref counts, hash-chained prefix cache, LRU free queue) and
+//! the few finished sequences kept whole for token-exact continuation.
+//!
+//! ## A sequence's life
+//! ```text
+//! start(prompt)     find_cached_prefix: every cached full block the prompt repeats, from any earlier
+//!                   sequence (conversation, client); then, if a retained sequence repeats more of the
+//!                   prompt, continue it token by token: fork_prefix shares its full blocks and copies
+//!                   the block holding the rest (copy-on-write), so nothing the cache holds is re-run
+//! allocate(n)       slots for the next n tokens (allocate_slots commits the blocks filled so far);
+//!                   when no block is free, release retained sequences, oldest first, then fail
+//! finish            commit the last full blocks, keep the sequence as retained (or free it)
+//! ```
+//! ```text
+//! prompt     [ t0 .......................................... t(n-1) ]
+//! cached     [ block hits (find_cached_prefix) ][ + retained tail ]      at most n - 1 tokens: the
+//!            \___________ num_computed ______________________/           last prompt token is always
+//!                                                                        run, its logits pick the reply
+//! ```
+//! **Retained sequences.** Up to [`RETAINED_SEQS`] finished sequences keep their blocks (their partial
+//! last block included, which the prefix cache, holding whole blocks only, cannot serve). A chat's next
+//! turn, re-rendered from the whole conversation, then prefills exactly the tokens its template added,
+//! as llama.cpp's per-slot cache does, while every full block stays shared through the prefix cache
+//! with all other sequences. A retained sequence is dropped when a newer one covers it, when more than
+//! `RETAINED_SEQS` are kept, or (oldest first) when a sequence needs its blocks.
+//!
+//! With `prefix_cache` off nothing is looked up or retained: every prompt is prefilled whole.
+
+use std::collections::VecDeque;
+
+use super::EngineError;
+use crate::kv::{BlockTable, KvCacheConfig, KvCacheManager, KvError, KvStorage, KvUsage};
+use crate::model::{KvStore, Model, ModelError};
+
+/// Finished sequences kept whole (see the module doc).
+pub const RETAINED_SEQS: usize = 4;
+
+/// One sequence's KV: its block table and its tokens.
+pub(super) struct SeqKv {
+    pub table: BlockTable,
+    /// Prompt, then reply tokens as they are run; the first `num_computed` have their KV in the pool.
+    pub tokens: Vec<u32>,
+    pub num_computed: usize,
+}
+
+pub(super) struct KvCache {
+    manager: KvCacheManager,
+    config: KvCacheConfig,
+    storage: KvStorage,
+    /// Most recently finished first; every slot of their tables is computed.
+    retained: VecDeque<SeqKv>,
+    prefix_cache: bool,
+}
+
+impl KvCache {
+    /// A pool of `config.num_blocks` blocks on the model's backend.
+    pub fn new(model: &Model, config: KvCacheConfig, prefix_cache: bool) -> Result<KvCache, EngineError> {
+        let manager = KvCacheManager::new(config)?;
+        let storage = KvStorage::new(model.backend(), model.config().n_layers, model.kv_shape(config.num_blocks, config.block_size))
+            .map_err(ModelError::from)?;
+        Ok(KvCache { manager, config, storage, retained: VecDeque::new(), prefix_cache })
+    }
+
+    pub fn layers_mut(&mut self) -> &mut [KvStore] {
+        self.storage.layers_mut()
+    }
+
+    pub fn storage(&self) -> &KvStorage {
+        &self.storage
+    }
+
+    pub fn usage(&self) -> KvUsage {
+        self.manager.usage()
+    }
+
+    /// A sequence for `prompt` holding the longest prefix already computed (module doc), at most
+    /// `prompt.len() - 1` tokens.
+    pub fn start(&mut self, model: &Model, prompt: &[u32]) -> SeqKv {
+        let mut seq = SeqKv { table: self.manager.new_table(), tokens: prompt.to_vec(), num_computed: 0 };
+        if !self.prefix_cache || prompt.is_empty() {
+            return seq;
+        }
+        let (table, hit) = self.manager.find_cached_prefix(prompt);
+        (seq.table, seq.num_computed) = (table, hit);
+        // The retained sequence repeating most of the prompt, the most recent on ties.
+        let limit = prompt.len() - 1;
+        let best = self.retained.iter().enumerate().fold(None, |best: Option<(usize, usize)>, (i, r)| {
+            let c = common_prefix(&r.tokens[..r.num_computed], prompt).min(limit);
+            if best.is_none_or(|(bc, _)| c > bc) { Some((c, i)) } else { best }
+        });
+        if let Some((c, i)) = best.filter(|&(c, _)| c > hit) {
+            if let Some(forked) = self.manager.fork_prefix(&self.retained[i].table, c) {
+                self.storage.copy_blocks(model.backend(), forked.copy.as_slice());
+                let hits_only = std::mem::replace(&mut seq.table, forked.table);
+                self.manager.free(hits_only);
+                seq.num_computed = c;
+            }
+        }
+        seq
+    }
+
+    /// Slots for the `n_new` tokens after `seq.num_computed` (`seq.tokens` must hold them). Releases
+    /// retained sequences, oldest first, while the pool is short.
+    pub fn allocate(&mut self, seq: &mut SeqKv, n_new: usize) -> Result<(), EngineError> {
+        loop {
+            if self.manager.allocate_slots(&mut seq.table, &seq.tokens, seq.num_computed, n_new).is_some() {
+                return Ok(());
+            }
+            match self.retained.pop_back() {
+                Some(r) => self.manager.free(r.table),
+                None => {
+                    let (num_blocks, block_size) = (self.config.num_blocks, self.config.block_size);
+                    let need = (seq.num_computed + n_new).div_ceil(block_size);
+                    return Err(EngineError::PoolExhausted { need, num_blocks, block_size });
+                }
+            }
+        }
+    }
+
+    /// Commits the sequence's computed full blocks to the prefix cache and keeps it retained (or, with
+    /// the prefix cache off, frees it).
+    pub fn finish(&mut self, seq: SeqKv) {
+        let SeqKv { mut table, mut tokens, num_computed } = seq;
+        tokens.truncate(num_computed);
+        self.manager.cache_full_blocks(&mut table, &tokens, num_computed);
+        if !self.prefix_cache || num_computed == 0 {
+            self.manager.free(table);
+            return;
+        }
+        // A retained sequence whose tokens this one repeats reaches nothing this one does not.
+        let (covered, kept): (Vec<SeqKv>, Vec<SeqKv>) =
+            self.retained.drain(..).partition(|r| common_prefix(&r.tokens, &tokens) == r.tokens.len());
+        covered.into_iter().for_each(|r| self.manager.free(r.table));
+        self.retained = kept.into();
+        self.retained.push_front(SeqKv { table, tokens, num_computed });
+        while self.retained.len() > RETAINED_SEQS {
+            let r = self.retained.pop_back().expect("len > RETAINED_SEQS");
+            self.manager.free(r.table);
+        }
+    }
+
+    /// Forgets every cached token: retained sequences and the prefix cache.
+    pub fn clear(&mut self) -> Result<(), KvError> {
+        self.retained.clear();
+        self.manager = KvCacheManager::new(self.config)?;
+        Ok(())
+    }
+
+    /// The pool's invariants, given that no sequence is running (tests).
+    pub fn check_invariants(&self) -> Result<(), KvError> {
+        let tables: Vec<&BlockTable> = self.retained.iter().map(|r| &r.table).collect();
+        self.manager.check_invariants(&tables)?;
+        match self.retained.iter().find(|r| r.num_computed != r.table.num_tokens() || r.tokens.len() != r.num_computed) {
+            Some(r) => Err(KvError::Invariant(format!(
+                "a retained sequence of {} tokens has {} computed in {} slots",
+                r.tokens.len(),
+                r.num_computed,
+                r.table.num_tokens()
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Length of the longest common prefix of `a` and `b`.
+pub(super) fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::common_prefix;
+
+    #[test]
+    fn common_prefix_lengths() {
+        assert_eq!(common_prefix(&[], &[1, 2]), 0);
+        assert_eq!(common_prefix(&[1, 2, 3], &[1, 2]), 2);
+        assert_eq!(common_prefix(&[1, 2, 3], &[1, 9, 3]), 1);
+        assert_eq!(common_prefix(&[4, 5], &[4, 5]), 2);
+    }
+}
