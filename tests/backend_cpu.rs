@@ -11,7 +11,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use pagellm::backend::cpu::{quantize_q8_0, quantize_q8_1, quantize_q8_k, CpuBackend, Kernels};
+use pagellm::backend::cpu::{
+    act_side, aux_per_block, quantize_q8_0, quantize_q8_1, quantize_q8_k, CpuBackend, Kernels, QActs, Scratch,
+};
 use pagellm::backend::{
     AttnParams, AttnSeq, Backend, Buffer, Glu, HostBytes, HostWeight, KvShape, RopeMode, RopeParams, Weight,
 };
@@ -125,12 +127,23 @@ fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
     (num / den).sqrt()
 }
 
+/// A backend per kernel table this machine runs, scalar first.
 fn backends() -> Vec<(&'static str, CpuBackend)> {
-    let mut v = vec![("scalar", CpuBackend::new(2, Kernels::scalar()).unwrap())];
-    if let Some(k) = Kernels::avx2() {
-        v.push(("avx2", CpuBackend::new(2, k).unwrap()));
-    } else {
-        println!("no AVX2 on this machine: SIMD-vs-scalar checks cover the scalar table only");
+    let all = Kernels::all();
+    println!("kernel tables: {:?}", all.iter().map(|k| k.name()).collect::<Vec<_>>());
+    if all.len() == 1 {
+        println!("no SIMD on this machine: SIMD-vs-scalar checks cover the scalar table only");
+    }
+    all.into_iter().map(|k| (k.name(), CpuBackend::new(2, k).unwrap())).collect()
+}
+
+/// Every SIMD table this machine runs (printing which ones are skipped).
+fn simd_tables() -> Vec<Kernels> {
+    let v: Vec<Kernels> = Kernels::all().into_iter().skip(1).collect();
+    for (name, k) in [("avx2", Kernels::avx2()), ("avx512", Kernels::avx512())] {
+        if k.is_none() {
+            println!("{name}: not on this machine, skipped");
+        }
     }
     v
 }
@@ -196,19 +209,94 @@ fn quantized_dots_match_dequantized_reference() {
 #[test]
 fn simd_quantized_dots_equal_scalar_bit_for_bit() {
     let _serial = serial();
-    let Some(avx2) = Kernels::avx2() else {
-        println!("skipped: no AVX2 on this machine");
-        return;
-    };
     let mut r = rng(2);
-    for ((wty, aty, quantize, scalar_dot), (_, _, _, simd_dot)) in quant_dots(&Kernels::scalar()).into_iter().zip(quant_dots(&avx2)) {
-        for k in [256, 768, 2304, 4096] {
-            for _ in 0..20 {
-                let w = random_weights(&mut r, wty, 1, k);
-                let mut a = vec![0u8; k / aty.block_size() * aty.type_size()];
-                quantize(&randn(&mut r, k), &mut a);
-                let (s, v) = (scalar_dot(&w, &a), simd_dot(&w, &a));
-                assert_eq!(s.to_bits(), v.to_bits(), "{wty} k={k}: scalar {s} vs avx2 {v}");
+    for simd in simd_tables() {
+        let pairs = quant_dots(&Kernels::scalar()).into_iter().zip(quant_dots(&simd));
+        for ((wty, aty, quantize, scalar_dot), (_, _, _, simd_dot)) in pairs {
+            for k in [256, 768, 2304, 4096] {
+                for _ in 0..20 {
+                    let w = random_weights(&mut r, wty, 1, k);
+                    let mut a = vec![0u8; k / aty.block_size() * aty.type_size()];
+                    quantize(&randn(&mut r, k), &mut a);
+                    let (s, v) = (scalar_dot(&w, &a), simd_dot(&w, &a));
+                    assert_eq!(s.to_bits(), v.to_bits(), "{wty} k={k}: scalar {s} vs {} {v}", simd.name());
+                }
+            }
+        }
+    }
+}
+
+/// The SIMD activation quantizers write the same bytes as the scalar ones (scales, codes, sums).
+#[test]
+fn simd_quantizers_equal_scalar_bit_for_bit() {
+    let _serial = serial();
+    let mut r = rng(12);
+    let scalar = Kernels::scalar();
+    for simd in simd_tables() {
+        let pairs = [
+            ("q8_0", 34, 32, scalar.quantize_q8_0, simd.quantize_q8_0),
+            ("q8_1", 36, 32, scalar.quantize_q8_1, simd.quantize_q8_1),
+            ("q8_k", 292, 256, scalar.quantize_q8_k, simd.quantize_q8_k),
+        ];
+        for (name, bytes, elems, s_q, v_q) in pairs {
+            for n in [768, 1024, 2304] {
+                let mut x = randn(&mut r, n);
+                // edge cases: a block of zeros, ties of +-amax (the first one sets Q8_K's sign), exact halves
+                x[..elems].fill(0.0);
+                x[elems] = -3.0;
+                x[elems + 5] = 3.0;
+                x[2 * elems + 1] = 2.5;
+                x[2 * elems + 2] = 127.0 / 2.0;
+                let (mut a, mut b) = (vec![0u8; n / elems * bytes], vec![0u8; n / elems * bytes]);
+                s_q(&x, &mut a);
+                v_q(&x, &mut b);
+                assert!(a == b, "{name} n={n}: {} quantizer differs from scalar", simd.name());
+            }
+        }
+    }
+}
+
+/// Tile kernels: every (row, token) of a tile equals the scalar dot bit for bit, for 1..=16 rows and
+/// batches of 1..=9 tokens (the 4-token register tiles and their remainders).
+#[test]
+fn simd_tiles_equal_scalar_dots_bit_for_bit() {
+    let _serial = serial();
+    let mut r = rng(13);
+    let mut scratch = Scratch::default();
+    let tables: Vec<Kernels> = simd_tables().into_iter().filter(|k| k.gemm.is_some()).collect();
+    if tables.is_empty() {
+        println!("skipped: no table with tile kernels on this machine");
+    }
+    for simd in tables {
+        let gemm = simd.gemm.unwrap();
+        for (wty, aty, quantize, scalar_dot) in quant_dots(&Kernels::scalar()) {
+            let tile = gemm.get(wty).expect("a tile kernel for every quantized type");
+            for (k, n_rows, n_tok) in [(256, 16, 9), (512, 1, 1), (768, 7, 4), (2304, 16, 5), (1024, 13, 2), (4096, 3, 3)] {
+                let w = random_weights(&mut r, wty, n_rows, k);
+                let row_bytes = w.len() / n_rows;
+                let a_row = k / aty.block_size() * aty.type_size();
+                let mut a = vec![0u8; n_tok * a_row];
+                quantize(&randn(&mut r, n_tok * k), &mut a);
+                let (nb, apb) = (k / aty.block_size(), aux_per_block(wty));
+                let (mut d, mut aux) = (vec![0.0f32; n_tok * nb], vec![0i32; n_tok * nb * apb]);
+                for ((blk, d), aux) in a.chunks_exact(aty.type_size()).zip(&mut d).zip(aux.chunks_exact_mut(apb)) {
+                    act_side(wty, blk, d, aux);
+                }
+                let acts = QActs { n_tok, row_bytes: a_row, bytes: &a, d: &d, aux: &aux };
+                // stride 17: rows past n_rows and the 17th lane must stay untouched
+                let mut out = vec![f32::NAN; n_tok * 17];
+                // SAFETY: out holds n_tok rows of 17 >= n_rows values; nothing else touches it.
+                unsafe { tile(&w, row_bytes, &acts, &mut scratch, out.as_mut_ptr(), 17) };
+                for (i, v) in out.iter().enumerate() {
+                    assert!(i % 17 < n_rows || v.is_nan(), "{wty}: tile wrote past its rows");
+                }
+                for t in 0..n_tok {
+                    for row in 0..n_rows {
+                        let s = scalar_dot(&w[row * row_bytes..(row + 1) * row_bytes], &a[t * a_row..(t + 1) * a_row]);
+                        let v = out[t * 17 + row];
+                        assert_eq!(s.to_bits(), v.to_bits(), "{wty} k={k} row {row} token {t}: scalar {s} vs {} tile {v}", simd.name());
+                    }
+                }
             }
         }
     }
@@ -218,8 +306,7 @@ fn simd_quantized_dots_equal_scalar_bit_for_bit() {
 fn float_dots_agree() {
     let _serial = serial();
     let mut r = rng(3);
-    let kernels: Vec<Kernels> = std::iter::once(Kernels::scalar()).chain(Kernels::avx2()).collect();
-    for k in &kernels {
+    for k in &Kernels::all() {
         for n in [1, 7, 64, 257, 1000] {
             let (a, b) = (randn(&mut r, n), randn(&mut r, n));
             let exact: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
@@ -332,13 +419,13 @@ fn matmul_matches_reference_and_simd_equals_scalar() {
             assert!(read(b, &o3, n_rows) == got[3 * n_rows..4 * n_rows], "{name} {ty}: batch-dependent result");
             outs.push(got);
         }
-        if outs.len() == 2 {
-            let exact = !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::Q5_1 | GgmlType::Q5K);
+        let exact = !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::Q5_1 | GgmlType::Q5K);
+        for ((name, _), got) in bks.iter().zip(&outs).skip(1) {
             if exact {
-                assert!(outs[0] == outs[1], "{ty}: avx2 matmul differs from scalar");
+                assert!(got == &outs[0], "{ty}: {name} matmul differs from scalar");
             } else {
                 let s: Vec<f64> = outs[0].iter().map(|&v| v as f64).collect();
-                assert!(rel_l2(&outs[1], &s) < 1e-5, "{ty}: avx2 vs scalar");
+                assert!(rel_l2(got, &s) < 1e-5, "{ty}: {name} vs scalar");
             }
         }
     }
@@ -559,10 +646,10 @@ fn paged_attention_matches_reference() {
         outs.push(per_backend);
     }
     for per_backend in &outs {
-        if per_backend.len() == 2 {
-            let s: Vec<f64> = per_backend[0].iter().map(|&v| v as f64).collect();
-            let err = rel_l2(&per_backend[1], &s);
-            assert!(err < 1e-3, "attention avx2 vs scalar: {err:e}");
+        let s: Vec<f64> = per_backend[0].iter().map(|&v| v as f64).collect();
+        for got in &per_backend[1..] {
+            let err = rel_l2(got, &s);
+            assert!(err < 1e-3, "attention SIMD vs scalar: {err:e}");
         }
     }
 }
@@ -633,4 +720,59 @@ fn model_weights_stay_in_the_map() {
     }
     assert_eq!(n, 13 * model.config().n_layers, "gemma3 has 13 tensors per layer");
     assert_eq!(cpu.weight_bytes_copied(), 0);
+}
+
+// ---- throughput (not a check: `cargo test --release --test backend_cpu -- --ignored --nocapture throughput`) ----
+
+/// Times one matmul per (type, shape, table): decode (1 token) over a matrix larger than the caches as
+/// weight GB/s, prefill (512 tokens) over a layer-sized matrix as GMAC/s; the minimum of several runs
+/// (this machine is shared and noisy). `PAGELLM_THREADS` sets the threads (default 1);
+/// `PAGELLM_NO_PREFILL=1` times decode only.
+#[test]
+#[ignore]
+fn throughput() {
+    let _serial = serial();
+    let threads = std::env::var("PAGELLM_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let mut r = rng(14);
+    let time = |f: &mut dyn FnMut(), reps: usize| {
+        (0..reps).map(|_| {
+            let t = std::time::Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        }).fold(f64::INFINITY, f64::min)
+    };
+    for (ty, k) in [
+        (GgmlType::Q4_1, 576),
+        (GgmlType::Q5_0, 640),
+        (GgmlType::Q8_0, 640),
+        (GgmlType::Q4K, 1024),
+        (GgmlType::Q6K, 2048),
+        (GgmlType::Q4_0, 1024),
+    ] {
+        let row_bytes = k / ty.block_size() * ty.type_size();
+        let big_rows = (96 << 20) / row_bytes / 16 * 16;
+        let big = random_weights(&mut r, ty, big_rows, k);
+        let layer_rows = 2048;
+        let layer = random_weights(&mut r, ty, layer_rows, k);
+        let x = randn(&mut r, 512 * k);
+        for kern in Kernels::all() {
+            let name = kern.name();
+            let b = CpuBackend::new(threads, kern).unwrap();
+            let wb = upload(&b, ty, big.clone(), k, big_rows);
+            let wl = upload(&b, ty, layer.clone(), k, layer_rows);
+            let x1 = buffer(&b, &x[..k]);
+            let xp = buffer(&b, &x);
+            let mut o1 = b.alloc(big_rows).unwrap();
+            let mut op = b.alloc(512 * layer_rows).unwrap();
+            let td = time(&mut || b.matmul(&wb, &x1, 1, &mut o1), 8);
+            let tp = if name == "scalar" || std::env::var_os("PAGELLM_NO_PREFILL").is_some() { f64::NAN } else { time(&mut || b.matmul(&wl, &xp, 512, &mut op), 3) };
+            println!(
+                "{ty:>5} k={k:<5} {name:<7} {threads}t  decode {:6.1} GB/s ({:6.2} ms / {} MiB)   prefill 512x{layer_rows}: {:6.1} GMAC/s",
+                big.len() as f64 / td / 1e9,
+                td * 1e3,
+                big.len() >> 20,
+                512.0 * layer_rows as f64 * k as f64 / tp / 1e9
+            );
+        }
+    }
 }

@@ -23,7 +23,10 @@ pub(super) fn kernels() -> Option<super::Kernels> {
 mod imp {
     use core::arch::x86_64::*;
 
+    use half::f16;
+
     use super::super::kernels::{reduce4, Isa, Kernels};
+    use crate::quant::{QK, QK_K};
 
     pub(super) fn table() -> Kernels {
         Kernels {
@@ -67,6 +70,104 @@ mod imp {
                 // SAFETY: as above.
                 unsafe { axpy_f16(y.as_mut_ptr(), a, x.as_ptr(), n) }
             },
+            quantize_q8_0: |x, out| {
+                let nb = x.len() / QK;
+                assert!(out.len() >= nb * 34);
+                // SAFETY: as above; nb blocks of x and of out.
+                unsafe { quantize_q8(x.as_ptr(), out.as_mut_ptr(), nb, false) }
+            },
+            quantize_q8_1: |x, out| {
+                let nb = x.len() / QK;
+                assert!(out.len() >= nb * 36);
+                // SAFETY: as above.
+                unsafe { quantize_q8(x.as_ptr(), out.as_mut_ptr(), nb, true) }
+            },
+            quantize_q8_k: |x, out| {
+                let nb = x.len() / QK_K;
+                assert!(out.len() >= nb * 292);
+                // SAFETY: as above.
+                unsafe { quantize_q8_k(x.as_ptr(), out.as_mut_ptr(), nb) }
+            },
+            gemm: None,
+        }
+    }
+
+    /// Largest |x| of 8 lanes (exact: max does not round).
+    #[inline(always)]
+    unsafe fn hmax_ps(v: __m256) -> f32 {
+        let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        _mm_cvtss_f32(m)
+    }
+
+    /// 32 i32 lanes (4 vectors, values in -127..=127) -> 32 bytes in order.
+    #[inline(always)]
+    unsafe fn pack_i8(q: [__m256i; 4]) -> __m256i {
+        let p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+    }
+
+    /// Q8_0 (or, with `q8_1`, Q8_1) blocks as `kernels::quantize_q8_0/1` make them: `q = rne(x * (127/amax))`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn quantize_q8(x: *const f32, out: *mut u8, nb: usize, q8_1: bool) {
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let ob = if q8_1 { 36 } else { 34 };
+        for ib in 0..nb {
+            let (xb, o) = (x.add(ib * QK), out.add(ib * ob));
+            let v = [0, 1, 2, 3].map(|i| _mm256_loadu_ps(xb.add(8 * i)));
+            let m = _mm256_max_ps(
+                _mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+                _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)),
+            );
+            let amax = hmax_ps(m);
+            let d = amax / 127.0;
+            let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+            // cvtps rounds to nearest even (the default MXCSR mode Rust never changes)
+            let q = v.map(|vi| _mm256_cvtps_epi32(_mm256_mul_ps(vi, id)));
+            let qs = if q8_1 { 4 } else { 2 };
+            _mm256_storeu_si256(o.add(qs) as *mut __m256i, pack_i8(q));
+            (o as *mut u16).write_unaligned(f16::from_f32(d).to_bits());
+            if q8_1 {
+                let sum = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
+                (o.add(2) as *mut u16).write_unaligned(f16::from_f32(d * sum as f32).to_bits());
+            }
+        }
+    }
+
+    /// Q8_K blocks as ggml's reference quantizer makes them (`quant::BlockQ8K::quantize`): the scale comes
+    /// from the first element of largest magnitude, `q = min(rne(x * -127/max), 127)`, bsums of 16.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn quantize_q8_k(x: *const f32, out: *mut u8, nb: usize) {
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        for ib in 0..nb {
+            let (xb, o) = (x.add(ib * QK_K), out.add(ib * 292));
+            let mut m = _mm256_setzero_ps();
+            for i in 0..QK_K / 8 {
+                m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(xb.add(8 * i)), abs_mask));
+            }
+            let amax = hmax_ps(m);
+            if amax == 0.0 {
+                std::ptr::write_bytes(o, 0, 292);
+                continue;
+            }
+            let first = (0..QK_K).find(|&i| (*xb.add(i)).abs() == amax).expect("amax is some |x|");
+            let iscale = -127.0 / *xb.add(first);
+            let sv = _mm256_set1_ps(iscale);
+            let top = _mm256_set1_epi32(127);
+            for g in 0..QK_K / 32 {
+                let q = [0, 1, 2, 3].map(|i| {
+                    let v = _mm256_mul_ps(sv, _mm256_loadu_ps(xb.add(32 * g + 8 * i)));
+                    _mm256_min_epi32(_mm256_cvtps_epi32(v), top)
+                });
+                _mm256_storeu_si256(o.add(4 + 32 * g) as *mut __m256i, pack_i8(q));
+                // bsums of the two 16-element groups
+                let s0 = hsum_i32(_mm256_add_epi32(q[0], q[1]));
+                let s1 = hsum_i32(_mm256_add_epi32(q[2], q[3]));
+                (o.add(260 + 4 * g) as *mut i16).write_unaligned(s0 as i16);
+                (o.add(262 + 4 * g) as *mut i16).write_unaligned(s1 as i16);
+            }
+            (o as *mut f32).write_unaligned(1.0 / iscale);
         }
     }
 

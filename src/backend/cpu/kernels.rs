@@ -15,9 +15,16 @@
 //! ```
 //! Float dot products (f32, f16 K/V) have no such promise: the SIMD ones use FMA and several
 //! accumulators and agree with the scalar ones to f32 rounding.
+//!
+//! Tables with tile kernels ([`GemmKernels`], AVX-512) multiply up to 16 weight rows by a batch of
+//! activation rows at once: each weight block is decoded once per tile and reused for every token, the
+//! 16 rows sit in the 16 lanes of a vector, and every lane runs exactly the scalar sequence of float
+//! operations above, so a tile's output equals the scalar dot of each (row, token) pair bit for bit.
+//! The tiles read the activation blocks in place plus per-block side values ([`act_side`]).
 
 use half::f16;
 
+use crate::dtype::GgmlType;
 use crate::quant::{get_scale_min_k4, K_SCALE_SIZE, QK, QK_K};
 
 /// A dot product of one weight row (GGML blocks) with one activation row (Q8 blocks), both as bytes.
@@ -25,11 +32,134 @@ pub type QDotFn = fn(w: &[u8], a: &[u8]) -> f32;
 /// A dot product of a weight row stored as bytes (f32 or f16, little-endian) with f32 activations.
 pub type FDotFn = fn(w: &[u8], x: &[f32]) -> f32;
 
+/// Quantizes one row of f32 activations (a whole number of blocks) into Q8 blocks.
+pub type QuantizeFn = fn(x: &[f32], out: &mut [u8]);
+/// Up to 16 weight rows (`w`, `n = w.len() / row_bytes` rows) times every activation row of `acts`:
+/// `*out.add(t * out_stride + r)` = the scalar dot of weight row `r` and activation row `t`, for
+/// `t < acts.n_tok`, `r < n`; nothing else is written.
+///
+/// # Safety
+/// Those `acts.n_tok * n` elements are valid for writes and no other thread accesses them meanwhile.
+pub type GemmFn =
+    unsafe fn(w: &[u8], row_bytes: usize, acts: &QActs<'_>, scratch: &mut Scratch, out: *mut f32, out_stride: usize);
+
 /// Which instruction set a table uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
     Scalar,
     Avx2,
+    Avx512,
+}
+
+/// A batch of activation rows quantized for a tile kernel.
+///
+/// ```text
+/// bytes [n_tok x row_bytes]          the Q8 blocks (Q8_0 / Q8_1 / Q8_K), as the per-row dots read them
+/// d     [n_tok x nb]                 each block's scale as f32
+/// aux   [n_tok x nb x aux_per_block] what the weight type needs besides (act_side)
+/// ```
+pub struct QActs<'a> {
+    pub n_tok: usize,
+    pub row_bytes: usize,
+    pub bytes: &'a [u8],
+    pub d: &'a [f32],
+    pub aux: &'a [i32],
+}
+
+/// Side values of one activation block for a tile kernel with weights of type `wty` (in `d` and `aux`;
+/// `aux.len()` is [`aux_per_block`]). The offsets turn unsigned weight codes into the signed values:
+///
+/// ```text
+/// Q4_0 | Q5_0 | Q8_0 (Q8_0 acts):  aux[0] = -off * sum(q),  off = 8 | 16 | 128   (weights u = w + off)
+/// Q4_1 (Q8_1 acts):                aux[0] = bits of f32(s)
+/// Q4_K (Q8_K acts):                aux[i] = bp(2i) | bp(2i+1) << 16 (i16 pairs), bp(j) = bsums[2j] + bsums[2j+1]
+/// Q6_K (Q8_K acts):                aux[g] = -32 * bsums[g]
+/// ```
+pub fn act_side(wty: GgmlType, blk: &[u8], d: &mut f32, aux: &mut [i32]) {
+    let qsum = |q: &[u8]| q.iter().map(|&v| v as i8 as i32).sum::<i32>();
+    match wty {
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => {
+            let off = match wty {
+                GgmlType::Q4_0 => 8,
+                GgmlType::Q5_0 => 16,
+                _ => 128,
+            };
+            *d = f16_at(blk, 0);
+            aux[0] = -off * qsum(&blk[2..34]);
+        }
+        GgmlType::Q4_1 => {
+            *d = f16_at(blk, 0);
+            aux[0] = f16_at(blk, 2).to_bits() as i32;
+        }
+        GgmlType::Q4K => {
+            *d = f32_at(blk, 0);
+            for (i, a) in aux.iter_mut().enumerate() {
+                let bp = |j: usize| i16_at(blk, 260 + 4 * j) + i16_at(blk, 262 + 4 * j);
+                *a = (bp(2 * i) & 0xffff) | (bp(2 * i + 1) << 16);
+            }
+        }
+        GgmlType::Q6K => {
+            *d = f32_at(blk, 0);
+            for (g, a) in aux.iter_mut().enumerate() {
+                *a = -32 * i16_at(blk, 260 + 2 * g);
+            }
+        }
+        _ => unreachable!("no tile kernel for {wty}"),
+    }
+}
+
+/// How many `aux` values [`act_side`] writes per activation block for weights of type `wty`.
+pub fn aux_per_block(wty: GgmlType) -> usize {
+    match wty {
+        GgmlType::Q4K => 4,
+        GgmlType::Q6K => 16,
+        _ => 1,
+    }
+}
+
+/// Scratch memory of a tile kernel: 64-byte aligned, grown on demand and kept (one per thread).
+#[derive(Default)]
+pub struct Scratch(Vec<Line>);
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+impl Scratch {
+    /// At least `bytes` bytes, 64-byte aligned (contents unspecified).
+    pub fn get(&mut self, bytes: usize) -> &mut [u8] {
+        let lines = bytes.div_ceil(64);
+        if self.0.len() < lines {
+            self.0.resize(lines, Line([0; 64]));
+        }
+        // SAFETY: `Line` is 64 plain bytes; the slice covers exactly the vector's initialised lines.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr() as *mut u8, self.0.len() * 64) }
+    }
+}
+
+/// The tile kernels of a table, by weight type.
+#[derive(Clone, Copy)]
+pub struct GemmKernels {
+    pub q4_0: GemmFn,
+    pub q4_1: GemmFn,
+    pub q5_0: GemmFn,
+    pub q8_0: GemmFn,
+    pub q4_k: GemmFn,
+    pub q6_k: GemmFn,
+}
+
+impl GemmKernels {
+    pub fn get(&self, ty: GgmlType) -> Option<GemmFn> {
+        Some(match ty {
+            GgmlType::Q4_0 => self.q4_0,
+            GgmlType::Q4_1 => self.q4_1,
+            GgmlType::Q5_0 => self.q5_0,
+            GgmlType::Q8_0 => self.q8_0,
+            GgmlType::Q4K => self.q4_k,
+            GgmlType::Q6K => self.q6_k,
+            _ => return None,
+        })
+    }
 }
 
 /// Every hot CPU kernel, as function pointers chosen once.
@@ -58,6 +188,12 @@ pub struct Kernels {
     pub dot_f16: fn(k: &[u16], x: &[f32]) -> f32,
     /// `y += a * x` with f16 `x` (V cache).
     pub axpy_f16: fn(y: &mut [f32], a: f32, x: &[u16]),
+    /// Activation quantizers (bit-equal to the scalar `quantize_q8_*`).
+    pub quantize_q8_0: QuantizeFn,
+    pub quantize_q8_1: QuantizeFn,
+    pub quantize_q8_k: QuantizeFn,
+    /// Tile kernels (matrix x batch), where the table has them; otherwise matmul runs the per-row dots.
+    pub gemm: Option<GemmKernels>,
 }
 
 impl Kernels {
@@ -76,6 +212,10 @@ impl Kernels {
             dot_f32,
             dot_f16,
             axpy_f16,
+            quantize_q8_0,
+            quantize_q8_1,
+            quantize_q8_k,
+            gemm: None,
         }
     }
 
@@ -84,18 +224,39 @@ impl Kernels {
         super::avx2::kernels()
     }
 
-    /// The best table for this machine; `PAGELLM_CPU=scalar` forces the scalar one (tests, debugging).
+    /// The AVX-512 (F, BW, VL, VNNI) kernels plus the AVX2 float ones, if this CPU has them all.
+    pub fn avx512() -> Option<Kernels> {
+        super::avx512::kernels()
+    }
+
+    /// Every table this machine can run, scalar first (for tests).
+    pub fn all() -> Vec<Kernels> {
+        [Some(Kernels::scalar()), Kernels::avx2(), Kernels::avx512()].into_iter().flatten().collect()
+    }
+
+    /// The best table for this machine. `PAGELLM_CPU=scalar|avx2|avx512` forces one (tests, debugging);
+    /// one the CPU lacks falls back to the best it has, with a notice.
     pub fn detect() -> Kernels {
-        if std::env::var("PAGELLM_CPU").is_ok_and(|v| v.eq_ignore_ascii_case("scalar")) {
-            return Kernels::scalar();
-        }
-        Kernels::avx2().unwrap_or_else(Kernels::scalar)
+        let best = || Kernels::avx512().or_else(Kernels::avx2).unwrap_or_else(Kernels::scalar);
+        let Ok(want) = std::env::var("PAGELLM_CPU") else { return best() };
+        let forced = match want.to_ascii_lowercase().as_str() {
+            "scalar" => Some(Kernels::scalar()),
+            "avx2" => Kernels::avx2(),
+            "avx512" => Kernels::avx512(),
+            _ => None,
+        };
+        forced.unwrap_or_else(|| {
+            let k = best();
+            eprintln!("PAGELLM_CPU={want}: not available here (scalar|avx2|avx512), using {}", k.name());
+            k
+        })
     }
 
     pub fn name(&self) -> &'static str {
         match self.isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
         }
     }
 }
@@ -108,12 +269,12 @@ pub(super) fn f16_at(b: &[u8], at: usize) -> f32 {
 }
 
 #[inline]
-fn f32_at(b: &[u8], at: usize) -> f32 {
+pub(super) fn f32_at(b: &[u8], at: usize) -> f32 {
     f32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
 #[inline]
-fn i16_at(b: &[u8], at: usize) -> i32 {
+pub(super) fn i16_at(b: &[u8], at: usize) -> i32 {
     i16::from_le_bytes([b[at], b[at + 1]]) as i32
 }
 

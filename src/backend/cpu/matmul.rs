@@ -3,23 +3,33 @@
 //! ```text
 //! x [n_tokens x k] f32 --quantize once per call (llama.cpp's vec_dot_type)--> act [n_tokens x k] Q8
 //! out[t][r] = dot(w row r, act row t)
-//! work split: output rows in chunks (a chunk of weight rows stays in L1/L2) x tokens in tiles of 64
+//! tile kernels (AVX-512): tasks = runs of 16-row tiles; a tile decodes its weight blocks once into
+//!     per-thread scratch, then runs every token through them (decode: 1 token, prefill: all of them)
+//! per-row dots (scalar, AVX2): tasks = chunks of rows (a chunk stays in L1/L2) x tokens in tiles of 64
 //! ```
-//! Each output element is one call of one dot kernel on one weight row and one activation row, so it
-//! does not depend on the batch size, the chunking or the number of threads.
+//! Each output element equals the scalar dot of one weight row and one activation row (the tile
+//! kernels reproduce its float operations lane by lane), so it does not depend on the batch size, the
+//! chunking, the number of threads or the kernel table. Buffers (activations, tile scratch)
+//! are per thread and kept between calls: no allocation once they have grown.
+
+use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::kernels::{quantize_q8_0, quantize_q8_1, quantize_q8_k, FDotFn, Kernels, QDotFn};
+use super::kernels::{act_side, aux_per_block, FDotFn, GemmFn, Kernels, QActs, QDotFn, QuantizeFn, Scratch};
 use crate::dtype::GgmlType;
 
-/// Tokens per tile: an activation tile of 64 rows stays in L2 while a chunk of weight rows runs over it.
+/// Tokens per tile of the per-row path: an activation tile of 64 rows stays in L2 while a chunk of
+/// weight rows runs over it.
 const TOKEN_TILE: usize = 64;
+
+/// Rows per tile kernel call.
+const TILE_ROWS: usize = 16;
 
 /// How one weight type is multiplied.
 enum Plan {
     /// Quantize activations to blocks of `elems` weights in `bytes` bytes, then integer dots.
-    Quant { elems: usize, bytes: usize, quantize: fn(&[f32], &mut [u8]), dot: QDotFn },
+    Quant { elems: usize, bytes: usize, quantize: QuantizeFn, dot: QDotFn, gemm: Option<GemmFn> },
     /// Float weights read in place, dotted with f32 activations.
     Float(FDotFn),
     /// Any other supported type: dequantize each weight row to f32, then f32 dots.
@@ -28,18 +38,47 @@ enum Plan {
 
 fn plan(k: &Kernels, ty: GgmlType) -> Plan {
     use GgmlType as T;
-    let q8_0 = |dot| Plan::Quant { elems: 32, bytes: 34, quantize: quantize_q8_0, dot };
-    let q8_k = |dot| Plan::Quant { elems: 256, bytes: 292, quantize: quantize_q8_k, dot };
+    let gemm = k.gemm.and_then(|g| g.get(ty));
+    let q8_0 = |dot| Plan::Quant { elems: 32, bytes: 34, quantize: k.quantize_q8_0, dot, gemm };
+    let q8_k = |dot| Plan::Quant { elems: 256, bytes: 292, quantize: k.quantize_q8_k, dot, gemm };
     match ty {
         T::Q4_0 => q8_0(k.dot_q4_0),
         T::Q5_0 => q8_0(k.dot_q5_0),
         T::Q8_0 => q8_0(k.dot_q8_0),
-        T::Q4_1 => Plan::Quant { elems: 32, bytes: 36, quantize: quantize_q8_1, dot: k.dot_q4_1 },
+        T::Q4_1 => Plan::Quant { elems: 32, bytes: 36, quantize: k.quantize_q8_1, dot: k.dot_q4_1, gemm },
         T::Q4K => q8_k(k.dot_q4_k),
         T::Q6K => q8_k(k.dot_q6_k),
         T::F32 => Plan::Float(k.dot_f32w),
         T::F16 => Plan::Float(k.dot_f16w),
         _ => Plan::Dequant,
+    }
+}
+
+/// Quantized activations of one call (block bytes, and the tile kernels' side values).
+#[derive(Default)]
+struct ActBuf {
+    bytes: Vec<u8>,
+    d: Vec<f32>,
+    aux: Vec<i32>,
+}
+
+thread_local! {
+    static ACT: RefCell<ActBuf> = RefCell::default();
+    static SCRATCH: RefCell<Scratch> = RefCell::default();
+}
+
+/// Runs `f` on this thread's buffer, or on a fresh one if it is in use (a rayon worker waiting inside
+/// one matmul can pick up another: never a second borrow).
+fn with_buf<B: Default, R>(key: &'static std::thread::LocalKey<RefCell<B>>, f: impl FnOnce(&mut B) -> R) -> R {
+    let mut f = Some(f);
+    let r = key.with(|cell| cell.try_borrow_mut().ok().map(|mut b| (f.take().expect("called once"))(&mut b)));
+    r.unwrap_or_else(|| (f.take().expect("called once"))(&mut B::default()))
+}
+
+/// Grows `v` to at least `n` elements (never shrinks: the buffer is reused).
+fn at_least<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
+    if v.len() < n {
+        v.resize(n, T::default());
     }
 }
 
@@ -58,6 +97,13 @@ impl OutPtr {
     unsafe fn write(self, i: usize, v: f32) {
         *self.0.add(i) = v;
     }
+
+    /// The address of element `i` (`i <= out.len()`).
+    #[inline(always)]
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+
 }
 
 /// Rows per task: enough tasks for every thread to get several (load balance), at most 64 rows.
@@ -87,24 +133,53 @@ pub(super) fn matmul(
     let w_row = |r: usize| &w[r * row_bytes..(r + 1) * row_bytes];
 
     match plan(k, ty) {
-        Plan::Quant { elems, bytes, quantize, dot } => {
+        Plan::Quant { elems, bytes, quantize, dot, gemm } => with_buf(&ACT, |act| {
             let a_row = row_len / elems * bytes;
-            let mut act = vec![0u8; n_tokens * a_row];
-            act.par_chunks_mut(a_row).zip(x.par_chunks(row_len)).for_each(|(o, xr)| quantize(xr, o));
-            (0..n_chunks).into_par_iter().for_each(|c| {
-                let rows = c * chunk..((c + 1) * chunk).min(n_rows);
-                for t0 in (0..n_tokens).step_by(TOKEN_TILE) {
-                    for t in t0..(t0 + TOKEN_TILE).min(n_tokens) {
-                        let a = &act[t * a_row..(t + 1) * a_row];
-                        for r in rows.clone() {
-                            let v = dot(w_row(r), a);
-                            // SAFETY: see OutPtr; t * n_rows + r < out.len() was asserted above.
-                            unsafe { out_ptr.write(t * n_rows + r, v) };
+            let nb = row_len / elems;
+            let apb = aux_per_block(ty);
+            at_least(&mut act.bytes, n_tokens * a_row);
+            // quantize every token row once
+            let ab = &mut act.bytes[..n_tokens * a_row];
+            if n_tokens == 1 {
+                quantize(&x[..row_len], ab);
+            } else {
+                ab.par_chunks_mut(a_row).zip(x[..n_tokens * row_len].par_chunks(row_len)).for_each(|(o, xr)| quantize(xr, o));
+            }
+            // and, for the tile kernels, the side values of its blocks
+            if gemm.is_some() {
+                at_least(&mut act.d, n_tokens * nb);
+                at_least(&mut act.aux, n_tokens * nb * apb);
+                let blocks = act.bytes[..n_tokens * a_row].par_chunks(bytes);
+                let (d, aux) = (&mut act.d[..n_tokens * nb], &mut act.aux[..n_tokens * nb * apb]);
+                blocks.zip(d.par_iter_mut()).zip(aux.par_chunks_mut(apb)).with_min_len(64).for_each(|((blk, d), aux)| act_side(ty, blk, d, aux));
+            }
+            let act: &ActBuf = act;
+            match gemm {
+                Some(gemm) => {
+                    let acts = QActs {
+                        n_tok: n_tokens,
+                        row_bytes: a_row,
+                        bytes: &act.bytes[..n_tokens * a_row],
+                        d: &act.d[..n_tokens * nb],
+                        aux: &act.aux[..n_tokens * nb * apb],
+                    };
+                    tiles(gemm, threads, w, row_bytes, n_rows, &acts, out_ptr);
+                }
+                None => (0..n_chunks).into_par_iter().for_each(|c| {
+                    let rows = c * chunk..((c + 1) * chunk).min(n_rows);
+                    for t0 in (0..n_tokens).step_by(TOKEN_TILE) {
+                        for t in t0..(t0 + TOKEN_TILE).min(n_tokens) {
+                            let a = &act.bytes[t * a_row..(t + 1) * a_row];
+                            for r in rows.clone() {
+                                let v = dot(w_row(r), a);
+                                // SAFETY: see OutPtr; t * n_rows + r < out.len() was asserted above.
+                                unsafe { out_ptr.write(t * n_rows + r, v) };
+                            }
                         }
                     }
-                }
-            });
-        }
+                }),
+            }
+        }),
         Plan::Float(dot) => {
             (0..n_chunks).into_par_iter().for_each(|c| {
                 let rows = c * chunk..((c + 1) * chunk).min(n_rows);
@@ -137,6 +212,24 @@ pub(super) fn matmul(
             });
         }
     }
+}
+
+/// The tile kernel over runs of 16-row tiles; each task writes its tiles' output columns.
+fn tiles(gemm: GemmFn, threads: usize, w: &[u8], row_bytes: usize, n_rows: usize, acts: &QActs<'_>, out: OutPtr) {
+    let n_tiles = n_rows.div_ceil(TILE_ROWS);
+    // several tasks per thread, for balance on a busy machine; a task covers whole tiles
+    let per_task = n_tiles.div_ceil(threads.max(1) * 8).max(1);
+    (0..n_tiles.div_ceil(per_task)).into_par_iter().for_each(|task| {
+        with_buf(&SCRATCH, |scratch| {
+            for tile in task * per_task..((task + 1) * per_task).min(n_tiles) {
+                let r0 = tile * TILE_ROWS;
+                let n = TILE_ROWS.min(n_rows - r0);
+                // SAFETY: see OutPtr: elements t * n_rows + r0 + (0..n) are this task's, and in bounds
+                // (out.len() >= n_tokens * n_rows was asserted by matmul).
+                unsafe { gemm(&w[r0 * row_bytes..(r0 + n) * row_bytes], row_bytes, acts, scratch, out.at(r0), n_rows) };
+            }
+        })
+    });
 }
 
 /// Whether `ty` can be multiplied (and dequantized for embeddings) by this backend.
