@@ -21,6 +21,7 @@
 //! ```
 
 pub mod cpu;
+pub mod cuda;
 
 use std::any::Any;
 use std::sync::Arc;
@@ -254,6 +255,9 @@ pub trait Backend: Send + Sync {
     /// Stores token `t`'s K and V (`[n_tokens x n_kv_heads x head_dim]`, rounded to f16) in slot
     /// `slot_mapping[t]`.
     fn kv_write(&self, kv: &mut KvStore, k: &Buffer, v: &Buffer, slot_mapping: &[u32]);
+    /// Copies every slot of block `src` to block `dst`, K and V, for each `(src, dst)` in order: the
+    /// copy-on-write of a shared partial block before a sequence appends to its own copy.
+    fn kv_copy_blocks(&self, kv: &mut KvStore, copies: &[(u32, u32)]);
     /// Causal attention of the query rows of every sequence over its cached keys:
     /// q `[n_tokens x n_heads x head_dim]` -> out, same shape. Query head `h` reads KV head
     /// `h / (n_heads / n_kv_heads)` (GQA).
@@ -272,4 +276,42 @@ pub trait Backend: Send + Sync {
 /// has (`PAGELLM_CPU=scalar` forces the scalar ones).
 pub fn cpu(threads: usize) -> Result<Arc<dyn Backend>, BackendError> {
     Ok(Arc::new(cpu::CpuBackend::new(threads, cpu::Kernels::detect())?))
+}
+
+/// Which device `--device` asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// CUDA when a GPU is usable, else the CPU (with a one-line notice).
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" | "gpu" => Ok(DeviceChoice::Cuda),
+            _ => Err(format!("unknown device '{s}': use auto, cpu or cuda")),
+        }
+    }
+}
+
+/// The backend for `device` (`threads`: CPU worker threads). `Auto` falls back to the CPU, saying why on
+/// stderr, when no CUDA library or GPU is usable; `Cuda` is then an error.
+pub fn select(device: DeviceChoice, threads: usize) -> Result<Arc<dyn Backend>, BackendError> {
+    match device {
+        DeviceChoice::Cpu => cpu(threads),
+        DeviceChoice::Cuda => Ok(Arc::new(cuda::CudaBackend::new(0)?)),
+        DeviceChoice::Auto => match cuda::CudaBackend::new(0) {
+            Ok(b) => Ok(Arc::new(b)),
+            Err(e) => {
+                eprintln!("note: using the CPU ({e})");
+                cpu(threads)
+            }
+        },
+    }
 }

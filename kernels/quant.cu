@@ -1,0 +1,424 @@
+// Quantized weights: decode of GGML blocks, matrix-vector products for decode (Q8 activations, dp4a),
+// dequantization to f16 for the cuBLAS path, embedding lookup.
+//
+// Every quantized type is handled one 32-weight "Q8 block" at a time: block b of a row covers weights
+// 32b..32b+32. decode<T> turns it into 8 ints of 4 signed bytes q (weights 4i..4i+3 in q[i]) and
+//     weight = d0 * q + m   (weights 0..15)      weight = d1 * q + m   (weights 16..31)
+// so one dot product form serves every type:  w . a = da * (d0 * sum_lo + d1 * sum_hi) + m * da * sum(qa).
+// The float operations of d0 * q + m are those of the scalar reference dequantization (src/quant).
+
+#define T_F32 0
+#define T_F16 1
+#define T_Q4_0 2
+#define T_Q4_1 3
+#define T_Q5_0 4
+#define T_Q8_0 5
+#define T_Q4_K 6
+#define T_Q6_K 7
+// Q4_0 repacked at upload, per row: the 16 quant bytes of every block, then the f16 scales of every
+// block (same bytes per row as the file, 16-byte loads; used when a row has an even number of blocks).
+#define T_Q4_0R 8
+
+// Q5_0: 4 high bits (bit 0..3 of h) to bit 4 of each byte.
+__device__ __forceinline__ int expand_hi4(u32 h) {
+    return (int)(((h & 1u) << 4) | ((h & 2u) << 11) | ((h & 4u) << 18) | ((h & 8u) << 25));
+}
+
+template <int T>
+__device__ __forceinline__ void decode(const u8* __restrict__ row, int b, int nb, int q[8], float& d0, float& d1, float& m) {
+    m = 0.0f;
+    if constexpr (T == T_Q4_0R) {
+        d0 = d1 = h2f(ld_u16(row + 16 * nb + 2 * b));
+        int v[4];
+        if ((nb & 7) == 0) {  // rows of 144-byte multiples: 16-byte aligned
+            const uint4 u = *(const uint4*)(row + 16 * b);
+            v[0] = u.x; v[1] = u.y; v[2] = u.z; v[3] = u.w;
+        } else {
+#pragma unroll
+            for (int i = 0; i < 4; i++) v[i] = ld_i32_b4(row + 16 * b + 4 * i);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            q[i] = __vsub4(v[i] & 0x0F0F0F0F, 0x08080808);
+            q[i + 4] = __vsub4((v[i] >> 4) & 0x0F0F0F0F, 0x08080808);
+        }
+    } else if constexpr (T == T_Q4_0) {
+        const u8* x = row + b * 18;
+        d0 = d1 = h2f(ld_u16(x));
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int v = ld_i32_b2(x + 2 + 4 * i);
+            q[i] = __vsub4(v & 0x0F0F0F0F, 0x08080808);
+            q[i + 4] = __vsub4((v >> 4) & 0x0F0F0F0F, 0x08080808);
+        }
+    } else if constexpr (T == T_Q4_1) {
+        const u8* x = row + b * 20;
+        d0 = d1 = h2f(ld_u16(x));
+        m = h2f(ld_u16(x + 2));
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int v = ld_i32_b4(x + 4 + 4 * i);
+            q[i] = v & 0x0F0F0F0F;
+            q[i + 4] = (v >> 4) & 0x0F0F0F0F;
+        }
+    } else if constexpr (T == T_Q5_0) {
+        const u8* x = row + b * 22;
+        d0 = d1 = h2f(ld_u16(x));
+        u32 qh = (u32)ld_i32_b2(x + 2);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int v = ld_i32_b2(x + 6 + 4 * i);
+            q[i] = __vsub4((v & 0x0F0F0F0F) | expand_hi4((qh >> (4 * i)) & 0xF), 0x10101010);
+            q[i + 4] = __vsub4(((v >> 4) & 0x0F0F0F0F) | expand_hi4((qh >> (16 + 4 * i)) & 0xF), 0x10101010);
+        }
+    } else if constexpr (T == T_Q8_0) {
+        const u8* x = row + b * 34;
+        d0 = d1 = h2f(ld_u16(x));
+#pragma unroll
+        for (int i = 0; i < 8; i++) q[i] = ld_i32_b2(x + 2 + 4 * i);
+    } else if constexpr (T == T_Q4_K) {
+        const u8* x = row + (b >> 3) * 144;
+        const int j = b & 7;
+        const float d = h2f(ld_u16(x)), dmin = h2f(ld_u16(x + 2));
+        const u8* s = x + 4;
+        int sc, mn;
+        if (j < 4) {
+            sc = s[j] & 63;
+            mn = s[j + 4] & 63;
+        } else {
+            sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+            mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+        }
+        d0 = d1 = d * (float)sc;
+        m = -(dmin * (float)mn);
+        const u8* qs = x + 16 + 32 * (j >> 1);
+        const int shift = (j & 1) * 4;
+#pragma unroll
+        for (int i = 0; i < 8; i++) q[i] = (ld_i32_b4(qs + 4 * i) >> shift) & 0x0F0F0F0F;
+    } else if constexpr (T == T_Q6_K) {
+        const u8* x = row + (b >> 3) * 210;
+        const int j = b & 7, n = j >> 2, k = j & 3;
+        const float d = h2f(ld_u16(x + 208));
+        const i8* sc = (const i8*)(x + 192) + 2 * j;
+        d0 = d * (float)sc[0];
+        d1 = d * (float)sc[1];
+        const u8* ql = x + 64 * n + 32 * (k & 1);
+        const u8* qh = x + 128 + 32 * n;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            int l = ld_i32_b2(ql + 4 * i);
+            int lo = (k < 2 ? l : (l >> 4)) & 0x0F0F0F0F;
+            int hi = ((ld_i32_b2(qh + 4 * i) >> (2 * k)) & 0x03030303) << 4;
+            q[i] = __vsub4(lo | hi, 0x20202020);
+        }
+    }
+}
+
+// Signed byte k (0..3) of a packed int.
+__device__ __forceinline__ int sbyte(int v, int k) { return (int)(i8)(v >> (8 * k)); }
+
+// Bytes per row of K weights (K a multiple of 32; 256 for the k-quants).
+__device__ __forceinline__ long long row_bytes_of(int T, int K) {
+    switch (T) {
+        case T_F32: return 4LL * K;
+        case T_F16: return 2LL * K;
+        case T_Q4_0: case T_Q4_0R: return K / 32 * 18;
+        case T_Q4_1: return K / 32 * 20;
+        case T_Q5_0: return K / 32 * 22;
+        case T_Q8_0: return K / 32 * 34;
+        case T_Q4_K: return K / 256 * 144;
+        default: return K / 256 * 210;
+    }
+}
+
+// ---- activations: x [n x K] f32 -> Q8 blocks of 32: qa [n x K] int8, da [n x K/32] (f16-rounded
+// scale, as the CPU's Q8_0 stores it), sa [n x K/32] = sum of the block's qa, ss = f16(d * sa) (the
+// CPU's Q8_1 sum, which Q4_1's dot uses). One warp per block.
+extern "C" __global__ void quantize_q8(const float* __restrict__ x, i8* __restrict__ qa, float* __restrict__ da,
+                                       int* __restrict__ sa, float* __restrict__ ss, int n_blocks) {
+    const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (blk >= n_blocks) return;
+    const float v = x[(long long)blk * 32 + lane];
+    const float amax = warp_max(fabsf(v));
+    const float d = amax / 127.0f;
+    const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    const int qv = __float2int_rn(v * id);
+    qa[(long long)blk * 32 + lane] = (i8)qv;
+    const int s = warp_sum_i(qv);
+    if (lane == 0) {
+        da[blk] = f16_round(d);
+        sa[blk] = s;
+        ss[blk] = f16_round(d * (float)s);  // Q8_1's s, as the CPU's quantize_q8_1 rounds it (Q4_1)
+    }
+}
+
+// Q8_K activations (for the k-quant weights, as the CPU's quantize_q8_k / ggml's quantize_row_q8_K_ref):
+// one scale per 256 values, d = max / -127 with max the first value of largest magnitude,
+// q = round_half_even(x * (-127 / max)) capped at 127. Written in the Q8-block layout above: da holds d
+// for each of the 8 blocks of 32 (not f16-rounded: Q8_K keeps d in f32). One warp per 256 values; lane l
+// takes values 8l..8l+8.
+__device__ __forceinline__ void q8k_block(const float* __restrict__ x, float v[8], int q[8], float& d) {
+    const int lane = threadIdx.x & 31;
+    const float4 a = ((const float4*)x)[2 * lane], b = ((const float4*)x)[2 * lane + 1];
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    float amax = 0.0f, mx = 0.0f;
+    int at = 1 << 30;
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+        if (fabsf(v[i]) > amax) { amax = fabsf(v[i]); mx = v[i]; at = 8 * lane + i; }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float oa = __shfl_xor_sync(0xffffffffu, amax, o), om = __shfl_xor_sync(0xffffffffu, mx, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, at, o);
+        if (oa > amax || (oa == amax && oi < at)) { amax = oa; mx = om; at = oi; }
+    }
+    if (amax == 0.0f) {
+        d = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; i++) q[i] = 0;
+        return;
+    }
+    const float iscale = -127.0f / mx;
+#pragma unroll
+    for (int i = 0; i < 8; i++) q[i] = min(__float2int_rn(iscale * v[i]), 127);
+    d = 1.0f / iscale;
+}
+
+extern "C" __global__ void quantize_q8k(const float* __restrict__ x, i8* __restrict__ qa, float* __restrict__ da,
+                                        int* __restrict__ sa, float* __restrict__ ss, int n_super) {
+    const int sb = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (sb >= n_super) return;
+    float v[8], d;
+    int q[8];
+    q8k_block(x + (long long)sb * 256, v, q, d);
+    int s = 0;
+    u32 lo = 0, hi = 0;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        lo |= (u32)(q[i] & 0xff) << (8 * i);
+        hi |= (u32)(q[i + 4] & 0xff) << (8 * i);
+        s += q[i] + q[i + 4];
+    }
+    ((uint2*)(qa + (long long)sb * 256))[lane] = make_uint2(lo, hi);
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    s += __shfl_xor_sync(0xffffffffu, s, 2);
+    if ((lane & 3) == 0) {
+        da[sb * 8 + lane / 4] = d;
+        sa[sb * 8 + lane / 4] = s;
+        ss[sb * 8 + lane / 4] = d * (float)s;
+    }
+}
+
+// The large-batch path multiplies f16 activations; they are first rounded through the same Q8 blocks
+// as the small-batch path (and the CPU), so prefill and decode see the same activation values.
+extern "C" __global__ void q8_to_f16(const float* __restrict__ x, u16* __restrict__ out, int n_blocks) {
+    const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (blk >= n_blocks) return;
+    const float v = x[(long long)blk * 32 + lane];
+    const float amax = warp_max(fabsf(v));
+    const float d = f16_round(amax / 127.0f);
+    const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    out[(long long)blk * 32 + lane] = f2h((float)__float2int_rn(v * id) * d);
+}
+
+extern "C" __global__ void q8k_to_f16(const float* __restrict__ x, u16* __restrict__ out, int n_super) {
+    const int sb = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (sb >= n_super) return;
+    float v[8], d;
+    int q[8];
+    q8k_block(x + (long long)sb * 256, v, q, d);
+    u32 w[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) w[i] = (u32)f2h((float)q[2 * i] * d) | ((u32)f2h((float)q[2 * i + 1] * d) << 16);
+    ((uint4*)(out + (long long)sb * 256))[lane] = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// ---- matrix-vector (decode, up to 8 tokens): out[t][r] = w[r] . x[t]. One warp per weight row; lane
+// l takes Q8 blocks l, l+32, ... of the row; the weights are decoded once for all tokens.
+#define MMV_MAX_TOK 8
+#define MMV_WARPS 4
+// Blocks per lane per step. 4 (all loads first) measured slower than 1 on the H100 (bench/GPU_NOTES.md).
+#define MMV_UNROLL 1
+
+template <int T>
+__device__ __forceinline__ void mmv_q(const u8* __restrict__ w, int K, int n_rows, const i8* __restrict__ qa,
+                                      const float* __restrict__ da, const int* __restrict__ sa,
+                                      const float* __restrict__ ss, int n_tok, float* __restrict__ out) {
+    const int row = blockIdx.x * MMV_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= n_rows) return;
+    const int nb = K / 32;
+    const u8* wrow = w + (long long)row * row_bytes_of(T, K);
+    float acc[MMV_MAX_TOK];
+#pragma unroll
+    for (int t = 0; t < MMV_MAX_TOK; t++) acc[t] = 0.0f;
+    // MMV_UNROLL blocks per lane per step: their weight loads are all issued before the first use
+    for (int b0 = lane; b0 < nb; b0 += 32 * MMV_UNROLL) {
+        int q[MMV_UNROLL][8];
+        float d0[MMV_UNROLL], d1[MMV_UNROLL], m[MMV_UNROLL];
+#pragma unroll
+        for (int u = 0; u < MMV_UNROLL; u++)
+            if (b0 + 32 * u < nb) decode<T>(wrow, b0 + 32 * u, nb, q[u], d0[u], d1[u], m[u]);
+#pragma unroll
+        for (int u = 0; u < MMV_UNROLL; u++) {
+            const int b = b0 + 32 * u;
+            if (b >= nb) break;
+#pragma unroll
+            for (int t = 0; t < MMV_MAX_TOK; t++) {
+                if (t < n_tok) {
+                    const int4* ap = (const int4*)(qa + (long long)t * K + b * 32);
+                    const int4 a0 = ap[0], a1 = ap[1];
+                    int lo = 0, hi = 0;
+                    lo = __dp4a(q[u][0], a0.x, lo);
+                    lo = __dp4a(q[u][1], a0.y, lo);
+                    lo = __dp4a(q[u][2], a0.z, lo);
+                    lo = __dp4a(q[u][3], a0.w, lo);
+                    hi = __dp4a(q[u][4], a1.x, hi);
+                    hi = __dp4a(q[u][5], a1.y, hi);
+                    hi = __dp4a(q[u][6], a1.z, hi);
+                    hi = __dp4a(q[u][7], a1.w, hi);
+                    const float dab = da[t * nb + b];
+                    float v = dab * (d0[u] * (float)lo + d1[u] * (float)hi);
+                    if (T == T_Q4_1) v += m[u] * ss[t * nb + b];
+                    if (T == T_Q4_K) v += m[u] * (dab * (float)sa[t * nb + b]);
+                    acc[t] += v;
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < MMV_MAX_TOK; t++) {
+        if (t < n_tok) {
+            const float s = warp_sum(acc[t]);
+            if (lane == 0) out[(long long)t * n_rows + row] = s;
+        }
+    }
+}
+
+// Float weights (F32, F16) times f32 activations.
+template <int T>
+__device__ __forceinline__ void mmv_f(const u8* __restrict__ w, int K, int n_rows, const float* __restrict__ x,
+                                      int n_tok, float* __restrict__ out) {
+    const int row = blockIdx.x * MMV_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= n_rows) return;
+    float acc[MMV_MAX_TOK];
+#pragma unroll
+    for (int t = 0; t < MMV_MAX_TOK; t++) acc[t] = 0.0f;
+    for (int k = lane; k < K; k += 32) {
+        const float wv = T == T_F32 ? ((const float*)w)[(long long)row * K + k] : h2f(((const u16*)w)[(long long)row * K + k]);
+#pragma unroll
+        for (int t = 0; t < MMV_MAX_TOK; t++)
+            if (t < n_tok) acc[t] += wv * x[(long long)t * K + k];
+    }
+#pragma unroll
+    for (int t = 0; t < MMV_MAX_TOK; t++) {
+        if (t < n_tok) {
+            const float s = warp_sum(acc[t]);
+            if (lane == 0) out[(long long)t * n_rows + row] = s;
+        }
+    }
+}
+
+#define MMV_Q(name, T)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32) name(                                          \
+        const u8* w, int K, int n_rows, const i8* qa, const float* da, const int* sa, const float* ss,         \
+        int n_tok, float* out) {                                                                              \
+        mmv_q<T>(w, K, n_rows, qa, da, sa, ss, n_tok, out);                                                   \
+    }
+MMV_Q(mmv_q4_0, T_Q4_0)
+MMV_Q(mmv_q4_0r, T_Q4_0R)
+MMV_Q(mmv_q4_1, T_Q4_1)
+MMV_Q(mmv_q5_0, T_Q5_0)
+MMV_Q(mmv_q8_0, T_Q8_0)
+MMV_Q(mmv_q4_k, T_Q4_K)
+MMV_Q(mmv_q6_k, T_Q6_K)
+
+extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32) mmv_f32(const u8* w, int K, int n_rows, const float* x, int n_tok, float* out) {
+    mmv_f<T_F32>(w, K, n_rows, x, n_tok, out);
+}
+extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32) mmv_f16(const u8* w, int K, int n_rows, const float* x, int n_tok, float* out) {
+    mmv_f<T_F16>(w, K, n_rows, x, n_tok, out);
+}
+
+// ---- the 32 weights of Q8 block b of a row, as f32 ----
+template <int T>
+__device__ __forceinline__ void block_values(const u8* __restrict__ row, int b, int nb, float v[32]) {
+    if constexpr (T == T_F32) {
+#pragma unroll
+        for (int i = 0; i < 32; i++) v[i] = ((const float*)row)[b * 32 + i];
+    } else if constexpr (T == T_F16) {
+#pragma unroll
+        for (int i = 0; i < 32; i++) v[i] = h2f(((const u16*)row)[b * 32 + i]);
+    } else {
+        int q[8];
+        float d0, d1, m;
+        decode<T>(row, b, nb, q, d0, d1, m);
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const float d = i < 4 ? d0 : d1;
+                const float qv = (float)sbyte(q[i], k);
+                v[4 * i + k] = (T == T_Q4_1 || T == T_Q4_K) ? d * qv + m : qv * d;
+            }
+    }
+}
+
+// Dequantize rows to f16 (the cuBLAS path): out [n_rows x K]; one thread per Q8 block.
+template <int T>
+__device__ __forceinline__ void dequant_f16(const u8* __restrict__ w, int K, int n_rows, u16* __restrict__ out) {
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const int nb = K / 32;
+    if (idx >= (long long)n_rows * nb) return;
+    const long long row = idx / nb;
+    const int b = (int)(idx % nb);
+    float v[32];
+    block_values<T>(w + row * row_bytes_of(T, K), b, nb, v);
+    uint4* o = (uint4*)(out + row * K + b * 32);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        uint4 p;
+        p.x = (u32)f2h(v[8 * i + 0]) | ((u32)f2h(v[8 * i + 1]) << 16);
+        p.y = (u32)f2h(v[8 * i + 2]) | ((u32)f2h(v[8 * i + 3]) << 16);
+        p.z = (u32)f2h(v[8 * i + 4]) | ((u32)f2h(v[8 * i + 5]) << 16);
+        p.w = (u32)f2h(v[8 * i + 6]) | ((u32)f2h(v[8 * i + 7]) << 16);
+        o[i] = p;
+    }
+}
+
+// Embedding rows: out[t] = row tokens[t] of the table, f32; one thread per Q8 block.
+template <int T>
+__device__ __forceinline__ void embed_rows(const u8* __restrict__ w, int K, const u32* __restrict__ tokens, int n_tok,
+                                           float* __restrict__ out) {
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const int nb = K / 32;
+    if (idx >= (long long)n_tok * nb) return;
+    const int t = (int)(idx / nb), b = (int)(idx % nb);
+    float v[32];
+    block_values<T>(w + (long long)tokens[t] * row_bytes_of(T, K), b, nb, v);
+    float4* o = (float4*)(out + (long long)t * K + b * 32);
+#pragma unroll
+    for (int i = 0; i < 8; i++) o[i] = make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
+}
+
+#define DEQ(suffix, T)                                                                                 \
+    extern "C" __global__ void dequant_f16_##suffix(const u8* w, int K, int n_rows, u16* out) {         \
+        dequant_f16<T>(w, K, n_rows, out);                                                             \
+    }                                                                                                  \
+    extern "C" __global__ void embed_##suffix(const u8* w, int K, const u32* tokens, int n_tok, float* out) { \
+        embed_rows<T>(w, K, tokens, n_tok, out);                                                       \
+    }
+DEQ(f32, T_F32)
+DEQ(f16, T_F16)
+DEQ(q4_0, T_Q4_0)
+DEQ(q4_0r, T_Q4_0R)
+DEQ(q4_1, T_Q4_1)
+DEQ(q5_0, T_Q5_0)
+DEQ(q8_0, T_Q8_0)
+DEQ(q4_k, T_Q4_K)
+DEQ(q6_k, T_Q6_K)
+
+// f32 activations -> f16 (the cuBLAS path).
+extern "C" __global__ void f32_to_f16(const float* __restrict__ x, u16* __restrict__ out, long long n) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = f2h(x[i]);
+}

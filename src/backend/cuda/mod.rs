@@ -1,0 +1,690 @@
+//! The CUDA backend: the [`Backend`] ops on an NVIDIA GPU through the driver API (`cudarc`, loaded at
+//! run time, so the binary builds and runs on machines without CUDA).
+//!
+//! Contract, beyond the trait's:
+//! - **Probe first.** [`available`] checks for the driver, NVRTC and cuBLAS libraries before any context
+//!   is made (cudarc panics when a library is missing); [`CudaBackend::new`] returns a
+//!   [`BackendError::Init`] when there is no usable GPU.
+//! - **Memory.** Weights are copied to the device once, as the quantized blocks of the file (vectors such
+//!   as norm weights and biases as f32). Activations ([`Buffer`]) are `f32` device arrays, K/V pools are
+//!   f16 device arrays laid out as the trait says. Host-side index lists (tokens, positions, slot mapping,
+//!   block tables) are uploaded per op into small device arrays, skipped when equal to the last upload of
+//!   the same kind (the layers of one step share them).
+//! - **One stream.** Every op is queued on the backend's stream in call order; only `read_buffer` waits.
+//! - **Products.** Activations are rounded as the CPU backend rounds them (Q8 blocks of 32 for the
+//!   legacy types, Q8_K for the k-quants, none for float weights). Up to [`MMV_MAX_TOK`] tokens: integer
+//!   dot products straight from the weight blocks (`kernels/quant.cu`). More tokens: the weight
+//!   dequantized to f16, the rounded activations as f16, one cuBLAS GEMM (f32 accumulation).
+//!
+//! Not yet: batch invariance across the two product paths (a token's logits differ in the last bits
+//! between a batch of <= 8 tokens and a larger one), CUDA graphs, `--gpu-layers`.
+
+mod module;
+
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::{sys as drv, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
+
+use super::{AttnParams, AttnSeq, Backend, BackendError, Buffer, Glu, HostWeight, KvShape, KvStore, RopeMode, RopeParams, Weight};
+use crate::dtype::GgmlType;
+
+/// Most tokens the matrix-vector kernels take in one launch (`MMV_MAX_TOK` in kernels/quant.cu).
+pub const MMV_MAX_TOK: usize = 8;
+/// Head sizes the attention kernel is instantiated for.
+pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
+
+/// Whether the CUDA libraries can be loaded, without touching them further (no context, no panic).
+pub fn available() -> Result<(), String> {
+    // SAFETY: these only try to dlopen the libraries by name.
+    unsafe {
+        if !drv::is_culib_present() {
+            return Err("no CUDA driver library (libcuda.so) found".into());
+        }
+        if !cudarc::nvrtc::sys::is_culib_present() {
+            return Err("no NVRTC library (libnvrtc.so) found".into());
+        }
+        if !blas_sys::is_culib_present() {
+            return Err("no cuBLAS library (libcublas.so) found".into());
+        }
+    }
+    Ok(())
+}
+
+fn init_err(problem: impl Into<String>) -> BackendError {
+    BackendError::Init { backend: "cuda".into(), problem: problem.into() }
+}
+
+/// A kernel argument, passed by value.
+#[derive(Clone, Copy)]
+enum A {
+    /// A device pointer (0 for null).
+    P(u64),
+    I(i32),
+    U(u32),
+    F(f32),
+    L(i64),
+}
+
+/// A device array grown on demand (never shrunk).
+struct Grow<T>(Option<CudaSlice<T>>);
+
+impl<T: DeviceRepr + ValidAsZeroBits> Grow<T> {
+    fn ensure(&mut self, stream: &Arc<CudaStream>, len: usize) -> u64 {
+        if self.0.as_ref().is_none_or(|s| s.len() < len) {
+            self.0 = None;
+            let s = stream.alloc_zeros::<T>(len.max(1)).unwrap_or_else(|e| panic!("cuda scratch of {len} elements: {e}"));
+            self.0 = Some(s);
+        }
+        dptr(self.0.as_ref().expect("just set"), stream)
+    }
+}
+
+/// The last host list uploaded for one purpose, and its device copy.
+struct Upload {
+    host: Vec<u32>,
+    dev: Grow<u32>,
+}
+
+impl Upload {
+    fn put(&mut self, stream: &Arc<CudaStream>, data: &[u32]) -> u64 {
+        if let Some(d) = &self.dev.0 {
+            if self.host == data {
+                return dptr(d, stream);
+            }
+        }
+        let ptr = self.dev.ensure(stream, data.len().next_power_of_two());
+        if !data.is_empty() {
+            let dev = self.dev.0.as_mut().expect("ensured");
+            stream.memcpy_htod(data, &mut dev.slice_mut(..data.len())).unwrap_or_else(|e| panic!("cuda upload: {e}"));
+        }
+        self.host.clear();
+        self.host.extend_from_slice(data);
+        ptr
+    }
+}
+
+/// What each kind of host list is uploaded as.
+#[derive(Clone, Copy)]
+enum Tag {
+    Tokens,
+    Positions,
+    Slots,
+    Rows,
+    AttnRows,
+    AttnBt,
+    FreqFactors,
+}
+const N_TAGS: usize = 7;
+
+/// Scratch arrays, behind one lock (ops take `&self`).
+struct Scratch {
+    qa: Grow<i8>,
+    da: Grow<f32>,
+    sa: Grow<i32>,
+    ss: Grow<f32>,
+    wf16: Grow<u16>,
+    xf16: Grow<u16>,
+    part_o: Grow<f32>,
+    part_ml: Grow<f32>,
+    up: [Upload; N_TAGS],
+}
+
+/// A weight on the device, with its kernels picked at upload (dispatch once).
+struct CudaWeight {
+    /// The blocks as in the file; empty for vectors of a type the kernels do not read.
+    data: CudaSlice<u8>,
+    /// Vectors (one row: norm weights, biases) as f32.
+    vector: Option<CudaSlice<f32>>,
+    /// `mmv_*`, and how it takes its activations.
+    mmv: Option<(CudaFunction, Act)>,
+    dequant: Option<CudaFunction>,
+    embed: Option<CudaFunction>,
+}
+
+/// How a product's activations are rounded before the multiply (as the CPU backend's `vec_dot_type`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Act {
+    /// f32 (float weights).
+    F32,
+    /// Q8 blocks of 32 with an f16 scale (legacy quantized weights).
+    Q8,
+    /// Q8_K: one f32 scale per 256 (k-quant weights).
+    Q8K,
+}
+
+struct CudaKv {
+    k: CudaSlice<u16>,
+    v: CudaSlice<u16>,
+}
+
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    k: module::Kernels,
+    sms: usize,
+    name: String,
+    copied: AtomicUsize,
+    scratch: Mutex<Scratch>,
+}
+
+fn dptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
+    let (p, _sync) = s.device_ptr(stream);
+    p
+}
+
+fn weight(w: &Weight) -> &CudaWeight {
+    w.inner().downcast_ref::<CudaWeight>().expect("weight from another backend")
+}
+
+fn slice(b: &Buffer) -> &CudaSlice<f32> {
+    b.inner().downcast_ref::<CudaSlice<f32>>().expect("buffer from another backend")
+}
+
+fn kv_ref(kv: &KvStore) -> &CudaKv {
+    kv.inner().downcast_ref::<CudaKv>().expect("kv store from another backend")
+}
+
+/// The kernel-name suffix of a weight type, if the kernels read it.
+fn type_suffix(ty: GgmlType) -> Option<&'static str> {
+    Some(match ty {
+        GgmlType::F32 => "f32",
+        GgmlType::F16 => "f16",
+        GgmlType::Q4_0 => "q4_0",
+        GgmlType::Q4_1 => "q4_1",
+        GgmlType::Q5_0 => "q5_0",
+        GgmlType::Q8_0 => "q8_0",
+        GgmlType::Q4K => "q4_k",
+        GgmlType::Q6K => "q6_k",
+        _ => return None,
+    })
+}
+
+fn blocks(n: usize, per: usize) -> u32 {
+    u32::try_from(n.div_ceil(per)).expect("grid too large")
+}
+
+/// Q4_0 blocks `[d f16, qs 16 bytes] x nb` per row -> `[qs x nb][d x nb]` per row (same size).
+fn repack_q4_0(bytes: &[u8], nb: usize) -> Vec<u8> {
+    let row_bytes = nb * 18;
+    let mut out = vec![0u8; bytes.len()];
+    for (src, dst) in bytes.chunks_exact(row_bytes).zip(out.chunks_exact_mut(row_bytes)) {
+        let (qs, ds) = dst.split_at_mut(nb * 16);
+        for (b, blk) in src.chunks_exact(18).enumerate() {
+            ds[2 * b..2 * b + 2].copy_from_slice(&blk[..2]);
+            qs[16 * b..16 * b + 16].copy_from_slice(&blk[2..]);
+        }
+    }
+    out
+}
+
+thread_local! {
+    /// The context last made current on this thread (binding costs two driver calls per launch).
+    static BOUND: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+impl CudaBackend {
+    /// The backend on GPU `ordinal`: probes the libraries, makes a context and a stream, loads the kernels.
+    pub fn new(ordinal: usize) -> Result<CudaBackend, BackendError> {
+        available().map_err(init_err)?;
+        let ctx = CudaContext::new(ordinal).map_err(|e| init_err(format!("no usable GPU {ordinal}: {e}")))?;
+        // One stream, in-order: cudarc's per-buffer events would only add work.
+        // SAFETY: no buffer exists yet, and every op below runs on the one stream.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| init_err(format!("stream: {e}")))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| init_err(format!("cuBLAS: {e}")))?;
+        let k = module::load(&ctx).map_err(init_err)?;
+        let sms = ctx
+            .attribute(drv::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| init_err(e.to_string()))? as usize;
+        let (major, minor) = ctx.compute_capability().map_err(|e| init_err(e.to_string()))?;
+        let gpu = ctx.name().unwrap_or_else(|_| "GPU".into());
+        let mem = ctx.total_mem().unwrap_or(0) as f64 / (1u64 << 30) as f64;
+        let name = format!("cuda ({gpu}, sm_{major}{minor}, {sms} SMs, {mem:.0} GiB)");
+        let up = || Upload { host: Vec::new(), dev: Grow(None) };
+        let scratch = Scratch {
+            qa: Grow(None),
+            da: Grow(None),
+            sa: Grow(None),
+            ss: Grow(None),
+            wf16: Grow(None),
+            xf16: Grow(None),
+            part_o: Grow(None),
+            part_ml: Grow(None),
+            up: [up(), up(), up(), up(), up(), up(), up()],
+        };
+        Ok(CudaBackend { ctx, stream, blas, k, sms, name, copied: AtomicUsize::new(0), scratch: Mutex::new(scratch) })
+    }
+
+    /// Waits until every queued op has finished (timings, tests).
+    pub fn synchronize(&self) {
+        self.stream.synchronize().unwrap_or_else(|e| panic!("cuda: {e}"));
+    }
+
+    fn bind(&self) {
+        let id = Arc::as_ptr(&self.ctx) as usize;
+        if BOUND.with(|b| b.get()) != id {
+            self.ctx.bind_to_thread().unwrap_or_else(|e| panic!("cuda: cannot bind the context: {e}"));
+            BOUND.with(|b| b.set(id));
+        }
+    }
+
+    fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &[A]) {
+        self.launch_fn(self.k.get(name), grid, block, args)
+    }
+
+    fn launch_fn(&self, f: &CudaFunction, grid: (u32, u32, u32), block: u32, args: &[A]) {
+        self.bind();
+        let mut vals: Vec<A> = args.to_vec();
+        let mut ptrs: Vec<*mut c_void> = vals
+            .iter_mut()
+            .map(|a| match a {
+                A::P(v) => v as *mut u64 as *mut c_void,
+                A::I(v) => v as *mut i32 as *mut c_void,
+                A::U(v) => v as *mut u32 as *mut c_void,
+                A::F(v) => v as *mut f32 as *mut c_void,
+                A::L(v) => v as *mut i64 as *mut c_void,
+            })
+            .collect();
+        // SAFETY: the argument list matches the kernel's signature (each call site mirrors its .cu
+        // declaration) and every pointer is a live device allocation of the size the kernel reads.
+        unsafe {
+            cudarc::driver::result::launch_kernel(f.cu_function(), grid, (block, 1, 1), 0, self.stream.cu_stream(), &mut ptrs)
+        }
+        .unwrap_or_else(|e| panic!("cuda launch failed: {e}"));
+    }
+
+    fn p(&self, b: &Buffer) -> u64 {
+        dptr(slice(b), &self.stream)
+    }
+
+    fn upload(&self, s: &mut Scratch, tag: Tag, data: &[u32]) -> u64 {
+        s.up[tag as usize].put(&self.stream, data)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Scratch> {
+        self.scratch.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// cuBLAS: `out[t][r] = sum_k w[r][k] x[t][k]` on f16 copies, f32 accumulation.
+    fn gemm_f16(&self, w16: u64, x16: u64, n_rows: usize, n_tok: usize, k: usize, out: u64) {
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let i = |v: usize| i32::try_from(v).expect("GEMM dimension over i32");
+        // Column-major view: out (n_rows x n_tok, ld n_rows) = W^T (W is k x n_rows, ld k) * X (k x n_tok).
+        // SAFETY: the pointers are device arrays of n_rows*k and n_tok*k f16 and n_tok*n_rows f32.
+        unsafe {
+            blas::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                i(n_rows),
+                i(n_tok),
+                i(k),
+                &alpha as *const f32 as *const c_void,
+                w16 as *const c_void,
+                blas_sys::cudaDataType_t::CUDA_R_16F,
+                i(k),
+                x16 as *const c_void,
+                blas_sys::cudaDataType_t::CUDA_R_16F,
+                i(k),
+                &beta as *const f32 as *const c_void,
+                out as *mut c_void,
+                blas_sys::cudaDataType_t::CUDA_R_32F,
+                i(n_rows),
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .unwrap_or_else(|e| panic!("cuBLAS GEMM failed: {e:?}"));
+    }
+
+    fn alloc_err(&self, what: &str, bytes: usize) -> BackendError {
+        BackendError::OutOfMemory { what: what.into(), bytes, backend: "cuda".into() }
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn upload_weight(&self, w: &HostWeight) -> Result<Weight, BackendError> {
+        let bad = |problem: String| BackendError::BadWeight { name: w.name.clone(), problem };
+        let unsupported = || BackendError::UnsupportedType { name: w.name.clone(), ty: w.ty, backend: "cuda".into() };
+        let row_bytes = crate::quant::row_bytes(w.ty, w.row_len)
+            .ok_or_else(|| bad(format!("rows of {} are not whole {} blocks", w.row_len, w.ty)))?;
+        let len = row_bytes.checked_mul(w.n_rows).ok_or_else(|| bad("size overflows".into()))?;
+        let host = w.source.host_bytes();
+        if w.offset.checked_add(len).is_none_or(|end| end > host.len()) {
+            return Err(bad(format!("{len} bytes at offset {} run past the {} bytes of the file", w.offset, host.len())));
+        }
+        let bytes = &host[w.offset..w.offset + len];
+        let suffix = type_suffix(w.ty).filter(|_| w.row_len.is_multiple_of(32));
+        self.bind();
+        let vector = if w.n_rows == 1 {
+            let mut v = vec![0.0f32; w.row_len];
+            crate::quant::dequantize(w.ty, bytes, &mut v).map_err(|_| unsupported())?;
+            Some(self.stream.clone_htod(&v).map_err(|_| self.alloc_err(&w.name, w.row_len * 4))?)
+        } else {
+            None
+        };
+        let Some(suffix) = suffix else {
+            return match vector {
+                Some(vector) => {
+                    let data = self.stream.alloc_zeros::<u8>(1).map_err(|_| self.alloc_err(&w.name, 1))?;
+                    let inner = CudaWeight { data, vector: Some(vector), mmv: None, dequant: None, embed: None };
+                    Ok(Weight::new(w.ty, w.row_len, w.n_rows, Box::new(inner)))
+                }
+                None => Err(unsupported()),
+            };
+        };
+        // Q4_0 rows of an even number of blocks are repacked for 16-byte loads (kernels/quant.cu, T_Q4_0R)
+        let (suffix, data) = if w.ty == GgmlType::Q4_0 && (w.row_len / 32).is_multiple_of(2) {
+            let packed = repack_q4_0(bytes, w.row_len / 32);
+            ("q4_0r", self.stream.clone_htod(&packed).map_err(|_| self.alloc_err(&w.name, len))?)
+        } else {
+            (suffix, self.stream.clone_htod(bytes).map_err(|_| self.alloc_err(&w.name, len))?)
+        };
+        self.copied.fetch_add(len, Ordering::Relaxed);
+        let act = match w.ty {
+            GgmlType::F32 | GgmlType::F16 => Act::F32,
+            GgmlType::Q4K | GgmlType::Q6K => Act::Q8K,
+            _ => Act::Q8,
+        };
+        let inner = CudaWeight {
+            data,
+            vector,
+            mmv: Some((self.k.get(&format!("mmv_{suffix}")).clone(), act)),
+            dequant: Some(self.k.get(&format!("dequant_f16_{suffix}")).clone()),
+            embed: Some(self.k.get(&format!("embed_{suffix}")).clone()),
+        };
+        Ok(Weight::new(w.ty, w.row_len, w.n_rows, Box::new(inner)))
+    }
+
+    fn weight_bytes_copied(&self) -> usize {
+        self.copied.load(Ordering::Relaxed)
+    }
+
+    fn alloc(&self, len: usize) -> Result<Buffer, BackendError> {
+        let s = self.stream.alloc_zeros::<f32>(len.max(1)).map_err(|_| self.alloc_err("activations", len * 4))?;
+        Ok(Buffer::new(len, Box::new(s)))
+    }
+
+    fn alloc_kv(&self, shape: KvShape) -> Result<KvStore, BackendError> {
+        if !HEAD_DIMS.contains(&shape.head_dim) {
+            return Err(init_err(format!("head_dim {} is not supported by the attention kernels (only {HEAD_DIMS:?}): use --device cpu", shape.head_dim)));
+        }
+        let n = shape.num_slots() * shape.token_width();
+        let err = || self.alloc_err("the KV cache", n * 4);
+        let k = self.stream.alloc_zeros::<u16>(n).map_err(|_| err())?;
+        let v = self.stream.alloc_zeros::<u16>(n).map_err(|_| err())?;
+        Ok(KvStore::new(shape, Box::new(CudaKv { k, v })))
+    }
+
+    fn write_buffer(&self, dst: &mut Buffer, offset: usize, src: &[f32]) {
+        let d = dst.inner_mut().downcast_mut::<CudaSlice<f32>>().expect("buffer from another backend");
+        let mut view = d.slice_mut(offset..offset + src.len());
+        self.stream.memcpy_htod(src, &mut view).unwrap_or_else(|e| panic!("cuda write_buffer: {e}"));
+    }
+
+    fn read_buffer(&self, src: &Buffer, offset: usize, dst: &mut [f32]) {
+        let view = slice(src).slice(offset..offset + dst.len());
+        self.stream.memcpy_dtoh(&view, dst).unwrap_or_else(|e| panic!("cuda read_buffer: {e}"));
+        self.synchronize();
+    }
+
+    fn embed(&self, table: &Weight, tokens: &[u32], out: &mut Buffer) {
+        let cw = weight(table);
+        let k = table.row_len();
+        assert!(out.len() >= tokens.len() * k, "embed: output too small");
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= table.n_rows()) {
+            panic!("embed: token {t} outside a vocabulary of {}", table.n_rows());
+        }
+        let f = cw.embed.as_ref().expect("embedding table of a supported type");
+        let mut s = self.lock();
+        let toks = self.upload(&mut s, Tag::Tokens, tokens);
+        let n = tokens.len();
+        let args = [A::P(dptr(&cw.data, &self.stream)), A::I(k as i32), A::P(toks), A::I(n as i32), A::P(self.p(out))];
+        self.launch_fn(f, (blocks(n * k / 32, 128), 1, 1), 128, &args);
+    }
+
+    fn matmul(&self, w: &Weight, x: &Buffer, n_tokens: usize, out: &mut Buffer) {
+        let cw = weight(w);
+        let (k, n_rows, n) = (w.row_len(), w.n_rows(), n_tokens);
+        assert!(x.len() >= n * k && out.len() >= n * n_rows, "matmul: buffers too small");
+        if n == 0 {
+            return;
+        }
+        let (mmv, act) = cw.mmv.as_ref().expect("matrix of a supported type");
+        let wp = dptr(&cw.data, &self.stream);
+        let (xp, op) = (self.p(x), self.p(out));
+        let mut s = self.lock();
+        if n <= MMV_MAX_TOK {
+            let grid = (blocks(n_rows, 4), 1, 1);
+            if *act != Act::F32 {
+                let nblk = n * k / 32;
+                let qa = s.qa.ensure(&self.stream, n * k);
+                let da = s.da.ensure(&self.stream, nblk);
+                let sa = s.sa.ensure(&self.stream, nblk);
+                let ss = s.ss.ensure(&self.stream, nblk);
+                let (name, groups) = if *act == Act::Q8K { ("quantize_q8k", nblk / 8) } else { ("quantize_q8", nblk) };
+                self.launch(name, (blocks(groups * 32, 256), 1, 1), 256, &[A::P(xp), A::P(qa), A::P(da), A::P(sa), A::P(ss), A::I(groups as i32)]);
+                let args = [A::P(wp), A::I(k as i32), A::I(n_rows as i32), A::P(qa), A::P(da), A::P(sa), A::P(ss), A::I(n as i32), A::P(op)];
+                self.launch_fn(mmv, grid, 128, &args);
+            } else {
+                let args = [A::P(wp), A::I(k as i32), A::I(n_rows as i32), A::P(xp), A::I(n as i32), A::P(op)];
+                self.launch_fn(mmv, grid, 128, &args);
+            }
+        } else {
+            let w16 = s.wf16.ensure(&self.stream, n_rows * k);
+            let x16 = s.xf16.ensure(&self.stream, n * k);
+            let deq = cw.dequant.as_ref().expect("matrix of a supported type");
+            self.launch_fn(deq, (blocks(n_rows * k / 32, 256), 1, 1), 256, &[A::P(wp), A::I(k as i32), A::I(n_rows as i32), A::P(w16)]);
+            match act {
+                Act::F32 => self.launch("f32_to_f16", (blocks(n * k, 256), 1, 1), 256, &[A::P(xp), A::P(x16), A::L((n * k) as i64)]),
+                Act::Q8 => self.launch("q8_to_f16", (blocks(n * k, 256), 1, 1), 256, &[A::P(xp), A::P(x16), A::I((n * k / 32) as i32)]),
+                Act::Q8K => self.launch("q8k_to_f16", (blocks(n * k / 8, 256), 1, 1), 256, &[A::P(xp), A::P(x16), A::I((n * k / 256) as i32)]),
+            }
+            self.bind();
+            self.gemm_f16(w16, x16, n_rows, n, k, op);
+        }
+    }
+
+    fn add_bias(&self, x: &mut Buffer, bias: &Weight, n_tokens: usize) {
+        let b = weight(bias).vector.as_ref().expect("bias is a vector");
+        let len = bias.row_len();
+        let n = n_tokens * len;
+        self.launch("add_bias", (blocks(n, 256), 1, 1), 256, &[A::P(self.p(x)), A::P(dptr(b, &self.stream)), A::I(len as i32), A::L(n as i64)]);
+    }
+
+    fn rms_norm(&self, x: &Buffer, w: Option<&Weight>, row_len: usize, n_rows: usize, eps: f32, out: &mut Buffer) {
+        assert!(x.len() >= row_len * n_rows && out.len() >= row_len * n_rows, "rms_norm: buffers too small");
+        let wp = match w {
+            Some(w) => {
+                assert_eq!(w.row_len() * w.n_rows(), row_len, "rms_norm: weight length");
+                dptr(weight(w).vector.as_ref().expect("norm weight is a vector"), &self.stream)
+            }
+            None => 0,
+        };
+        if n_rows == 0 {
+            return;
+        }
+        let threads = (row_len.div_ceil(32) * 32).clamp(32, 1024) as u32;
+        self.launch("rms_norm", (n_rows as u32, 1, 1), threads, &[A::P(self.p(x)), A::P(wp), A::I(row_len as i32), A::F(eps), A::P(self.p(out))]);
+    }
+
+    fn rope(&self, x: &mut Buffer, positions: &[u32], n_heads: usize, head_dim: usize, p: &RopeParams) {
+        assert!(p.n_rot <= head_dim && p.n_rot.is_multiple_of(2));
+        let n = positions.len();
+        assert!(x.len() >= n * n_heads * head_dim, "rope: buffer too small");
+        if n == 0 || p.n_rot == 0 {
+            return;
+        }
+        let theta_scale = p.freq_base.powf(-2.0 / p.n_rot as f32);
+        let mode = match p.mode {
+            RopeMode::Norm => 0,
+            RopeMode::Neox => 1,
+        };
+        let mut s = self.lock();
+        let pos = self.upload(&mut s, Tag::Positions, positions);
+        let ff = match p.freq_factors {
+            Some(f) => {
+                assert!(f.len() >= p.n_rot / 2, "rope: too few frequency factors");
+                let bits: Vec<u32> = f.iter().map(|v| v.to_bits()).collect();
+                self.upload(&mut s, Tag::FreqFactors, &bits)
+            }
+            None => 0,
+        };
+        let total = n * n_heads * p.n_rot / 2;
+        let args = [
+            A::P(self.p(x)),
+            A::P(pos),
+            A::I(n as i32),
+            A::I(n_heads as i32),
+            A::I(head_dim as i32),
+            A::I(p.n_rot as i32),
+            A::I(mode),
+            A::F(theta_scale),
+            A::F(p.freq_scale),
+            A::P(ff),
+        ];
+        self.launch("rope", (blocks(total, 256), 1, 1), 256, &args);
+    }
+
+    fn kv_write(&self, kv: &mut KvStore, k: &Buffer, v: &Buffer, slot_mapping: &[u32]) {
+        let shape = kv.shape();
+        let width = shape.token_width();
+        let n = slot_mapping.len();
+        if let Some(&slot) = slot_mapping.iter().find(|&&s| s as usize >= shape.num_slots()) {
+            panic!("kv_write: slot {slot} outside a pool of {} slots", shape.num_slots());
+        }
+        assert!(k.len() >= n * width && v.len() >= n * width, "kv_write: buffers too small");
+        if n == 0 {
+            return;
+        }
+        let c = kv_ref(kv);
+        let (kp, vp) = (dptr(&c.k, &self.stream), dptr(&c.v, &self.stream));
+        let mut s = self.lock();
+        let slots = self.upload(&mut s, Tag::Slots, slot_mapping);
+        let args = [A::P(kp), A::P(vp), A::P(self.p(k)), A::P(self.p(v)), A::P(slots), A::I(n as i32), A::I(width as i32)];
+        self.launch("kv_write", (blocks(n * width, 256), 1, 1), 256, &args);
+    }
+
+    fn kv_copy_blocks(&self, kv: &mut KvStore, copies: &[(u32, u32)]) {
+        let shape = kv.shape();
+        let per_block = shape.block_size * shape.token_width();
+        let c = kv_ref(kv);
+        let (kp, vp) = (dptr(&c.k, &self.stream), dptr(&c.v, &self.stream));
+        for &(src, dst) in copies {
+            assert!((src as usize) < shape.num_blocks && (dst as usize) < shape.num_blocks, "kv_copy_blocks: block outside the pool");
+            let args = [A::P(kp), A::P(vp), A::U(src), A::U(dst), A::L(per_block as i64)];
+            self.launch("kv_copy_blocks", (blocks(per_block, 256), 1, 1), 256, &args);
+        }
+    }
+
+    fn attention(&self, q: &Buffer, kv: &KvStore, seqs: &[AttnSeq], p: &AttnParams, out: &mut Buffer) {
+        let shape = kv.shape();
+        let (hd, n_heads, n_kv) = (p.head_dim, p.n_heads, p.n_kv_heads);
+        assert!(shape.head_dim == hd && shape.n_kv_heads == n_kv && n_heads % n_kv == 0);
+        let bs = shape.block_size;
+        let n_rows = seqs.iter().map(|s| s.q_start + s.n_q).max().unwrap_or(0);
+        if n_rows == 0 {
+            return;
+        }
+        assert!(q.len() >= n_rows * n_heads * hd && out.len() >= n_rows * n_heads * hd, "attention: buffers too small");
+        // per query row: (offset of its block table in `bt`, position); -1 where no sequence owns the row
+        let mut rows = vec![u32::MAX; 2 * n_rows];
+        let mut bt: Vec<u32> = Vec::new();
+        for s in seqs {
+            assert!(s.n_q <= s.ctx_len && s.block_table.len() * bs >= s.ctx_len, "attention: block table too short");
+            let off = bt.len() as u32;
+            bt.extend_from_slice(&s.block_table[..s.ctx_len.div_ceil(bs)]);
+            for i in 0..s.n_q {
+                rows[2 * (s.q_start + i)] = off;
+                rows[2 * (s.q_start + i) + 1] = (s.ctx_len - s.n_q + i) as u32;
+            }
+        }
+        if let Some(&b) = bt.iter().find(|&&b| b as usize >= shape.num_blocks) {
+            panic!("attention: block {b} outside a pool of {} blocks", shape.num_blocks);
+        }
+        // Split the keys so that the grid holds about 8 CTAs per SM (flash-decoding): enough loads in
+        // flight to stream K/V near the copy bandwidth.
+        let max_ctx = seqs.iter().map(|s| s.ctx_len).max().unwrap_or(1).max(1);
+        let group = n_heads / n_kv;
+        let ctas = n_rows * n_kv * group.div_ceil(4);
+        let want = (8 * self.sms).div_ceil(ctas).max(1);
+        let split_len = max_ctx.div_ceil(want).max(128).next_multiple_of(64);
+        let n_splits = max_ctx.div_ceil(split_len);
+
+        let c = kv_ref(kv);
+        let (kp, vp) = (dptr(&c.k, &self.stream), dptr(&c.v, &self.stream));
+        let (qp, op) = (self.p(q), self.p(out));
+        let mut s = self.lock();
+        let rows_p = self.upload(&mut s, Tag::AttnRows, &rows);
+        let bt_p = self.upload(&mut s, Tag::AttnBt, &bt);
+        let (po, pml) = if n_splits > 1 {
+            let po = s.part_o.ensure(&self.stream, n_rows * n_heads * n_splits * hd);
+            (po, s.part_ml.ensure(&self.stream, n_rows * n_heads * n_splits * 2))
+        } else {
+            (0, 0)
+        };
+        let window = p.window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
+        let args = [
+            A::P(qp),
+            A::P(kp),
+            A::P(vp),
+            A::P(rows_p),
+            A::P(bt_p),
+            A::I(n_heads as i32),
+            A::I(n_kv as i32),
+            A::I(bs as i32),
+            A::F(p.scale),
+            A::I(window),
+            A::I(split_len as i32),
+            A::I(n_splits as i32),
+            A::P(op),
+            A::P(po),
+            A::P(pml),
+        ];
+        let grid = (n_rows as u32, (n_kv * group.div_ceil(4)) as u32, n_splits as u32);
+        self.launch(&format!("attn_hd{hd}"), grid, 128, &args);
+        if n_splits > 1 {
+            let args = [A::P(po), A::P(pml), A::P(rows_p), A::I(n_heads as i32), A::I(hd as i32), A::I(n_splits as i32), A::P(op)];
+            self.launch("attn_merge", ((n_rows * n_heads) as u32, 1, 1), hd as u32, &args);
+        }
+    }
+
+    fn add(&self, x: &mut Buffer, y: &Buffer, len: usize) {
+        assert!(x.len() >= len && y.len() >= len);
+        self.launch("add", (blocks(len, 256), 1, 1), 256, &[A::P(self.p(x)), A::P(self.p(y)), A::L(len as i64)]);
+    }
+
+    fn scale(&self, x: &mut Buffer, s: f32, len: usize) {
+        assert!(x.len() >= len);
+        self.launch("scale", (blocks(len, 256), 1, 1), 256, &[A::P(self.p(x)), A::F(s), A::L(len as i64)]);
+    }
+
+    fn glu(&self, gate: &mut Buffer, up: &Buffer, len: usize, act: Glu) {
+        assert!(gate.len() >= len && up.len() >= len);
+        let act = match act {
+            Glu::Silu => 0,
+            Glu::GeluTanh => 1,
+        };
+        self.launch("glu", (blocks(len, 256), 1, 1), 256, &[A::P(self.p(gate)), A::P(self.p(up)), A::L(len as i64), A::I(act)]);
+    }
+
+    fn get_rows(&self, src: &Buffer, row_len: usize, rows: &[u32], out: &mut Buffer) {
+        let n = rows.len();
+        assert!(out.len() >= n * row_len && rows.iter().all(|&r| (r as usize + 1) * row_len <= src.len()), "get_rows: out of bounds");
+        if n == 0 {
+            return;
+        }
+        let mut s = self.lock();
+        let rp = self.upload(&mut s, Tag::Rows, rows);
+        let args = [A::P(self.p(src)), A::I(row_len as i32), A::P(rp), A::I(n as i32), A::P(self.p(out))];
+        self.launch("get_rows", (blocks(n * row_len, 256), 1, 1), 256, &args);
+    }
+}
