@@ -13,5 +13,6 @@ pub mod kv;
 pub mod model;
 pub mod quant;
 pub mod sampling;
+pub mod server;
 pub mod synth;
 pub mod tokenizer;

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::backend::DeviceChoice;
 use crate::gguf::GgufFile;
 use crate::sampling::SamplingParams;
 use crate::synth;
@@ -53,11 +54,20 @@ pub enum Command {
         /// Worker threads (default: all cores).
         #[arg(short = 't', long, default_value_t = default_threads())]
         threads: usize,
+        /// Compute device: auto (CUDA when a GPU is usable, else the CPU), cpu or cuda.
+        #[arg(long, default_value = "auto")]
+        device: DeviceChoice,
         /// Chat: prefill every turn's whole conversation instead of re-using the cached prefix.
         #[arg(long)]
         no_prefix_cache: bool,
+        /// Chat: KV cache memory in MiB over all layers, K and V; 0: exactly one --ctx context. More keeps
+        /// more prefixes (earlier conversations) cached.
+        #[arg(long = "kv-mem", value_name = "MiB", default_value_t = 0)]
+        kv_mem: usize,
         #[command(flatten)]
         sampling: SamplingArgs,
+        #[command(flatten)]
+        serve: ServeArgs,
     },
     /// Perplexity of a text file, computed the way llama-perplexity does (second half of each chunk).
     Perplexity {
@@ -78,6 +88,9 @@ pub enum Command {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+        /// Compute device: auto (CUDA when a GPU is usable, else the CPU), cpu or cuda.
+        #[arg(long, default_value = "auto")]
+        device: DeviceChoice,
     },
     /// Measure prompt processing (pp) and generation (tg) speed, like llama-bench.
     Bench {
@@ -98,6 +111,9 @@ pub enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Compute device: auto (CUDA when a GPU is usable, else the CPU), cpu or cuda.
+        #[arg(long, default_value = "auto")]
+        device: DeviceChoice,
     },
     /// Describe a GGUF model: architecture, shape, tokenizer, tensor types and sizes.
     Info {
@@ -126,6 +142,29 @@ pub enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
+}
+
+/// `--serve` and its flags: an OpenAI-compatible HTTP server instead of the REPL.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Serve the model over HTTP (OpenAI-compatible /v1/chat/completions, /v1/completions, /v1/models).
+    #[arg(long)]
+    pub serve: bool,
+    /// Address to listen on (loopback by default; 0.0.0.0 exposes the server to the network).
+    #[arg(long, default_value = "127.0.0.1", requires = "serve")]
+    pub host: String,
+    /// Port to listen on (0: any free port; the one bound is printed).
+    #[arg(long, default_value_t = 8080, requires = "serve")]
+    pub port: u16,
+    /// The model id clients see (default: the file name without .gguf).
+    #[arg(long, requires = "serve")]
+    pub alias: Option<String>,
+    /// Require `Authorization: Bearer KEY` on every endpoint.
+    #[arg(long, requires = "serve")]
+    pub api_key: Option<String>,
+    /// Most requests waiting for the engine; past it the server answers 429.
+    #[arg(long, default_value_t = 64, requires = "serve")]
+    pub max_queue: usize,
 }
 
 /// Sampling flags; the defaults are llama.cpp's.
@@ -190,7 +229,32 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
-        Command::Run { model, prompt, system, n_predict, ctx, raw, chat_template, threads, no_prefix_cache, sampling } => {
+        Command::Run { model, prompt, system, n_predict, ctx, raw, chat_template, threads, device, no_prefix_cache, kv_mem, sampling, serve } => {
+            if serve.serve {
+                if prompt.is_some() || system.is_some() || raw {
+                    return Err("--serve takes no -p, --system or --raw: clients send the conversation".into());
+                }
+                let lm = generate::load_on(&model, ctx, threads, chat_template.as_deref(), device)?;
+                if let crate::chat_template::TemplateSource::BuiltIn(name) = &lm.template.origin {
+                    eprintln!("note: the model has no chat template; using the built-in '{name}' template (--chat-template FILE to pick another)");
+                }
+                let stem = model.file_stem().map_or_else(|| model.display().to_string(), |s| s.to_string_lossy().into_owned());
+                let ctx = ctx.min(lm.model.config().ctx_train.max(1));
+                let eog_ids = lm.tokenizer.eog_ids().to_vec();
+                let engine_opts = crate::engine::EngineOptions { ctx, prefix_cache: !no_prefix_cache };
+                let pool = crate::engine::PoolOptions { kv_mem_bytes: kv_mem << 20, block_size: 0 };
+                let engine = crate::engine::Engine::with_pool(lm.model, eog_ids, engine_opts, pool)?;
+                let opts = crate::server::ServeOptions {
+                    host: serve.host,
+                    port: serve.port,
+                    model_id: serve.alias.unwrap_or(stem),
+                    api_key: serve.api_key,
+                    max_queue: serve.max_queue,
+                    ctx,
+                    defaults: sampling.params(),
+                };
+                return crate::server::serve(engine, lm.tokenizer, lm.template, opts);
+            }
             let Some(prompt) = prompt else {
                 if raw {
                     return Err("--raw needs a prompt (-p); the chat REPL always uses the chat template".into());
@@ -201,9 +265,11 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     n_predict,
                     ctx,
                     threads,
+                    device,
                     chat_template,
                     sampling: sampling.params(),
                     prefix_cache: !no_prefix_cache,
+                    kv_mem_mib: kv_mem,
                 };
                 return repl::run(&args);
             };
@@ -214,15 +280,16 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 n_predict,
                 ctx,
                 threads,
+                device,
                 raw,
                 chat_template,
                 sampling: sampling.params(),
             };
             generate::run(&args)
         }
-        Command::Perplexity { model, file, ctx, chunks, threads, json } => {
+        Command::Perplexity { model, file, ctx, chunks, threads, json, device } => {
             let text = std::fs::read_to_string(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-            let lm = generate::load(&model, ctx, threads, None)?;
+            let lm = generate::load_on(&model, ctx, threads, None, device)?;
             let t = std::time::Instant::now();
             let res = perplexity::evaluate(&lm.model, &lm.tokenizer, &text, ctx, chunks, |i, p| {
                 if !json {
@@ -245,10 +312,10 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             }
             Ok(())
         }
-        Command::Bench { model, n_prompt, n_gen, reps, threads, json } => {
+        Command::Bench { model, n_prompt, n_gen, reps, threads, json, device } => {
             let file = std::sync::Arc::new(GgufFile::open(&model)?);
             let ctx = n_prompt.max(n_gen).max(1);
-            let m = crate::model::Model::load(file, crate::model::ModelOptions { ctx, threads })?;
+            let m = crate::model::Model::load_on(file, crate::model::ModelOptions { ctx, threads }, crate::backend::select(device, threads)?)?;
             let rows = bench::run(&m, n_prompt, n_gen, reps.max(1), threads)?;
             let name = model.file_name().map_or_else(|| model.display().to_string(), |n| n.to_string_lossy().into_owned());
             if json {
