@@ -90,17 +90,25 @@ fn conversations_sharing_a_system_prompt_share_its_blocks() {
     println!("A: {} prompt tokens; B: {} prompt tokens, {} re-used (shared prefix {shared})", ga.prompt_tokens, gb.prompt_tokens, gb.cached_tokens);
 
     // Unrelated requests push A and B out of the retained sequences; their full blocks stay cached.
+    let mut previous = Vec::new();
     for i in 0..RETAINED_SEQS {
         let other = conv(None, &[&format!("Tell me a fact about the number {i}.")]);
         let (g, _) = chat.reply(&other, 4);
         assert!(g.cached_tokens < shared, "{g:?}");
+        previous = [chat.ids(&other), g.tokens].concat();
     }
     let c = conv(Some(SYSTEM), &["Is there lemon cake today?"]);
     let ids_c = chat.ids(&c);
     let (gc, text_c) = chat.reply(&c, 12);
     let shared_c = common_prefix(&held_a, &ids_c).max(common_prefix(&[chat.ids(&b), gb.tokens.clone()].concat(), &ids_c));
     assert_eq!(gc.cached_tokens, shared_c.min(ids_c.len() - 1) / bs * bs, "every full block of the shared prefix");
-    println!("C after {RETAINED_SEQS} other requests: {} of {} prompt tokens re-used (shared prefix {shared_c})", gc.cached_tokens, gc.prompt_tokens);
+    println!(
+        "C after {RETAINED_SEQS} other requests: {} of {} prompt tokens re-used (shared prefix {shared_c}; \
+         a cache of the previous request only would re-use {})",
+        gc.cached_tokens,
+        gc.prompt_tokens,
+        common_prefix(&previous, &ids_c)
+    );
     let s = chat.engine.stats();
     assert!(s.cached_blocks >= shared_c / bs, "{s:?}");
 

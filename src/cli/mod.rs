@@ -60,8 +60,8 @@ pub enum Command {
         /// Chat: prefill every turn's whole conversation instead of re-using the cached prefix.
         #[arg(long)]
         no_prefix_cache: bool,
-        /// Chat: KV cache memory in MiB over all layers, K and V; 0: exactly one --ctx context. More keeps
-        /// more prefixes (earlier conversations) cached.
+        /// Chat and --serve: KV cache memory in MiB over all layers, K and V; 0: exactly one --ctx
+        /// context. More keeps more prefixes (earlier conversations, other clients) cached.
         #[arg(long = "kv-mem", value_name = "MiB", default_value_t = 0)]
         kv_mem: usize,
         #[command(flatten)]

@@ -124,7 +124,8 @@ impl KvCache {
         let SeqKv { mut table, mut tokens, num_computed } = seq;
         tokens.truncate(num_computed);
         self.manager.cache_full_blocks(&mut table, &tokens, num_computed);
-        if !self.prefix_cache || num_computed == 0 {
+        // (slots allocated but never computed, after a failed forward: not worth keeping)
+        if !self.prefix_cache || num_computed == 0 || table.num_tokens() != num_computed {
             self.manager.free(table);
             return;
         }

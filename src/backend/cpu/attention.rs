@@ -183,19 +183,21 @@ impl Job<'_> {
             }
         }
         // softmax, summed in f64 like ggml; weights rounded to f16 (in bulk: F16C where the CPU has it)
+        // (the heads' sums interleaved, so their f64 add chains overlap; each head's order is unchanged)
+        for i in 0..n {
+            for (hh, m) in ml.iter_mut().enumerate() {
+                let e = (scores[hh * n + i] - m.max).exp();
+                scores[hh * n + i] = e;
+                m.sum += e as f64;
+            }
+        }
         half.resize(n, f16::ZERO);
         for (hh, m) in ml.iter_mut().enumerate() {
             let row = &mut scores[hh * n..(hh + 1) * n];
-            let mut sum = 0.0f64;
-            for s in row.iter_mut() {
-                *s = (*s - m.max).exp();
-                sum += *s as f64;
-            }
-            let inv = (1.0 / sum) as f32;
+            let inv = (1.0 / m.sum) as f32;
             row.iter_mut().for_each(|s| *s *= inv);
             half.convert_from_f32_slice(row);
             half.convert_to_f32_slice(row);
-            m.sum = sum;
         }
         // o = sum_j w_j v_j, one read of v_j for the whole group
         o.fill(0.0);
