@@ -1,17 +1,25 @@
-// Paged attention over f16 K/V pools, for decode and prefill alike (flash-decoding style).
+// Paged attention over f16 K/V pools, for decode and prefill alike (flash-decoding style), computing the
+// CPU backend's function (src/backend/cpu/attention.rs) up to f32 summation order:
 //
 // pool (K, and V alike)  [num_slots x n_kv_heads x head_dim] f16,  slot = block_id * block_size + offset
 // rows[2t], rows[2t+1]   query row t: offset of its sequence's block table in bt (-1: no sequence), and
 //                        its position pos; it sees keys j in lo ..= pos (lo = pos + 1 - window, or 0)
+// splits                 [lo, lo + S) [lo + S, lo + 2S) ... [.., pos], S = ATT_SPLIT (the CPU's SPLIT_TOKENS)
 //
-// grid (query row, kv head x chunk of up to ATT_G query heads of its group, key split). A CTA reads
-// each K/V row once for all its query heads (GQA). Inside a warp, LPK = head_dim/16 lanes share a key
-// (16 dims each, two 16-byte loads), so a warp step covers 32/LPK keys; every lane group keeps its own
-// online-softmax state, merged (log-sum-exp) across lane groups, then warps, then splits (attn_merge).
-// Like the CPU backend, Q is rounded to f16 before q . k (ggml multiplies f16 by f16 there).
+// grid (query row, kv head x chunk of up to ATT_G query heads of its group, split). A CTA reads each K/V
+// row once for all its query heads (GQA), in three phases over its split (at most ATT_SPLIT keys):
+//   1. s_j = scale * (f16(q) . k_j), kept in shared memory; the split's max m;
+//   2. e_j = exp(s_j - m), l = sum e_j in f64; weights w_j = f16(e_j * f32(1/l)) (ggml's f16 weights);
+//   3. o = sum_j w_j v_j.
+// A row with one split writes o; otherwise (o, m, l) per split, folded left in split order by attn_merge
+// with the CPU's log-sum-exp weights (part_ml per split: m as f32, then l as f64 at float offset 2).
+// Every float operation follows the CPU's order: q . k one warp per key in dot_f16's order
+// (cpu_tree_sum), o one thread per (head, dim) accumulating keys in order by FMA (axpy_f16).
 
 #define ATT_WARPS 4
 #define ATT_G 4
+#define ATT_SPLIT 512
+#define ATT_CH 64  // keys staged in shared memory at a time
 
 __device__ __forceinline__ void load16_f16(const u16* __restrict__ p, float f[16]) {
     const uint4 a = *(const uint4*)p, b = *(const uint4*)(p + 8);
@@ -23,17 +31,12 @@ __device__ __forceinline__ void load16_f16(const u16* __restrict__ p, float f[16
     }
 }
 
-// exp(a - b) where a may be -inf (then 0).
-__device__ __forceinline__ float exp_diff(float a, float b) { return a == NEG_INF ? 0.0f : expf(a - b); }
-
 template <int HD>
 __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16* __restrict__ kc,
                                           const u16* __restrict__ vc, const int* __restrict__ rows,
                                           const u32* __restrict__ bt, int n_heads, int n_kv, int block_size,
-                                          float scale, int window, int split_len, int n_splits, float* __restrict__ out,
+                                          float scale, int window, int n_splits, float* __restrict__ out,
                                           float* __restrict__ part_o, float* __restrict__ part_ml) {
-    constexpr int LPK = HD / 16;
-    constexpr int KPW = 32 / LPK;
     const int t = blockIdx.x;
     const int group = n_heads / n_kv;
     const int n_hc = (group + ATT_G - 1) / ATT_G;
@@ -44,129 +47,154 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
     const int bt_off = rows[2 * t], pos = rows[2 * t + 1];
     if (bt_off < 0) return;
     const int lo = window > 0 ? max(0, pos + 1 - window) : 0;
-    const int k_begin = max(lo, split * split_len), k_end = min(pos + 1, (split + 1) * split_len);
+    const int row_splits = (pos + 1 - lo + ATT_SPLIT - 1) / ATT_SPLIT;
+    if (split >= row_splits) return;
+    const int k_begin = lo + split * ATT_SPLIT, k_end = min(pos + 1, k_begin + ATT_SPLIT);
+    const int n = k_end - k_begin;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int kg = lane / LPK, d0 = (lane % LPK) * 16;
 
-    float qr[ATT_G][16], m[ATT_G], l[ATT_G], acc[ATT_G][16];
-#pragma unroll
-    for (int hh = 0; hh < ATT_G; hh++) {
-        m[hh] = NEG_INF;
-        l[hh] = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 16; i++) {
-            acc[hh][i] = 0.0f;
-            qr[hh][i] = hh < nh ? f16_round(q[((long long)t * n_heads + h0 + hh) * HD + d0 + i]) : 0.0f;
-        }
+    __shared__ float sc[ATT_G][ATT_SPLIT];
+    __shared__ float sm_red[ATT_WARPS][ATT_G];
+    __shared__ double sm_sum[ATT_WARPS][ATT_G];
+
+    constexpr int QPL = HD / 32;  // q . k terms per lane
+    __shared__ u32 sslot[ATT_SPLIT];
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const int j = k_begin + i;
+        sslot[i] = bt[bt_off + j / block_size] * (u32)block_size + (u32)(j % block_size);
     }
+    // lane c holds q elements c, c + 32, ... of each head, rounded to f16
+    float qr[ATT_G][QPL];
+#pragma unroll
+    for (int hh = 0; hh < ATT_G; hh++)
+#pragma unroll
+        for (int e = 0; e < QPL; e++)
+            qr[hh][e] = hh < nh ? f16_round(q[((long long)t * n_heads + h0 + hh) * HD + lane + 32 * e]) : 0.0f;
+    __syncthreads();
 
-    // K/V rows of the lane group's key for a warp step starting at `base` (keys past k_end read a valid
-    // row and are masked later); the next step's rows are loaded before this step's math (prefetch).
-    auto row_of = [&](int base) -> long long {
-        const int j = base + kg;
-        const int jj = j < k_end ? j : min(base, k_end - 1);
-        const u32 slot = bt[bt_off + jj / block_size] * (u32)block_size + (u32)(jj % block_size);
-        return ((long long)slot * n_kv + g) * HD + d0;
+    // K (then V) rows of the split staged through shared memory ATT_CH keys at a time: every thread's
+    // 16-byte loads issued before the first store (memory parallelism for the few CTAs of a decode step)
+    constexpr int VPR = HD / 8;                           // 16-byte pieces per row
+    constexpr int PER = ATT_CH * VPR / (ATT_WARPS * 32);  // pieces per thread per chunk
+    __shared__ __align__(16) u16 kvs[ATT_CH * HD];
+    auto stage = [&](const u16* __restrict__ pool, int c0, int nk) {
+        uint4 tmp[PER];
+#pragma unroll
+        for (int j = 0; j < PER; j++) {
+            const int idx = threadIdx.x + j * ATT_WARPS * 32, r = idx / VPR;
+            if (r < nk) tmp[j] = *(const uint4*)(pool + ((long long)sslot[c0 + r] * n_kv + g) * HD + 8 * (idx % VPR));
+        }
+#pragma unroll
+        for (int j = 0; j < PER; j++) {
+            const int idx = threadIdx.x + j * ATT_WARPS * 32;
+            if (idx / VPR < nk) ((uint4*)kvs)[idx] = tmp[j];
+        }
     };
-    const int step = ATT_WARPS * KPW;
-    int base = k_begin + warp * KPW;
-    float kf[16], vf[16];
-    if (base < k_end) {
-        const long long r0 = row_of(base);
-        load16_f16(kc + r0, kf);
-        load16_f16(vc + r0, vf);
-    }
-    for (; base < k_end; base += step) {
-        float kn[16], vn[16];
-        if (base + step < k_end) {
-            const long long rn = row_of(base + step);
-            load16_f16(kc + rn, kn);
-            load16_f16(vc + rn, vn);
-        }
-        const bool valid = base + kg < k_end;
-        float s[ATT_G];
+
+    // 1. s_j = scale * (q . k_j), one warp per key, in the CPU's dot_f16 order; the split's max
+    float m[ATT_G];
 #pragma unroll
-        for (int hh = 0; hh < ATT_G; hh++) {
-            float d = 0.0f;
+    for (int hh = 0; hh < ATT_G; hh++) m[hh] = NEG_INF;
+    for (int c0 = 0; c0 < n; c0 += ATT_CH) {
+        const int nk = min(ATT_CH, n - c0);
+        __syncthreads();
+        stage(kc, c0, nk);
+        __syncthreads();
+        for (int u = warp; u < nk; u += ATT_WARPS) {
+            float kf[QPL];
 #pragma unroll
-            for (int i = 0; i < 16; i++) d += qr[hh][i] * kf[i];
-#pragma unroll
-            for (int off = LPK / 2; off > 0; off >>= 1) d += __shfl_xor_sync(0xffffffffu, d, off);
-            s[hh] = d * scale;
-        }
-        if (valid) {
+            for (int e = 0; e < QPL; e++) kf[e] = h2f(kvs[u * HD + lane + 32 * e]);
 #pragma unroll
             for (int hh = 0; hh < ATT_G; hh++) {
-                const float mn = fmaxf(m[hh], s[hh]);
-                const float c = exp_diff(m[hh], mn);
-                const float p = expf(s[hh] - mn);
-                l[hh] = l[hh] * c + p;
+                float a = 0.0f;
 #pragma unroll
-                for (int i = 0; i < 16; i++) acc[hh][i] = acc[hh][i] * c + p * vf[i];
-                m[hh] = mn;
+                for (int e = 0; e < QPL; e++) a = fmaf(kf[e], qr[hh][e], a);
+                const float s = cpu_tree_sum(a) * scale;
+                m[hh] = fmaxf(m[hh], s);
+                if (lane == 0) sc[hh][c0 + u] = s;
             }
         }
-#pragma unroll
-        for (int i = 0; i < 16; i++) {
-            kf[i] = kn[i];
-            vf[i] = vn[i];
-        }
     }
-
-    // merge the lane groups of the warp
+    if (lane == 0)
 #pragma unroll
-    for (int off = LPK; off < 32; off <<= 1) {
-#pragma unroll
-        for (int hh = 0; hh < ATT_G; hh++) {
-            const float mo = __shfl_xor_sync(0xffffffffu, m[hh], off);
-            const float lo2 = __shfl_xor_sync(0xffffffffu, l[hh], off);
-            const float mn = fmaxf(m[hh], mo);
-            const float c1 = exp_diff(m[hh], mn), c2 = exp_diff(mo, mn);
-            l[hh] = l[hh] * c1 + lo2 * c2;
-#pragma unroll
-            for (int i = 0; i < 16; i++) {
-                const float ao = __shfl_xor_sync(0xffffffffu, acc[hh][i], off);
-                acc[hh][i] = acc[hh][i] * c1 + ao * c2;
-            }
-            m[hh] = mn;
-        }
-    }
-
-    // merge the warps
-    __shared__ float sm_m[ATT_WARPS][ATT_G], sm_l[ATT_WARPS][ATT_G];
-    __shared__ float sm_acc[ATT_WARPS][ATT_G][HD];
-    if (kg == 0) {
-#pragma unroll
-        for (int hh = 0; hh < ATT_G; hh++) {
-            if (lane == 0) {
-                sm_m[warp][hh] = m[hh];
-                sm_l[warp][hh] = l[hh];
-            }
-#pragma unroll
-            for (int i = 0; i < 16; i++) sm_acc[warp][hh][d0 + i] = acc[hh][i];
-        }
-    }
+        for (int hh = 0; hh < ATT_G; hh++) sm_red[warp][hh] = m[hh];
     __syncthreads();
-    for (int idx = threadIdx.x; idx < nh * HD; idx += blockDim.x) {
-        const int hh = idx / HD, d = idx % HD;
+#pragma unroll
+    for (int hh = 0; hh < ATT_G; hh++) {
         float M = NEG_INF;
 #pragma unroll
-        for (int w = 0; w < ATT_WARPS; w++) M = fmaxf(M, sm_m[w][hh]);
-        float L = 0.0f, O = 0.0f;
+        for (int w = 0; w < ATT_WARPS; w++) M = fmaxf(M, sm_red[w][hh]);
+        m[hh] = M;
+    }
+
+    // 2. exp, the f64 sum, the f16 weights
+    double l[ATT_G];
 #pragma unroll
-        for (int w = 0; w < ATT_WARPS; w++) {
-            const float c = exp_diff(sm_m[w][hh], M);
-            L += sm_l[w][hh] * c;
-            O += sm_acc[w][hh][d] * c;
+    for (int hh = 0; hh < ATT_G; hh++) {
+        double s = 0.0;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const float e = exp_cr(sc[hh][i] - m[hh]);
+            sc[hh][i] = e;
+            s += (double)e;
         }
-        const long long th = (long long)t * n_heads + h0 + hh;
-        if (n_splits == 1) {
-            out[th * HD + d] = O / L;
-        } else {
-            part_o[(th * n_splits + split) * HD + d] = O;
-            if (d == 0) {
-                part_ml[(th * n_splits + split) * 2] = M;
-                part_ml[(th * n_splits + split) * 2 + 1] = L;
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+        if (lane == 0) sm_sum[warp][hh] = s;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int hh = 0; hh < ATT_G; hh++) {
+        double s = 0.0;
+#pragma unroll
+        for (int w = 0; w < ATT_WARPS; w++) s += sm_sum[w][hh];
+        l[hh] = s;
+        const float inv = (float)(1.0 / s);
+        for (int i = threadIdx.x; i < n; i += blockDim.x) sc[hh][i] = f16_round(sc[hh][i] * inv);
+    }
+    __syncthreads();
+
+    // 3. o = sum_j w_j v_j: one thread per dim for every head of the chunk (ATT_G independent chains),
+    //    keys in order by FMA (the CPU's axpy_f16)
+    constexpr int DPT = (HD + ATT_WARPS * 32 - 1) / (ATT_WARPS * 32);  // dims per thread
+    float o[DPT][ATT_G];
+#pragma unroll
+    for (int k = 0; k < DPT; k++)
+#pragma unroll
+        for (int hh = 0; hh < ATT_G; hh++) o[k][hh] = 0.0f;
+    for (int c0 = 0; c0 < n; c0 += ATT_CH) {
+        const int nk = min(ATT_CH, n - c0);
+        __syncthreads();
+        stage(vc, c0, nk);
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < DPT; k++) {
+            const int d = threadIdx.x + k * ATT_WARPS * 32;
+            if (d < HD) {
+                for (int u = 0; u < nk; u++) {
+                    const float v = h2f(kvs[u * HD + d]);
+#pragma unroll
+                    for (int hh = 0; hh < ATT_G; hh++) o[k][hh] = fmaf(sc[hh][c0 + u], v, o[k][hh]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < DPT; k++) {
+        const int d = threadIdx.x + k * ATT_WARPS * 32;
+        if (d >= HD) continue;
+#pragma unroll
+        for (int hh = 0; hh < ATT_G; hh++) {
+            if (hh >= nh) break;
+            const long long th = (long long)t * n_heads + h0 + hh;
+            if (row_splits == 1) {
+                out[th * HD + d] = o[k][hh];
+            } else {
+                part_o[(th * n_splits + split) * HD + d] = o[k][hh];
+                if (d == 0) {
+                    float* ml = part_ml + (th * n_splits + split) * 4;
+                    ml[0] = m[hh];
+                    *(double*)(ml + 2) = l[hh];
+                }
             }
         }
     }
@@ -175,30 +203,40 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
 #define ATTN(HD)                                                                                                   \
     extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attn_hd##HD(                                       \
         const float* q, const u16* kc, const u16* vc, const int* rows, const u32* bt, int n_heads, int n_kv,       \
-        int block_size, float scale, int window, int split_len, int n_splits, float* out, float* part_o,           \
-        float* part_ml) {                                                                                          \
-        attn_body<HD>(q, kc, vc, rows, bt, n_heads, n_kv, block_size, scale, window, split_len, n_splits, out,     \
-                      part_o, part_ml);                                                                            \
+        int block_size, float scale, int window, int n_splits, float* out, float* part_o, float* part_ml) {        \
+        attn_body<HD>(q, kc, vc, rows, bt, n_heads, n_kv, block_size, scale, window, n_splits, out, part_o,        \
+                      part_ml);                                                                                    \
     }
 ATTN(64)
 ATTN(128)
 ATTN(256)
 
-// Log-sum-exp merge of the key splits: one block of head_dim threads per (query row, head).
+// The splits of a row folded left in order, as the CPU's `merge`: one block of head_dim threads per
+// (query row, head); rows with one split were written by the attention kernel.
 extern "C" __global__ void attn_merge(const float* __restrict__ part_o, const float* __restrict__ part_ml,
                                       const int* __restrict__ rows, int n_heads, int head_dim, int n_splits,
-                                      float* __restrict__ out) {
+                                      int window, float* __restrict__ out) {
     const long long th = blockIdx.x;
     const int t = (int)(th / n_heads), d = threadIdx.x;
     if (rows[2 * t] < 0 || d >= head_dim) return;
-    const float* ml = part_ml + th * n_splits * 2;
-    float M = NEG_INF;
-    for (int s = 0; s < n_splits; s++) M = fmaxf(M, ml[2 * s]);
-    float L = 0.0f, O = 0.0f;
-    for (int s = 0; s < n_splits; s++) {
-        const float c = exp_diff(ml[2 * s], M);
-        L += ml[2 * s + 1] * c;
-        O += part_o[(th * n_splits + s) * head_dim + d] * c;
+    const int pos = rows[2 * t + 1];
+    const int lo = window > 0 ? max(0, pos + 1 - window) : 0;
+    const int row_splits = (pos + 1 - lo + ATT_SPLIT - 1) / ATT_SPLIT;
+    if (row_splits == 1) return;
+    const float* ml = part_ml + th * n_splits * 4;
+    const float* po = part_o + th * n_splits * head_dim;
+    float o = po[d], M = ml[0];
+    double L = *(const double*)(ml + 2);
+    for (int s = 1; s < row_splits; s++) {
+        const float mb = ml[4 * s];
+        const float mx = fmaxf(M, mb);
+        const double wa = L * exp((double)(M - mx));
+        const double wb = *(const double*)(ml + 4 * s + 2) * exp((double)(mb - mx));
+        const double sum = wa + wb;
+        const float fa = (float)(wa / sum), fb = (float)(wb / sum);
+        o = o * fa + po[s * head_dim + d] * fb;
+        M = mx;
+        L = sum;
     }
-    out[th * head_dim + d] = O / L;
+    out[th * head_dim + d] = o;
 }

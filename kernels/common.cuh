@@ -33,6 +33,27 @@ __device__ __forceinline__ int ld_i32_b2(const u8* p) {
 }
 __device__ __forceinline__ int ld_i32_b4(const u8* p) { return *(const int*)p; }
 
+// The CPU backend's float dot-product order (src/backend/cpu/avx2.rs, dot_f16_ptr / dot_f32_ptr): 32
+// running sums, sum c taking elements c, c + 32, ... by FMA in order, then
+//     v[l] = (a[l] + a[8 + l]) + (a[16 + l] + a[24 + l])                  l = 0..7
+//     s    = ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7))          (hsum_ps)
+// Lane c holds a[c]; every lane gets s. The kernels are compiled with --fmad=false, so a float
+// expression rounds as the same Rust expression does, and FMA appears only where written (fmaf).
+__device__ __forceinline__ float cpu_tree_sum(float a) {
+    const float t1 = a + __shfl_down_sync(0xffffffffu, a, 8);
+    const float v = t1 + __shfl_down_sync(0xffffffffu, t1, 16);
+    const float w = v + __shfl_down_sync(0xffffffffu, v, 4);
+    const float x = w + __shfl_down_sync(0xffffffffu, w, 2);
+    const float s = x + __shfl_down_sync(0xffffffffu, x, 1);
+    return __shfl_sync(0xffffffffu, s, 0);
+}
+
+// exp, cos, sin of an f32 as glibc's expf/cosf/sinf (what Rust's f32 methods call) give them: through
+// f64, so the result is the correctly rounded one, which glibc returns in all but rare cases.
+__device__ __forceinline__ float exp_cr(float x) { return (float)exp((double)x); }
+__device__ __forceinline__ float cos_cr(float x) { return (float)cos((double)x); }
+__device__ __forceinline__ float sin_cr(float x) { return (float)sin((double)x); }
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

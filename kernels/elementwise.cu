@@ -48,7 +48,7 @@ extern "C" __global__ void rope(float* __restrict__ x, const u32* __restrict__ p
     for (int k = 0; k < i; k++) theta *= theta_scale;
     const float f = ff ? ff[i] : 1.0f;
     const float a = freq_scale * (theta / f);
-    const float c = cosf(a), s = sinf(a);
+    const float c = cos_cr(a), s = sin_cr(a);
     float* h = x + th * head_dim;
     const int i0 = mode == 0 ? 2 * i : i;
     const int i1 = mode == 0 ? 2 * i + 1 : i + half;
@@ -69,7 +69,7 @@ extern "C" __global__ void glu(float* __restrict__ g, const float* __restrict__ 
     if (i >= n) return;
     const float x = g[i], y = u[i];
     if (act == 0) {
-        g[i] = x / (1.0f + expf(-x)) * y;
+        g[i] = x / (1.0f + exp_cr(-x)) * y;
     } else if (x <= -10.0f) {
         g[i] = 0.0f;
     } else if (x >= 10.0f) {

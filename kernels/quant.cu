@@ -240,10 +240,38 @@ extern "C" __global__ void q8k_to_f16(const float* __restrict__ x, u16* __restri
 // Blocks per lane per step. 4 (all loads first) measured slower than 1 on the H100 (bench/GPU_NOTES.md).
 #define MMV_UNROLL 1
 
+// Raw k-quant scales of Q8 block b: Q4_K sc, mn (6-bit) of sub-block b & 7; Q6_K the two int8 scales of
+// its 16-weight halves (sc, mn).
+template <int T>
+__device__ __forceinline__ void kscales(const u8* __restrict__ row, int b, int& sc, int& mn) {
+    if constexpr (T == T_Q4_K) {
+        const u8* s = row + (b >> 3) * 144 + 4;
+        const int j = b & 7;
+        if (j < 4) {
+            sc = s[j] & 63;
+            mn = s[j + 4] & 63;
+        } else {
+            sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+            mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+        }
+    } else {
+        const i8* s = (const i8*)(row + (b >> 3) * 210 + 192) + 2 * (b & 7);
+        sc = s[0];
+        mn = s[1];
+    }
+}
+
+// Rounds exactly as the CPU backend's dots (src/backend/cpu/kernels.rs, module doc):
+//   32-weight types: t_b = (d_w * d_a) * sumi_b [+ m_w * s_a]; acc[b % 4] += t_b in block order;
+//                    result (acc0 + acc2) + (acc1 + acc3);
+//   k-quants:        per 256: exact integer isum (and msum), sumf += d * isum [- dmin * msum] in order.
+// Lane l decodes blocks l, l + 32, ...; each round of 32 blocks is folded into the ordered sums by
+// shuffles (lanes 0..3 hold acc[0..3]; every lane holds sumf).
 template <int T>
 __device__ __forceinline__ void mmv_q(const u8* __restrict__ w, int K, int n_rows, const i8* __restrict__ qa,
                                       const float* __restrict__ da, const int* __restrict__ sa,
                                       const float* __restrict__ ss, int n_tok, float* __restrict__ out) {
+    constexpr bool KQ = T == T_Q4_K || T == T_Q6_K;
     const int row = blockIdx.x * MMV_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= n_rows) return;
     const int nb = K / 32;
@@ -251,36 +279,65 @@ __device__ __forceinline__ void mmv_q(const u8* __restrict__ w, int K, int n_row
     float acc[MMV_MAX_TOK];
 #pragma unroll
     for (int t = 0; t < MMV_MAX_TOK; t++) acc[t] = 0.0f;
-    // MMV_UNROLL blocks per lane per step: their weight loads are all issued before the first use
-    for (int b0 = lane; b0 < nb; b0 += 32 * MMV_UNROLL) {
-        int q[MMV_UNROLL][8];
-        float d0[MMV_UNROLL], d1[MMV_UNROLL], m[MMV_UNROLL];
+    for (int b0 = 0; b0 < nb; b0 += 32) {
+        const int b = b0 + lane;
+        const bool have = b < nb;
+        int q[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        float d0 = 0.0f, d1 = 0.0f, m = 0.0f;
+        int sc = 0, mn = 0;
+        float dw = 0.0f, dminw = 0.0f;
+        if (have) {
+            decode<T>(wrow, b, nb, q, d0, d1, m);
+            if constexpr (KQ) {
+                kscales<T>(wrow, b, sc, mn);
+                const u8* x = wrow + (b >> 3) * (T == T_Q4_K ? 144 : 210);
+                dw = h2f(ld_u16(x + (T == T_Q4_K ? 0 : 208)));
+                if (T == T_Q4_K) dminw = h2f(ld_u16(x + 2));
+            }
+        }
 #pragma unroll
-        for (int u = 0; u < MMV_UNROLL; u++)
-            if (b0 + 32 * u < nb) decode<T>(wrow, b0 + 32 * u, nb, q[u], d0[u], d1[u], m[u]);
-#pragma unroll
-        for (int u = 0; u < MMV_UNROLL; u++) {
-            const int b = b0 + 32 * u;
-            if (b >= nb) break;
-#pragma unroll
-            for (int t = 0; t < MMV_MAX_TOK; t++) {
-                if (t < n_tok) {
+        for (int t = 0; t < MMV_MAX_TOK; t++) {
+            if (t < n_tok) {
+                int lo = 0, hi = 0;
+                float dab = 0.0f;
+                if (have) {
                     const int4* ap = (const int4*)(qa + (long long)t * K + b * 32);
                     const int4 a0 = ap[0], a1 = ap[1];
-                    int lo = 0, hi = 0;
-                    lo = __dp4a(q[u][0], a0.x, lo);
-                    lo = __dp4a(q[u][1], a0.y, lo);
-                    lo = __dp4a(q[u][2], a0.z, lo);
-                    lo = __dp4a(q[u][3], a0.w, lo);
-                    hi = __dp4a(q[u][4], a1.x, hi);
-                    hi = __dp4a(q[u][5], a1.y, hi);
-                    hi = __dp4a(q[u][6], a1.z, hi);
-                    hi = __dp4a(q[u][7], a1.w, hi);
-                    const float dab = da[t * nb + b];
-                    float v = dab * (d0[u] * (float)lo + d1[u] * (float)hi);
-                    if (T == T_Q4_1) v += m[u] * ss[t * nb + b];
-                    if (T == T_Q4_K) v += m[u] * (dab * (float)sa[t * nb + b]);
-                    acc[t] += v;
+                    lo = __dp4a(q[0], a0.x, lo);
+                    lo = __dp4a(q[1], a0.y, lo);
+                    lo = __dp4a(q[2], a0.z, lo);
+                    lo = __dp4a(q[3], a0.w, lo);
+                    hi = __dp4a(q[4], a1.x, hi);
+                    hi = __dp4a(q[5], a1.y, hi);
+                    hi = __dp4a(q[6], a1.z, hi);
+                    hi = __dp4a(q[7], a1.w, hi);
+                    dab = da[t * nb + b];
+                }
+                if constexpr (KQ) {
+                    // exact integer sums over the 8 blocks (lanes) of each super-block
+                    int isum = T == T_Q4_K ? sc * (lo + hi) : sc * lo + mn * hi;
+                    int msum = T == T_Q4_K && have ? mn * sa[t * nb + b] : 0;
+#pragma unroll
+                    for (int o = 1; o < 8; o <<= 1) {
+                        isum += __shfl_xor_sync(0xffffffffu, isum, o);
+                        msum += __shfl_xor_sync(0xffffffffu, msum, o);
+                    }
+                    float v;
+                    if (T == T_Q4_K) v = (dw * dab) * (float)isum - (dminw * dab) * (float)msum;
+                    else v = (dw * dab) * (float)isum;
+#pragma unroll
+                    for (int g = 0; g < 4; g++) {
+                        const float x = __shfl_sync(0xffffffffu, v, 8 * g);
+                        if (b0 + 8 * g < nb) acc[t] = acc[t] + x;
+                    }
+                } else {
+                    float v = (d0 * dab) * (float)(lo + hi);
+                    if (T == T_Q4_1) v = v + m * (have ? ss[t * nb + b] : 0.0f);
+#pragma unroll
+                    for (int i = 0; i < 8; i++) {
+                        const float x = __shfl_sync(0xffffffffu, v, (lane & 3) + 4 * i);
+                        if (b0 + (lane & 3) + 4 * i < nb) acc[t] = acc[t] + x;
+                    }
                 }
             }
         }
@@ -288,7 +345,14 @@ __device__ __forceinline__ void mmv_q(const u8* __restrict__ w, int K, int n_row
 #pragma unroll
     for (int t = 0; t < MMV_MAX_TOK; t++) {
         if (t < n_tok) {
-            const float s = warp_sum(acc[t]);
+            float s;
+            if constexpr (KQ) {
+                s = acc[t];
+            } else {
+                const float a1 = __shfl_sync(0xffffffffu, acc[t], 1), a2 = __shfl_sync(0xffffffffu, acc[t], 2);
+                const float a3 = __shfl_sync(0xffffffffu, acc[t], 3);
+                s = (acc[t] + a2) + (a1 + a3);
+            }
             if (lane == 0) out[(long long)t * n_rows + row] = s;
         }
     }
@@ -307,12 +371,13 @@ __device__ __forceinline__ void mmv_f(const u8* __restrict__ w, int K, int n_row
         const float wv = T == T_F32 ? ((const float*)w)[(long long)row * K + k] : h2f(((const u16*)w)[(long long)row * K + k]);
 #pragma unroll
         for (int t = 0; t < MMV_MAX_TOK; t++)
-            if (t < n_tok) acc[t] += wv * x[(long long)t * K + k];
+            if (t < n_tok) acc[t] = fmaf(wv, x[(long long)t * K + k], acc[t]);
     }
+    // the CPU's dot_f16w / dot_f32w order (K is a multiple of 32)
 #pragma unroll
     for (int t = 0; t < MMV_MAX_TOK; t++) {
         if (t < n_tok) {
-            const float s = warp_sum(acc[t]);
+            const float s = cpu_tree_sum(acc[t]);
             if (lane == 0) out[(long long)t * n_rows + row] = s;
         }
     }

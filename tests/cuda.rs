@@ -12,18 +12,20 @@
 //! - elementwise ops against the CPU backend < 1e-5 (GELU, which goes through f16, < 2e-3);
 //! - paged attention (f16 K/V) against a naive f64 attention, < 2e-3;
 //! - whole synthetic models: teacher-forced on the CPU's greedy tokens, 32 steps, the same greedy token
-//!   at every step (a top-2 probability margin below 0.03 excused, printed) and logits within
-//!   [`LOGITS_BOUND`] (2e-2, not DESIGN.md's 1e-2: see there), with the prompt fed in chunks of 8 tokens
-//!   (the integer-dot path); fed whole (the f16 cuBLAS path, whose products differ from the CPU's by
-//!   ~3e-4) within 3e-2;
-//! - the real SmolLM2 file: the same, with divergences accepted below [`SMOLLM2_MARGIN`].
+//!   at every step (a top-2 probability margin below [`MARGIN_OK`] excused, printed) and logits within
+//!   DESIGN.md's [`LOGITS_BOUND`], with a 20-token prompt (the integer-dot path); a prompt of
+//!   `INT_PATH_MAX_TOK + 8` tokens fed whole (the f16 cuBLAS path, products ~3e-4 off the CPU's)
+//!   within [`CUBLAS_LOGITS_BOUND`];
+//! - the real SmolLM2 file: DESIGN.md's bounds, prompt in chunks of 8.
+//! - `per_op_diff` (`PAGELLM_CUDA_TEE`): not a check, a tool: every op of a whole-model run on both
+//!   backends, its output compared.
 
 mod common;
 
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use pagellm::backend::cpu::{quantize_q8_0, quantize_q8_k};
-use pagellm::backend::cuda::CudaBackend;
+use pagellm::backend::cuda::{CudaBackend, INT_PATH_MAX_TOK};
 use pagellm::backend::{AttnParams, AttnSeq, Backend, Buffer, Glu, HostBytes, HostWeight, KvShape, RopeMode, RopeParams, Weight};
 use pagellm::dtype::GgmlType;
 use pagellm::gguf::GgufFile;
@@ -498,14 +500,19 @@ fn compare_models(path: &std::path::Path, prompt: &[u32], gpu: &Arc<dyn Backend>
     (matched, excused, worst)
 }
 
-/// Whole-model logits bound. DESIGN.md asks 1e-2; measured on the H100 (bench/GPU_NOTES.md) the random
-/// tiny models land at 4e-3..1.2e-2 with every product equal to the CPU's to 1e-7: the CPU rounds the
-/// softmax weights to f16 (as ggml does) and the GPU does not, and a 1e-4 nudge flips Q8 rounding
-/// steps of later activations. Greedy tokens still agree.
-const LOGITS_BOUND: f64 = 2e-2;
-/// SmolLM2 is chaotic at the 1e-6 level (tests/model_greedy.rs): as there, divergences are accepted
-/// below llama.cpp's own batch-vs-decode spread and printed, flagged above 0.03.
-const SMOLLM2_MARGIN: f64 = 0.15;
+/// Whole-model logits bound: DESIGN.md's. Every op of the CUDA forward computes the CPU backend's
+/// function up to f32 summation order on the integer-dot path (<= [`INT_PATH_MAX_TOK`] tokens): the
+/// same Q8/Q8_K activation rounding, the same f16 rounding of Q and of the softmax weights, the same
+/// 512-key attention splits merged in the same order.
+const LOGITS_BOUND: f64 = 1e-2;
+/// DESIGN.md: a greedy divergence only where the CPU's top-2 probability margin is below this.
+const MARGIN_OK: f64 = 0.03;
+/// Prompts longer than [`INT_PATH_MAX_TOK`] fed whole take dequantize + cuBLAS f16: weights and
+/// activations rounded to f16 (2^-11 relative per element, products ~3e-4 off the CPU's), which then
+/// flips Q8 rounding steps of later activations. Measured worst on the H100: 3.3e-2 (tiny q4_k_m).
+/// Asserted here; DESIGN's 1e-2 is printed beside each result. An exact large-batch kernel (integer MMA
+/// with the CPU's per-block float order) would bring these under DESIGN's bound like the rest.
+const CUBLAS_LOGITS_BOUND: f64 = 4e-2;
 
 #[test]
 fn synthetic_models_agree_with_cpu() {
@@ -525,23 +532,41 @@ fn synthetic_models_agree_with_cpu() {
         ("tiny-gemma3", "q8_0"),
         ("tiny-gemma3", "q4_0"),
     ];
+    // every case runs (one GPU call sees them all); failures are asserted at the end
+    let mut failures = Vec::new();
     for (shape, ty) in cases {
         let path = dir.join(format!("{shape}-{ty}.gguf"));
         let sh = pagellm::synth::shape(shape).unwrap();
         pagellm::synth::write_model(&path, sh, pagellm::synth::Recipe::parse(ty).unwrap(), 42, |_, _| {}).unwrap();
-        // 20 prompt tokens in chunks of 8 (the integer-dot path the CPU also takes: DESIGN.md's bounds),
-        // then 32 single-token steps
+        // 20 prompt tokens fed whole (the integer-dot path, exact CPU rounding), then 32 single-token steps
         let prompt: Vec<u32> = (0..20).map(|_| r.gen_range(0..sh.vocab as u32)).collect();
-        let (matched, excused, worst) = compare_models(&path, &prompt, &gpu, 8, 0.03);
-        println!("{shape:<12} {ty:<7} greedy {matched}/32 (+{excused} excused), worst logits relative L2 {worst:.3e}");
-        assert!(worst < LOGITS_BOUND, "{shape} {ty}: logits differ by {worst:e}");
-        assert!(matched >= 28, "{shape} {ty}: only {matched} of 32 greedy tokens agree");
-        // the whole prompt at once: the f16 cuBLAS path (each product within 2e-3 of the CPU's)
-        let (matched, excused, worst) = compare_models(&path, &prompt, &gpu, 20, 0.03);
-        println!("{shape:<12} {ty:<7} prompt via cuBLAS: greedy {matched}/32 (+{excused} excused), worst logits relative L2 {worst:.3e}");
-        assert!(worst < 3e-2, "{shape} {ty}: logits differ by {worst:e} after an f16 prefill");
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compare_models(&path, &prompt, &gpu, 20, MARGIN_OK)));
+        match res {
+            Ok((matched, excused, worst)) => {
+                let ok = worst < LOGITS_BOUND && matched + excused == 32;
+                println!("{shape:<12} {ty:<7} greedy {matched}/32 (+{excused} excused), worst logits relative L2 {worst:.3e} (bound {LOGITS_BOUND:e}){}", if ok { "" } else { "  FAIL" });
+                if !ok {
+                    failures.push(format!("{shape} {ty}: {matched}/32, logits {worst:e}"));
+                }
+            }
+            Err(_) => failures.push(format!("{shape} {ty}: greedy divergence above the margin")),
+        }
+        // a prompt over INT_PATH_MAX_TOK fed whole: the dequantize + cuBLAS f16 path
+        let long: Vec<u32> = (0..INT_PATH_MAX_TOK + 8).map(|_| r.gen_range(0..sh.vocab as u32)).collect();
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compare_models(&path, &long, &gpu, long.len(), 0.15)));
+        match res {
+            Ok((matched, excused, worst)) => {
+                let flag = if worst >= LOGITS_BOUND { "  (above DESIGN's 1e-2)" } else { "" };
+                println!("{shape:<12} {ty:<7} {}-token prompt via cuBLAS: greedy {matched}/32 (+{excused} excused), worst logits relative L2 {worst:.3e}{flag}", long.len());
+                if worst >= CUBLAS_LOGITS_BOUND {
+                    failures.push(format!("{shape} {ty} cuBLAS prefill: logits {worst:e}"));
+                }
+            }
+            Err(_) => failures.push(format!("{shape} {ty} cuBLAS prefill: greedy divergence above 0.15")),
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
+    assert!(failures.is_empty(), "{failures:#?}");
 }
 
 #[test]
@@ -562,12 +587,22 @@ fn smollm2_greedy_matches_cpu() {
     } else {
         common::fixture("llama_greedy_smollm2.json")
     };
+    let mut failures = Vec::new();
     for case in fx["cases"].as_array().unwrap() {
         let prompt: Vec<u32> = case["prompt_tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let (matched, excused, worst) = compare_models(&path, &prompt, &gpu, 8, SMOLLM2_MARGIN);
-        println!("smollm2 {:?}: greedy {matched}/32 (+{excused} excused), worst logits relative L2 {worst:.3e}", case["prompt"].as_str().unwrap_or(""));
-        assert!(matched + excused == 32 && matched >= 28, "only {matched} of 32 greedy tokens agree");
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compare_models(&path, &prompt, &gpu, 8, MARGIN_OK)));
+        let name = case["prompt"].as_str().unwrap_or("");
+        match res {
+            Ok((matched, excused, worst)) => {
+                println!("smollm2 {name:?}: greedy {matched}/32 (+{excused} excused), worst logits relative L2 {worst:.3e} (DESIGN {LOGITS_BOUND:e})");
+                if matched + excused != 32 || worst >= LOGITS_BOUND {
+                    failures.push(format!("{name:?}: {matched}/32, logits {worst:e}"));
+                }
+            }
+            Err(_) => failures.push(format!("{name:?}: greedy divergence at a margin above {MARGIN_OK}")),
+        }
     }
+    assert!(failures.is_empty(), "{failures:#?}");
 }
 
 // ---- kernel timings (PAGELLM_CUDA_BENCH=1): printed, not asserted ----
@@ -630,6 +665,238 @@ fn bench_kernels() {
                 let tflops = 2.0 * (n * k * n_rows) as f64 / ms / 1e9;
                 println!("matmul {ty} {n_rows}x{k} n={n}: {ms:.4} ms, weights {:.0} GB/s, {tflops:.1} TFLOP/s", wbytes / ms / 1e6);
             }
+        }
+    }
+}
+
+// ---- per-op diff (PAGELLM_CUDA_TEE=path.gguf): where the CUDA forward leaves the CPU's ----
+
+/// Both backends side by side: every op runs on the CPU and the GPU, and its output is compared (relative
+/// L2, GPU against CPU). With `resync`, the CPU's output is then copied over the GPU's, so each op's error
+/// is its own (not inherited); without, the errors accumulate as in a plain GPU run.
+struct Tee {
+    c: Arc<dyn Backend>,
+    g: Arc<dyn Backend>,
+    resync: bool,
+    /// per op: (name, relative L2) in call order since the last `take`
+    log: Mutex<Vec<(&'static str, f64)>>,
+}
+
+impl Tee {
+    fn bufs(b: &Buffer) -> &(Buffer, Buffer) {
+        b.inner().downcast_ref::<(Buffer, Buffer)>().expect("tee buffer")
+    }
+    fn bufs_mut(b: &mut Buffer) -> &mut (Buffer, Buffer) {
+        b.inner_mut().downcast_mut::<(Buffer, Buffer)>().expect("tee buffer")
+    }
+    fn w(w: &Weight) -> &(Weight, Weight) {
+        w.inner().downcast_ref::<(Weight, Weight)>().expect("tee weight")
+    }
+    /// Compares `len` elements of `b` and records them under `name`.
+    fn check(&self, name: &'static str, b: &mut Buffer, len: usize) {
+        let (c, g) = Self::bufs_mut(b);
+        let mut vc = vec![0.0f32; len];
+        let mut vg = vec![0.0f32; len];
+        self.c.read_buffer(c, 0, &mut vc);
+        self.g.read_buffer(g, 0, &mut vg);
+        let err = rel_l2(&vg, &as_f64(&vc));
+        self.log.lock().unwrap().push((name, err));
+        if self.resync {
+            self.g.write_buffer(g, 0, &vc);
+        }
+    }
+    fn take(&self) -> Vec<(&'static str, f64)> {
+        std::mem::take(&mut *self.log.lock().unwrap())
+    }
+}
+
+impl Backend for Tee {
+    fn name(&self) -> String {
+        format!("tee({}, {})", self.c.name(), self.g.name())
+    }
+    fn upload_weight(&self, w: &HostWeight) -> Result<Weight, pagellm::backend::BackendError> {
+        let (c, g) = (self.c.upload_weight(w)?, self.g.upload_weight(w)?);
+        Ok(Weight::new(w.ty, w.row_len, w.n_rows, Box::new((c, g))))
+    }
+    fn weight_bytes_copied(&self) -> usize {
+        self.g.weight_bytes_copied()
+    }
+    fn alloc(&self, len: usize) -> Result<Buffer, pagellm::backend::BackendError> {
+        Ok(Buffer::new(len, Box::new((self.c.alloc(len)?, self.g.alloc(len)?))))
+    }
+    fn alloc_kv(&self, shape: KvShape) -> Result<pagellm::backend::KvStore, pagellm::backend::BackendError> {
+        Ok(pagellm::backend::KvStore::new(shape, Box::new((self.c.alloc_kv(shape)?, self.g.alloc_kv(shape)?))))
+    }
+    fn write_buffer(&self, dst: &mut Buffer, offset: usize, src: &[f32]) {
+        let (c, g) = Self::bufs_mut(dst);
+        self.c.write_buffer(c, offset, src);
+        self.g.write_buffer(g, offset, src);
+    }
+    fn read_buffer(&self, src: &Buffer, offset: usize, dst: &mut [f32]) {
+        self.c.read_buffer(&Self::bufs(src).0, offset, dst);
+    }
+    fn embed(&self, table: &Weight, tokens: &[u32], out: &mut Buffer) {
+        let w = Self::w(table);
+        let (c, g) = Self::bufs_mut(out);
+        self.c.embed(&w.0, tokens, c);
+        self.g.embed(&w.1, tokens, g);
+        self.check("embed", out, tokens.len() * table.row_len());
+    }
+    fn matmul(&self, w: &Weight, x: &Buffer, n_tokens: usize, out: &mut Buffer) {
+        let (ww, xx) = (Self::w(w), Self::bufs(x));
+        let (c, g) = Self::bufs_mut(out);
+        self.c.matmul(&ww.0, &xx.0, n_tokens, c);
+        self.g.matmul(&ww.1, &xx.1, n_tokens, g);
+        self.check("matmul", out, n_tokens * w.n_rows());
+    }
+    fn add_bias(&self, x: &mut Buffer, bias: &Weight, n_tokens: usize) {
+        let b = Self::w(bias);
+        let (c, g) = Self::bufs_mut(x);
+        self.c.add_bias(c, &b.0, n_tokens);
+        self.g.add_bias(g, &b.1, n_tokens);
+        self.check("add_bias", x, n_tokens * bias.row_len());
+    }
+    fn rms_norm(&self, x: &Buffer, weight: Option<&Weight>, row_len: usize, n_rows: usize, eps: f32, out: &mut Buffer) {
+        let xx = Self::bufs(x);
+        let w = weight.map(Self::w);
+        let (c, g) = Self::bufs_mut(out);
+        self.c.rms_norm(&xx.0, w.map(|w| &w.0), row_len, n_rows, eps, c);
+        self.g.rms_norm(&xx.1, w.map(|w| &w.1), row_len, n_rows, eps, g);
+        self.check("rms_norm", out, row_len * n_rows);
+    }
+    fn rope(&self, x: &mut Buffer, positions: &[u32], n_heads: usize, head_dim: usize, p: &RopeParams) {
+        let (c, g) = Self::bufs_mut(x);
+        self.c.rope(c, positions, n_heads, head_dim, p);
+        self.g.rope(g, positions, n_heads, head_dim, p);
+        self.check("rope", x, positions.len() * n_heads * head_dim);
+    }
+    fn kv_write(&self, kv: &mut pagellm::backend::KvStore, k: &Buffer, v: &Buffer, slot_mapping: &[u32]) {
+        let (kk, vv) = (Self::bufs(k), Self::bufs(v));
+        let p = kv.inner_mut().downcast_mut::<(pagellm::backend::KvStore, pagellm::backend::KvStore)>().expect("tee kv");
+        self.c.kv_write(&mut p.0, &kk.0, &vv.0, slot_mapping);
+        self.g.kv_write(&mut p.1, &kk.1, &vv.1, slot_mapping);
+    }
+    fn kv_copy_blocks(&self, kv: &mut pagellm::backend::KvStore, copies: &[(u32, u32)]) {
+        let p = kv.inner_mut().downcast_mut::<(pagellm::backend::KvStore, pagellm::backend::KvStore)>().expect("tee kv");
+        self.c.kv_copy_blocks(&mut p.0, copies);
+        self.g.kv_copy_blocks(&mut p.1, copies);
+    }
+    fn attention(&self, q: &Buffer, kv: &pagellm::backend::KvStore, seqs: &[AttnSeq], p: &AttnParams, out: &mut Buffer) {
+        let qq = Self::bufs(q);
+        let kk = kv.inner().downcast_ref::<(pagellm::backend::KvStore, pagellm::backend::KvStore)>().expect("tee kv");
+        let (c, g) = Self::bufs_mut(out);
+        self.c.attention(&qq.0, &kk.0, seqs, p, c);
+        self.g.attention(&qq.1, &kk.1, seqs, p, g);
+        let rows = seqs.iter().map(|s| s.q_start + s.n_q).max().unwrap_or(0);
+        self.check("attention", out, rows * p.n_heads * p.head_dim);
+    }
+    fn add(&self, x: &mut Buffer, y: &Buffer, len: usize) {
+        let yy = Self::bufs(y);
+        let (c, g) = Self::bufs_mut(x);
+        self.c.add(c, &yy.0, len);
+        self.g.add(g, &yy.1, len);
+        self.check("add", x, len);
+    }
+    fn scale(&self, x: &mut Buffer, s: f32, len: usize) {
+        let (c, g) = Self::bufs_mut(x);
+        self.c.scale(c, s, len);
+        self.g.scale(g, s, len);
+        self.check("scale", x, len);
+    }
+    fn glu(&self, gate: &mut Buffer, up: &Buffer, len: usize, act: Glu) {
+        let uu = Self::bufs(up);
+        let (c, g) = Self::bufs_mut(gate);
+        self.c.glu(c, &uu.0, len, act);
+        self.g.glu(g, &uu.1, len, act);
+        self.check("glu", gate, len);
+    }
+    fn get_rows(&self, src: &Buffer, row_len: usize, rows: &[u32], out: &mut Buffer) {
+        let ss = Self::bufs(src);
+        let (c, g) = Self::bufs_mut(out);
+        self.c.get_rows(&ss.0, row_len, rows, c);
+        self.g.get_rows(&ss.1, row_len, rows, g);
+        self.check("get_rows", out, rows.len() * row_len);
+    }
+}
+
+/// Per-op CPU-vs-CUDA errors of one model (`PAGELLM_CUDA_TEE` = a GGUF path, or `synth:SHAPE:TYPE`):
+/// a 20-token prompt in chunks of 8, then 8 greedy steps, once with every op resynced (each op's own
+/// error: the largest per op kind, and every op above 1e-5) and once without (the residual-stream `add`s
+/// of the last step: the per-layer hidden-state divergence).
+#[test]
+fn per_op_diff() {
+    let Ok(spec) = std::env::var("PAGELLM_CUDA_TEE") else {
+        println!("skipped: set PAGELLM_CUDA_TEE=model.gguf (or synth:tiny:q4_k_m) with PAGELLM_CUDA=1");
+        return;
+    };
+    let Some((_guard, gpu)) = gpu() else { return };
+    let path = if let Some(rest) = spec.strip_prefix("synth:") {
+        let (shape, ty) = rest.split_once(':').expect("synth:SHAPE:TYPE");
+        let path = std::env::temp_dir().join(format!("pagellm-tee-{shape}-{ty}.gguf"));
+        let sh = pagellm::synth::shape(shape).unwrap();
+        pagellm::synth::write_model(&path, sh, pagellm::synth::Recipe::parse(ty).unwrap(), 42, |_, _| {}).unwrap();
+        path
+    } else {
+        std::path::PathBuf::from(&spec)
+    };
+    let file = Arc::new(GgufFile::open(&path).unwrap());
+    let mut r = rng(7);
+    for resync in [true, false] {
+        let tee = Arc::new(Tee { c: cpu(), g: gpu.clone(), resync, log: Mutex::new(Vec::new()) });
+        let m = Model::load_on(file.clone(), ModelOptions { ctx: 512, threads: 4 }, tee.clone()).unwrap();
+        let mut s = m.new_session(0).unwrap();
+        let vocab = m.config().n_vocab;
+        let prompt: Vec<u32> = (0..20).map(|_| r.gen_range(0..vocab as u32)).collect();
+        let mut l = Vec::new();
+        for part in prompt.chunks(8) {
+            l = m.forward(&mut s, part, Logits::Last).unwrap();
+        }
+        let mut worst: std::collections::BTreeMap<&str, f64> = Default::default();
+        let mut last = tee.take();
+        for _ in 0..8 {
+            let t = argmax(&l) as u32;
+            l = m.forward(&mut s, &[t], Logits::Last).unwrap();
+            last = tee.take();
+            for &(name, e) in &last {
+                let w = worst.entry(name).or_insert(0.0);
+                *w = w.max(e);
+            }
+        }
+        if resync {
+            println!("{}: per-op error with resync (each op alone), worst per kind: {worst:?}", spec);
+            for (i, (name, e)) in last.iter().enumerate() {
+                if *e > 1e-5 {
+                    println!("  last step op {i} {name}: {e:.3e}");
+                }
+            }
+        } else {
+            let adds: Vec<String> = last.iter().filter(|(n, _)| *n == "add").map(|(_, e)| format!("{e:.1e}")).collect();
+            println!("{}: no resync, last step residual adds (2 per layer): {}", spec, adds.join(" "));
+            println!("  last step final op {:?}", last.last());
+        }
+    }
+}
+
+/// The CPU backend against itself on another kernel table (`PAGELLM_ISA_SPREAD=1`; no GPU needed): the
+/// spread that f32 summation order alone gives on these models, the floor for any second backend.
+#[test]
+fn cpu_isa_spread() {
+    if std::env::var("PAGELLM_ISA_SPREAD").as_deref() != Ok("1") {
+        println!("skipped: set PAGELLM_ISA_SPREAD=1");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("pagellm-spread-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut r = rng(16);
+    for (shape, ty) in [("tiny", "q4_0"), ("tiny", "q4_k_m"), ("tiny-gemma3", "q8_0"), ("tiny-gemma3", "q4_k_m")] {
+        let path = dir.join(format!("{shape}-{ty}.gguf"));
+        let sh = pagellm::synth::shape(shape).unwrap();
+        pagellm::synth::write_model(&path, sh, pagellm::synth::Recipe::parse(ty).unwrap(), 42, |_, _| {}).unwrap();
+        let prompt: Vec<u32> = (0..20).map(|_| r.gen_range(0..sh.vocab as u32)).collect();
+        for k in pagellm::backend::cpu::Kernels::all() {
+            let other: Arc<dyn Backend> = Arc::new(pagellm::backend::cpu::CpuBackend::new(4, k).unwrap());
+            let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compare_models(&path, &prompt, &other, 20, 1.0)));
+            println!("{shape:<12} {ty:<7} cpu {} vs cpu {}: {:?}", cpu().name(), k.name(), res.ok());
         }
     }
 }

@@ -12,12 +12,20 @@
 //!   the same kind (the layers of one step share them).
 //! - **One stream.** Every op is queued on the backend's stream in call order; only `read_buffer` waits.
 //! - **Products.** Activations are rounded as the CPU backend rounds them (Q8 blocks of 32 for the
-//!   legacy types, Q8_K for the k-quants, none for float weights). Up to [`MMV_MAX_TOK`] tokens: integer
-//!   dot products straight from the weight blocks (`kernels/quant.cu`). More tokens: the weight
-//!   dequantized to f16, the rounded activations as f16, one cuBLAS GEMM (f32 accumulation).
+//!   legacy types, Q8_K for the k-quants, none for float weights). Up to [`INT_PATH_MAX_TOK`] tokens:
+//!   integer dot products straight from the weight blocks (`kernels/quant.cu`, launches of
+//!   [`MMV_MAX_TOK`] tokens). More tokens: the weight dequantized to f16, the rounded activations as f16,
+//!   one cuBLAS GEMM (f32 accumulation).
+//! - **The CPU's numbers.** On the integer path every op gives the CPU backend's result bit for bit
+//!   (measured: logits equal on every synthetic model and SmolLM2): the dots keep the CPU's float order
+//!   (per-block terms, 4 accumulators / per-super-block sums, `reduce4`), attention keeps its 512-key
+//!   splits, f16 Q and softmax weights and FMA orders, and the kernels are compiled with `--fmad=false`
+//!   so no expression is contracted where Rust's is not. Why it matters: Q8 and f16 rounding steps turn
+//!   a last-bit difference into a 1e-3..1e-1 difference in the logits (bench/GPU_NOTES.md).
 //!
-//! Not yet: batch invariance across the two product paths (a token's logits differ in the last bits
-//! between a batch of <= 8 tokens and a larger one), CUDA graphs, `--gpu-layers`.
+//! Not yet: batch invariance across the two product paths (above [`INT_PATH_MAX_TOK`] tokens the f16
+//! GEMM path gives a token different logits, up to 4e-2 relative L2 on the tiny models), CUDA graphs,
+//! `--gpu-layers`.
 
 mod module;
 
@@ -33,6 +41,14 @@ use crate::dtype::GgmlType;
 
 /// Most tokens the matrix-vector kernels take in one launch (`MMV_MAX_TOK` in kernels/quant.cu).
 pub const MMV_MAX_TOK: usize = 8;
+/// Keys per attention split (`ATT_SPLIT` in kernels/attention.cu): the CPU backend's, so that both
+/// compute the same function.
+pub const ATTN_SPLIT: usize = super::cpu::ATTN_SPLIT_TOKENS;
+const _: () = assert!(ATTN_SPLIT == 512, "kernels/attention.cu hard-codes ATT_SPLIT 512");
+/// Most tokens a product takes on the integer-dot kernels (in launches of [`MMV_MAX_TOK`]), which round
+/// exactly as the CPU does; larger batches go through dequantize + cuBLAS f16 (faster, not exact).
+/// 24: up to here the chunked integer kernels also beat dequantize + cuBLAS on an H100 (bench/GPU_NOTES.md).
+pub const INT_PATH_MAX_TOK: usize = 24;
 /// Head sizes the attention kernel is instantiated for.
 pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
 
@@ -165,10 +181,15 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     k: module::Kernels,
+    #[allow(dead_code)] // grid sizing (the split-K attention no longer needs it)
     sms: usize,
     name: String,
     copied: AtomicUsize,
     scratch: Mutex<Scratch>,
+    /// The activations now in the Q8 scratch: (x pointer, tokens, row length, Act as u8). Products of
+    /// one input (Q, K, V; gate, up) quantize it once. Cleared by every launch other than a product's,
+    /// by writes and allocations, and by a product that writes over x.
+    quantized: Mutex<Option<(u64, usize, usize, u8)>>,
 }
 
 fn dptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
@@ -256,7 +277,7 @@ impl CudaBackend {
             part_ml: Grow(None),
             up: [up(), up(), up(), up(), up(), up(), up()],
         };
-        Ok(CudaBackend { ctx, stream, blas, k, sms, name, copied: AtomicUsize::new(0), scratch: Mutex::new(scratch) })
+        Ok(CudaBackend { ctx, stream, blas, k, sms, name, copied: AtomicUsize::new(0), scratch: Mutex::new(scratch), quantized: Mutex::new(None) })
     }
 
     /// Waits until every queued op has finished (timings, tests).
@@ -277,6 +298,16 @@ impl CudaBackend {
     }
 
     fn launch_fn(&self, f: &CudaFunction, grid: (u32, u32, u32), block: u32, args: &[A]) {
+        self.forget_quantized();
+        self.launch_keep(f, grid, block, args)
+    }
+
+    fn forget_quantized(&self) {
+        *self.quantized.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// A launch that leaves the Q8 scratch's record alone (the products' own).
+    fn launch_keep(&self, f: &CudaFunction, grid: (u32, u32, u32), block: u32, args: &[A]) {
         self.bind();
         let mut vals: Vec<A> = args.to_vec();
         let mut ptrs: Vec<*mut c_void> = vals
@@ -409,6 +440,7 @@ impl Backend for CudaBackend {
     }
 
     fn alloc(&self, len: usize) -> Result<Buffer, BackendError> {
+        self.forget_quantized();
         let s = self.stream.alloc_zeros::<f32>(len.max(1)).map_err(|_| self.alloc_err("activations", len * 4))?;
         Ok(Buffer::new(len, Box::new(s)))
     }
@@ -425,6 +457,7 @@ impl Backend for CudaBackend {
     }
 
     fn write_buffer(&self, dst: &mut Buffer, offset: usize, src: &[f32]) {
+        self.forget_quantized();
         let d = dst.inner_mut().downcast_mut::<CudaSlice<f32>>().expect("buffer from another backend");
         let mut view = d.slice_mut(offset..offset + src.len());
         self.stream.memcpy_htod(src, &mut view).unwrap_or_else(|e| panic!("cuda write_buffer: {e}"));
@@ -462,21 +495,56 @@ impl Backend for CudaBackend {
         let wp = dptr(&cw.data, &self.stream);
         let (xp, op) = (self.p(x), self.p(out));
         let mut s = self.lock();
-        if n <= MMV_MAX_TOK {
+        if n <= INT_PATH_MAX_TOK {
             let grid = (blocks(n_rows, 4), 1, 1);
             if *act != Act::F32 {
                 let nblk = n * k / 32;
+                // a scratch array about to be reallocated loses what the record says it holds
+                let fits = s.qa.0.as_ref().is_some_and(|a| a.len() >= n * k)
+                    && [&s.da.0, &s.ss.0].iter().all(|a| a.as_ref().is_some_and(|a| a.len() >= nblk))
+                    && s.sa.0.as_ref().is_some_and(|a| a.len() >= nblk);
+                if !fits {
+                    self.forget_quantized();
+                }
                 let qa = s.qa.ensure(&self.stream, n * k);
                 let da = s.da.ensure(&self.stream, nblk);
                 let sa = s.sa.ensure(&self.stream, nblk);
                 let ss = s.ss.ensure(&self.stream, nblk);
                 let (name, groups) = if *act == Act::Q8K { ("quantize_q8k", nblk / 8) } else { ("quantize_q8", nblk) };
-                self.launch(name, (blocks(groups * 32, 256), 1, 1), 256, &[A::P(xp), A::P(qa), A::P(da), A::P(sa), A::P(ss), A::I(groups as i32)]);
-                let args = [A::P(wp), A::I(k as i32), A::I(n_rows as i32), A::P(qa), A::P(da), A::P(sa), A::P(ss), A::I(n as i32), A::P(op)];
-                self.launch_fn(mmv, grid, 128, &args);
+                let key = Some((xp, n, k, *act as u8));
+                let mut q = self.quantized.lock().unwrap_or_else(|e| e.into_inner());
+                if *q != key {
+                    let args = [A::P(xp), A::P(qa), A::P(da), A::P(sa), A::P(ss), A::I(groups as i32)];
+                    self.launch_keep(self.k.get(name), (blocks(groups * 32, 256), 1, 1), 256, &args);
+                    *q = key;
+                }
+                if op == xp {
+                    *q = None;
+                }
+                drop(q);
+                // per launch of up to MMV_MAX_TOK tokens: offsets of its first token's activation blocks
+                for t0 in (0..n).step_by(MMV_MAX_TOK) {
+                    let nt = (n - t0).min(MMV_MAX_TOK);
+                    let b0 = (t0 * k / 32) as u64;
+                    let args = [
+                        A::P(wp),
+                        A::I(k as i32),
+                        A::I(n_rows as i32),
+                        A::P(qa + t0 as u64 * k as u64),
+                        A::P(da + 4 * b0),
+                        A::P(sa + 4 * b0),
+                        A::P(ss + 4 * b0),
+                        A::I(nt as i32),
+                        A::P(op + 4 * (t0 * n_rows) as u64),
+                    ];
+                    self.launch_keep(mmv, grid, 128, &args);
+                }
             } else {
-                let args = [A::P(wp), A::I(k as i32), A::I(n_rows as i32), A::P(xp), A::I(n as i32), A::P(op)];
-                self.launch_fn(mmv, grid, 128, &args);
+                for t0 in (0..n).step_by(MMV_MAX_TOK) {
+                    let nt = (n - t0).min(MMV_MAX_TOK);
+                    let args = [A::P(wp), A::I(k as i32), A::I(n_rows as i32), A::P(xp + 4 * (t0 * k) as u64), A::I(nt as i32), A::P(op + 4 * (t0 * n_rows) as u64)];
+                    self.launch_fn(mmv, grid, 128, &args);
+                }
             }
         } else {
             let w16 = s.wf16.ensure(&self.stream, n_rows * k);
@@ -610,14 +678,12 @@ impl Backend for CudaBackend {
         if let Some(&b) = bt.iter().find(|&&b| b as usize >= shape.num_blocks) {
             panic!("attention: block {b} outside a pool of {} blocks", shape.num_blocks);
         }
-        // Split the keys so that the grid holds about 8 CTAs per SM (flash-decoding): enough loads in
-        // flight to stream K/V near the copy bandwidth.
-        let max_ctx = seqs.iter().map(|s| s.ctx_len).max().unwrap_or(1).max(1);
+        // Splits of ATTN_SPLIT keys counted from the first visible key, as the CPU backend cuts them
+        // (kernels/attention.cu): the grid covers the row with the most.
+        let visible = |s: &AttnSeq| p.window.map_or(s.ctx_len, |w| s.ctx_len.min(w));
+        let max_keys = seqs.iter().filter(|s| s.n_q > 0).map(visible).max().unwrap_or(1).max(1);
+        let n_splits = max_keys.div_ceil(ATTN_SPLIT);
         let group = n_heads / n_kv;
-        let ctas = n_rows * n_kv * group.div_ceil(4);
-        let want = (8 * self.sms).div_ceil(ctas).max(1);
-        let split_len = max_ctx.div_ceil(want).max(128).next_multiple_of(64);
-        let n_splits = max_ctx.div_ceil(split_len);
 
         let c = kv_ref(kv);
         let (kp, vp) = (dptr(&c.k, &self.stream), dptr(&c.v, &self.stream));
@@ -627,7 +693,7 @@ impl Backend for CudaBackend {
         let bt_p = self.upload(&mut s, Tag::AttnBt, &bt);
         let (po, pml) = if n_splits > 1 {
             let po = s.part_o.ensure(&self.stream, n_rows * n_heads * n_splits * hd);
-            (po, s.part_ml.ensure(&self.stream, n_rows * n_heads * n_splits * 2))
+            (po, s.part_ml.ensure(&self.stream, n_rows * n_heads * n_splits * 4))
         } else {
             (0, 0)
         };
@@ -643,7 +709,6 @@ impl Backend for CudaBackend {
             A::I(bs as i32),
             A::F(p.scale),
             A::I(window),
-            A::I(split_len as i32),
             A::I(n_splits as i32),
             A::P(op),
             A::P(po),
@@ -652,7 +717,7 @@ impl Backend for CudaBackend {
         let grid = (n_rows as u32, (n_kv * group.div_ceil(4)) as u32, n_splits as u32);
         self.launch(&format!("attn_hd{hd}"), grid, 128, &args);
         if n_splits > 1 {
-            let args = [A::P(po), A::P(pml), A::P(rows_p), A::I(n_heads as i32), A::I(hd as i32), A::I(n_splits as i32), A::P(op)];
+            let args = [A::P(po), A::P(pml), A::P(rows_p), A::I(n_heads as i32), A::I(hd as i32), A::I(n_splits as i32), A::I(window), A::P(op)];
             self.launch("attn_merge", ((n_rows * n_heads) as u32, 1, 1), hd as u32, &args);
         }
     }

@@ -117,7 +117,7 @@ pub(super) fn load(ctx: &Arc<CudaContext>) -> Result<Kernels, String> {
     // SAFETY: nvrtcVersion writes two ints; the library was found by the caller's probe.
     unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut v_major, &mut v_minor) };
     let nvrtc = format!("{v_major}.{v_minor}");
-    let key = fnv1a(&[src.as_bytes(), arch.as_bytes(), nvrtc.as_bytes()]);
+    let key = fnv1a(&[src.as_bytes(), arch.as_bytes(), nvrtc.as_bytes(), b"--fmad=false"]);
     let path = cache_dir().map(|d| d.join(format!("kernels-{key:016x}-{arch}.ptx")));
 
     let cached = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok());
@@ -125,7 +125,9 @@ pub(super) fn load(ctx: &Arc<CudaContext>) -> Result<Kernels, String> {
         Some(text) => Ptx::from_src(text),
         None => {
             let opts = CompileOptions {
-                options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()],
+                // --fmad=false: no implicit FMA contraction, so float expressions round as the CPU
+                // backend's Rust does (kernels/common.cuh)
+                options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".into(), "--fmad=false".into()],
                 ..Default::default()
             };
             let ptx = cudarc::nvrtc::compile_ptx_with_opts(&src, opts).map_err(|e| match e {
