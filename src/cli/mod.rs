@@ -165,6 +165,9 @@ pub struct ServeArgs {
     /// Most requests waiting for the engine; past it the server answers 429.
     #[arg(long, default_value_t = 64, requires = "serve")]
     pub max_queue: usize,
+    /// Most requests batched together (continuous batching); more wait in the queue.
+    #[arg(long, default_value_t = 64, requires = "serve")]
+    pub parallel: usize,
 }
 
 /// Sampling flags; the defaults are llama.cpp's.
@@ -250,6 +253,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     model_id: serve.alias.unwrap_or(stem),
                     api_key: serve.api_key,
                     max_queue: serve.max_queue,
+                    max_running: serve.parallel.max(1),
                     ctx,
                     defaults: sampling.params(),
                 };

@@ -141,6 +141,40 @@ impl KvCache {
         }
     }
 
+    /// A copy of `seq` (every slot computed): full blocks shared, the partial last block copied on the
+    /// device now. `None` when no block is free for the copy.
+    pub fn fork(&mut self, model: &Model, seq: &SeqKv) -> Option<SeqKv> {
+        let forked = self.manager.fork_prefix(&seq.table, seq.num_computed)?;
+        self.storage.copy_blocks(model.backend(), forked.copy.as_slice());
+        Some(SeqKv { table: forked.table, tokens: seq.tokens.clone(), num_computed: seq.num_computed })
+    }
+
+    /// Frees a sequence that is not finished (preempted, cancelled): its computed full blocks are
+    /// committed first, so they stay findable in the prefix cache; nothing is retained.
+    pub fn release(&mut self, seq: SeqKv) {
+        let SeqKv { mut table, tokens, num_computed } = seq;
+        self.manager.cache_full_blocks(&mut table, &tokens, num_computed);
+        self.manager.free(table);
+    }
+
+    /// Distinct blocks held only by retained sequences (no running sequence shares them): with nothing
+    /// running, `used_blocks - retained_only_blocks` must be 0, else a block leaked.
+    pub fn retained_only_blocks(&self) -> usize {
+        let mut refs: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+        for r in &self.retained {
+            for &b in r.table.block_ids() {
+                *refs.entry(b).or_default() += 1;
+            }
+        }
+        refs.iter().filter(|&(&b, &n)| self.manager.pool().ref_cnt(b) == n).count()
+    }
+
+    /// The pool's invariants with `running` sequences live besides the retained ones (tests, idle checks).
+    pub fn check_invariants_with(&self, running: &[&SeqKv]) -> Result<(), KvError> {
+        let tables: Vec<&BlockTable> = self.retained.iter().map(|r| &r.table).chain(running.iter().map(|s| &s.table)).collect();
+        self.manager.check_invariants(&tables)
+    }
+
     /// Forgets every cached token: retained sequences and the prefix cache.
     pub fn clear(&mut self) -> Result<(), KvError> {
         self.retained.clear();

@@ -24,11 +24,19 @@
 //!
 //! Pool size: [`PoolOptions`]; by default exactly one context of `ctx` tokens.
 //!
+//! Two APIs over the same pool: [`Engine::generate`] runs one sequence start to end (the REPL, `run -p`);
+//! the batched API (batch.rs: `start_seq`, `reserve`, `step`, `finish_seq`, `free_seq`) runs chunks of
+//! many sequences through one forward pass per step, for the scheduler's continuous batching
+//! (batcher.rs). Both leave finished sequences in the prefix cache the same way.
+//!
 //! Sampling: the prompt and each sampled token are passed to `sampler.accept` (penalties see the whole
 //! conversation); give each request a fresh or reset [`Sampler`].
 
 pub mod scheduler;
+mod batch;
+mod batcher;
 mod cache;
+mod text;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -38,6 +46,7 @@ use crate::model::{AttnSeq, ForwardBatch, Model, ModelError, Scratch, UBATCH};
 use crate::sampling::Sampler;
 
 use cache::{KvCache, SeqKv};
+pub use batch::{Sequence, StepOutput};
 pub use cache::RETAINED_SEQS;
 
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +132,11 @@ pub struct CacheStats {
     pub used_blocks: usize,
     /// Full blocks in the prefix cache, held or free: what a later prompt can re-use.
     pub cached_blocks: usize,
+    /// Blocks a new token can take now (empty, or cached and unreferenced).
+    pub free_blocks: usize,
+    /// Of `used_blocks`, those held only by retained (finished) sequences: with no request running,
+    /// `used_blocks == retained_blocks`, else a block leaked.
+    pub retained_blocks: usize,
     pub block_size: usize,
     /// Prompt tokens asked for, over all requests.
     pub queried_tokens: u64,
@@ -197,19 +211,7 @@ impl Engine {
         cancel: &AtomicBool,
         on_token: &mut dyn FnMut(u32) -> bool,
     ) -> Result<Generation, EngineError> {
-        let n = prompt.len();
-        if n == 0 {
-            return Err(EngineError::EmptyPrompt);
-        }
-        // `>=`: the prompt must leave room for at least one reply token.
-        if n >= self.ctx {
-            let ctx_train = self.model.config().ctx_train;
-            return Err(EngineError::PromptTooLong { n_prompt: n, ctx: self.ctx, ctx_train });
-        }
-        let n_vocab = self.model.config().n_vocab;
-        if let Some(&id) = prompt.iter().find(|&&t| t as usize >= n_vocab) {
-            return Err(ModelError::BadToken { id, n_vocab }.into());
-        }
+        self.check_prompt(prompt)?;
 
         // Step 1: the longest prefix the pool holds (none without the prefix cache).
         let mut seq = self.cache.start(&self.model, prompt);
@@ -310,6 +312,8 @@ impl Engine {
             total_blocks: u.num_blocks,
             used_blocks: u.used_blocks,
             cached_blocks: if self.opts.prefix_cache { u.cached_blocks } else { 0 },
+            free_blocks: u.free_blocks,
+            retained_blocks: self.cache.retained_only_blocks(),
             block_size: u.block_size,
             queried_tokens: self.queried_tokens,
             hit_tokens: self.hit_tokens,
@@ -330,5 +334,11 @@ impl Engine {
     /// call it after every request.
     pub fn check_invariants(&self) -> Result<(), KvError> {
         self.cache.check_invariants()
+    }
+
+    /// The same with `running` sequences of the batched API live (the scheduler, when it checks).
+    pub fn check_invariants_with(&self, running: &[&Sequence]) -> Result<(), KvError> {
+        let kvs: Vec<&cache::SeqKv> = running.iter().map(|s| s.kv()).collect();
+        self.cache.check_invariants_with(&kvs)
     }
 }

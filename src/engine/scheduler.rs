@@ -7,7 +7,7 @@
 //!   waiting) is refused there, before any work.
 //! - A [`Ticket`]'s events: for each choice `index` in `0..n`, zero or more [`Event::Token`] and then one
 //!   [`Event::Done`]; or an [`Event::Error`] that ends the request. The channel closes after the last one.
-//!   Choices may interleave (they will once `n > 1` forks run batched); within one choice, order holds.
+//!   Choices interleave (the `n` forks run in one batch); within one choice, order holds.
 //! - Text: each token's `text` is what it releases of the reply, decoded across token boundaries (a
 //!   character split over tokens waits for its last byte) with stop strings held back until they are
 //!   ruled out; `Done.text` is the rest (the decoder's tail). Concatenating a choice's texts gives its
@@ -18,21 +18,18 @@
 //! - Logprobs are of the model's distribution (log-softmax of the raw logits, before penalties and
 //!   temperature), as OpenAI and llama-server report them.
 //!
-//! ## v0 internals
+//! ## Internals: continuous batching (batcher.rs)
 //! ```text
-//! submit --> waiting (FIFO, bounded) --admit--> run: choice 0..n one after another through
-//!                                               Engine::generate (stop strings, decoding: TextStream)
+//! submit --> waiting (FIFO, bounded by max_queue) --pull--> the batcher thread, owning the Engine:
+//!   loop { drop cancelled sequences; schedule (token budget); ONE Engine::step; sample; emit events }
 //! ```
-//! One request at a time; the cancel flag is the one `Engine::generate` checks between forward passes.
-//! Logprobs: `Engine::generate` hands `on_token` only the id, so a request asking for them is scored
-//! after the fact by one extra pass of the model over prompt + reply ([`score`]); its tokens are sent
-//! when that pass is done. Once the engine exposes each step's logits this pass goes away.
-//!
-//! ## Later (continuous batching)
-//! `admit` moves every waiting request whose blocks fit into a running set; each step builds one batch
-//! from all running sequences (decode tokens plus chunks of prefills), samples each sequence's next token
-//! and feeds it to that sequence's [`TextStream`]. `n` choices become forks sharing the prompt's blocks.
-//! Nothing above this section changes.
+//! Each step batches every running sequence's next decode token plus chunks of prefills (new or
+//! preempted sequences) under a budget of [`TOKEN_BUDGET`] tokens, vLLM v1 style: there are no prefill
+//! and decode phases, a prefill is a sequence with many pending tokens. Up to `max_running` requests run
+//! at once; `n` choices are forks sharing the prompt's blocks. When the pool runs out, the youngest
+//! sequence is preempted (its blocks freed, its computed full blocks left in the prefix cache) and
+//! re-queued ahead of new requests; its sampler and text state survive, so its reply is unchanged.
+//! Logprobs come from each step's logits (before penalties and temperature).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,10 +38,13 @@ use std::thread::JoinHandle;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use super::{CacheStats, Engine, FinishReason, Generation};
-use crate::model::{Logits, Model, ModelError};
-use crate::sampling::{Sampler, SamplingParams};
-use crate::tokenizer::{StreamDecoder, Tokenizer};
+use super::batcher;
+use super::{CacheStats, Engine, FinishReason};
+use crate::sampling::SamplingParams;
+use crate::tokenizer::Tokenizer;
+
+pub use super::batcher::TOKEN_BUDGET;
+pub use super::text::{log_softmax_pick, score, StopMatcher, TextStream, TokenScore};
 
 /// Most alternatives a request may ask for per token.
 pub const MAX_TOP_LOGPROBS: usize = 20;
@@ -124,7 +124,12 @@ pub struct SchedulerOptions {
     pub max_queue: usize,
     /// Most choices per request.
     pub max_n: usize,
+    /// Most requests running at once (batched together); 0: [`DEFAULT_MAX_RUNNING`].
+    pub max_running: usize,
 }
+
+/// Requests batched together unless [`SchedulerOptions::max_running`] says otherwise.
+pub const DEFAULT_MAX_RUNNING: usize = 64;
 
 /// Counters for `/metrics`; a snapshot.
 #[derive(Clone, Copy, Debug, Default)]
@@ -145,8 +150,18 @@ pub struct SchedulerStats {
     /// Choices that ended with `stop`, and with `length` (or a full context).
     pub finished_stop: u64,
     pub finished_length: u64,
-    /// The engine's KV pool and prefix-cache counters, as of the last finished request.
+    /// The engine's KV pool and prefix-cache counters, as of the last step.
     pub cache: CacheStats,
+    /// Sequences (choices) in the running batch, as of the last step.
+    pub running_seqs: usize,
+    /// Forward steps, and over them: sequences and tokens batched.
+    pub steps: u64,
+    pub step_seqs: u64,
+    pub step_tokens: u64,
+    /// Sequences preempted because the KV pool ran out.
+    pub preemptions: u64,
+    /// Times the pool's invariants failed when the scheduler went idle (a leak or a bookkeeping bug).
+    pub invariant_errors: u64,
 }
 
 /// The receiving end of one request. Dropping it cancels the request.
@@ -187,36 +202,42 @@ impl Drop for Ticket {
 }
 
 /// A request inside the scheduler.
-struct Job {
-    id: u64,
-    req: Request,
-    tx: UnboundedSender<Event>,
-    cancel: Arc<AtomicBool>,
+pub(super) struct Job {
+    pub id: u64,
+    pub req: Request,
+    pub tx: UnboundedSender<Event>,
+    pub cancel: Arc<AtomicBool>,
 }
 
-struct State {
-    waiting: VecDeque<Job>,
-    running: usize,
+impl Job {
+    /// The client is gone: its ticket was dropped or cancelled.
+    pub fn gone(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed) || self.tx.is_closed()
+    }
+}
+
+pub(super) struct State {
+    pub waiting: VecDeque<Job>,
+    /// Requests the batcher holds (running or preempted).
+    pub running: usize,
     next_id: u64,
-    shutdown: bool,
-    /// Cancel flags of the running requests (set on shutdown).
-    running_cancel: Vec<Arc<AtomicBool>>,
+    pub shutdown: bool,
 }
 
-struct Shared {
+pub(super) struct Shared {
     state: Mutex<State>,
-    wake: Condvar,
+    pub wake: Condvar,
     stats: Mutex<SchedulerStats>,
 }
 
 impl Shared {
     /// The lock, even if a thread panicked while holding it (the queue stays consistent: every change is
     /// a single push or remove).
-    fn lock(&self) -> MutexGuard<'_, State> {
+    pub fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn stats(&self) -> MutexGuard<'_, SchedulerStats> {
+    pub fn stats(&self) -> MutexGuard<'_, SchedulerStats> {
         self.stats.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -230,15 +251,20 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// Start the scheduler thread; it owns `engine` from now on. `tokenizer` decodes replies.
-    pub fn spawn(engine: Engine, tokenizer: Arc<Tokenizer>, opts: SchedulerOptions) -> std::io::Result<Scheduler> {
+    pub fn spawn(engine: Engine, tokenizer: Arc<Tokenizer>, mut opts: SchedulerOptions) -> std::io::Result<Scheduler> {
+        if opts.max_running == 0 {
+            opts.max_running = DEFAULT_MAX_RUNNING;
+        }
         let cache = engine.stats();
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { waiting: VecDeque::new(), running: 0, next_id: 1, shutdown: false, running_cancel: Vec::new() }),
+            state: Mutex::new(State { waiting: VecDeque::new(), running: 0, next_id: 1, shutdown: false }),
             wake: Condvar::new(),
             stats: Mutex::new(SchedulerStats { cache, ..Default::default() }),
         });
         let s = shared.clone();
-        let thread = std::thread::Builder::new().name("pagellm-scheduler".into()).spawn(move || run_loop(engine, &tokenizer, &s, opts))?;
+        let thread = std::thread::Builder::new()
+            .name("pagellm-scheduler".into())
+            .spawn(move || batcher::run_loop(engine, tokenizer, &s, opts))?;
         Ok(Scheduler { shared, opts, thread: Some(thread) })
     }
 
@@ -303,330 +329,10 @@ impl Drop for Scheduler {
         let mut st = self.shared.lock();
         st.shutdown = true;
         st.waiting.clear();
-        for c in &st.running_cancel {
-            c.store(true, Ordering::SeqCst);
-        }
         drop(st);
         self.shared.wake.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-    }
-}
-
-/// The scheduler thread: admit a request, run it, repeat until shutdown.
-fn run_loop(mut engine: Engine, tok: &Arc<Tokenizer>, shared: &Shared, opts: SchedulerOptions) {
-    while let Some(job) = admit(shared) {
-        // A bug in the engine must not take the server down or leave the client waiting forever: the
-        // request fails, the cache (whose state is unknown) is emptied, and the next request runs.
-        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_job(&mut engine, tok, shared, opts, &job)));
-        let outcome = run.unwrap_or_else(|panic| {
-            let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
-            let _ = job.tx.send(Event::Error { message: format!("internal error: the engine panicked ({})", what.unwrap_or_default()) });
-            engine.clear_cache();
-            Outcome::Failed
-        });
-        let mut st = shared.lock();
-        st.running -= 1;
-        st.running_cancel.retain(|c| !Arc::ptr_eq(c, &job.cancel));
-        drop(st);
-        let mut stats = shared.stats();
-        match outcome {
-            Outcome::Completed => stats.completed += 1,
-            Outcome::Cancelled => stats.cancelled += 1,
-            Outcome::Failed => stats.failed += 1,
-        }
-        stats.cache = engine.stats();
-    }
-}
-
-/// Wait for the next waiting request that is still wanted; `None` on shutdown.
-fn admit(shared: &Shared) -> Option<Job> {
-    let mut st = shared.lock();
-    loop {
-        if st.shutdown {
-            return None;
-        }
-        if let Some(job) = st.waiting.pop_front() {
-            st.running += 1;
-            st.running_cancel.push(job.cancel.clone());
-            return Some(job);
-        }
-        st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
-    }
-}
-
-enum Outcome {
-    Completed,
-    Cancelled,
-    Failed,
-}
-
-/// Run every choice of `job` one after another.
-fn run_job(engine: &mut Engine, tok: &Arc<Tokenizer>, shared: &Shared, opts: SchedulerOptions, job: &Job) -> Outcome {
-    let req = &job.req;
-    for index in 0..req.n {
-        let gone = || job.cancel.load(Ordering::Relaxed) || job.tx.is_closed();
-        if gone() {
-            return Outcome::Cancelled;
-        }
-        let res = run_choice(engine, tok, opts, job, index);
-        if gone() {
-            return Outcome::Cancelled;
-        }
-        match res {
-            Ok((g, tail, stopped)) => {
-                let finish_reason = if stopped { FinishReason::Stop } else { g.finish };
-                let usage = Usage { prompt_tokens: g.prompt_tokens, completion_tokens: g.tokens.len(), cached_tokens: g.cached_tokens };
-                let mut stats = shared.stats();
-                stats.prompt_tokens += usage.prompt_tokens as u64;
-                stats.cached_tokens += usage.cached_tokens as u64;
-                stats.completion_tokens += usage.completion_tokens as u64;
-                match finish_reason {
-                    FinishReason::Stop => stats.finished_stop += 1,
-                    _ => stats.finished_length += 1,
-                }
-                drop(stats);
-                let _ = job.tx.send(Event::Done { index, text: tail, finish_reason, usage });
-            }
-            Err(message) => {
-                let _ = job.tx.send(Event::Error { message });
-                return Outcome::Failed;
-            }
-        }
-    }
-    Outcome::Completed
-}
-
-/// One choice: generate (sending token events as they come, or after scoring when logprobs are asked
-/// for); returns the generation, the text not yet released, and whether a stop string ended it.
-fn run_choice(
-    engine: &mut Engine,
-    tok: &Arc<Tokenizer>,
-    opts: SchedulerOptions,
-    job: &Job,
-    index: usize,
-) -> Result<(Generation, String, bool), String> {
-    let req = &job.req;
-    let sampling = SamplingParams { seed: req.sampling.seed.wrapping_add(index as u64), ..req.sampling.clone() };
-    let mut sampler = Sampler::new(sampling);
-    let mut text = TextStream::new(tok.clone(), &req.stop);
-    let max_tokens = req.max_tokens.unwrap_or(opts.ctx - req.prompt.len());
-    let mut held: Vec<Event> = Vec::new();
-    let mut on_token = |id: u32| {
-        if job.tx.is_closed() {
-            // The client is gone: stop at once rather than wait for the ticket's drop.
-            job.cancel.store(true, Ordering::SeqCst);
-            return false;
-        }
-        let (piece, hit_stop) = text.push(id);
-        let ev = Event::Token { index, id, text: piece, logprob: None, top_logprobs: Vec::new() };
-        if req.logprobs.is_some() {
-            held.push(ev);
-        } else {
-            let _ = job.tx.send(ev);
-        }
-        !hit_stop
-    };
-    let g = engine.generate(&req.prompt, &mut sampler, max_tokens, &job.cancel, &mut on_token).map_err(|e| e.to_string())?;
-    let tail = text.finish();
-    if let Some(k) = req.logprobs {
-        if !job.cancel.load(Ordering::Relaxed) {
-            let scores = score(engine.model(), &req.prompt, &g.tokens, k).map_err(|e| format!("scoring logprobs failed: {e}"))?;
-            for (mut ev, (lp, top)) in held.into_iter().zip(scores) {
-                if let Event::Token { logprob, top_logprobs, .. } = &mut ev {
-                    *logprob = Some(lp);
-                    *top_logprobs = top;
-                }
-                let _ = job.tx.send(ev);
-            }
-        }
-    }
-    Ok((g, tail, text.stopped()))
-}
-
-/// Each reply token's logprob and the `k` most likely tokens at its position, from one pass of the model
-/// over prompt + reply in a session of its own (the engine's cache is not touched).
-///
-/// ```text
-/// fed:     p0 .. p(n-1) | r0 r1 .. r(m-2)
-/// rows:           ^last   ^    ^        ^      row i predicts r(i)
-/// ```
-pub fn score(model: &Model, prompt: &[u32], reply: &[u32], k: usize) -> Result<Vec<TokenScore>, ModelError> {
-    const CHUNK: usize = 64;
-    let Some((_, fed_reply)) = reply.split_last() else { return Ok(Vec::new()) };
-    let n_vocab = model.config().n_vocab;
-    let mut sess = model.new_session(prompt.len() + fed_reply.len())?;
-    let mut rows = model.forward(&mut sess, prompt, Logits::Last)?;
-    let mut out = Vec::with_capacity(reply.len());
-    let mut chunks = fed_reply.chunks(CHUNK);
-    loop {
-        for row in rows.chunks_exact(n_vocab) {
-            out.push(log_softmax_pick(row, reply[out.len()], k));
-        }
-        match chunks.next() {
-            Some(c) => rows = model.forward(&mut sess, c, Logits::All)?,
-            None => break,
-        }
-    }
-    debug_assert_eq!(out.len(), reply.len());
-    Ok(out)
-}
-
-/// A token's logprob and the most likely tokens at its position with theirs.
-pub type TokenScore = (f32, Vec<(u32, f32)>);
-
-/// ln softmax(row)[id], and the `k` largest entries of ln softmax(row) (ties by id).
-fn log_softmax_pick(row: &[f32], id: u32, k: usize) -> TokenScore {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = row.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    let lse = max as f64 + sum.ln();
-    let lp = |l: f32| (l as f64 - lse) as f32;
-    let mut top: Vec<(u32, f32)> = Vec::new();
-    if k > 0 {
-        let mut idx: Vec<u32> = (0..row.len() as u32).collect();
-        let by = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
-        let k = k.min(idx.len());
-        idx.select_nth_unstable_by(k - 1, by);
-        idx.truncate(k);
-        idx.sort_unstable_by(by);
-        top = idx.into_iter().map(|i| (i, lp(row[i as usize]))).collect();
-    }
-    (row.get(id as usize).map_or(f32::NEG_INFINITY, |&l| lp(l)), top)
-}
-
-/// Token ids in, reply text out: a streaming decoder followed by a [`StopMatcher`].
-pub struct TextStream {
-    decoder: StreamDecoder<Arc<Tokenizer>>,
-    stops: StopMatcher,
-}
-
-impl TextStream {
-    pub fn new(tok: Arc<Tokenizer>, stops: &[String]) -> TextStream {
-        TextStream { decoder: StreamDecoder::new(tok), stops: StopMatcher::new(stops) }
-    }
-
-    /// Add a token; returns the text it releases and whether a stop string has now matched.
-    pub fn push(&mut self, id: u32) -> (String, bool) {
-        if self.stops.stopped {
-            return (String::new(), true);
-        }
-        let piece = self.decoder.push(id);
-        (self.stops.push(&piece, false), self.stops.stopped)
-    }
-
-    /// End of the reply: the rest of the text (nothing after a stop string).
-    pub fn finish(&mut self) -> String {
-        if self.stops.stopped {
-            return String::new();
-        }
-        let tail = self.decoder.flush();
-        self.stops.push(&tail, true)
-    }
-
-    pub fn stopped(&self) -> bool {
-        self.stops.stopped
-    }
-}
-
-/// Holds back text that may be the start of a stop string, and cuts the text at the first match.
-///
-/// ```text
-/// pending: "...Hello, Us"   stop "User:"  -> release "...Hello, ", keep "Us" (a prefix of "User:")
-/// pending: "Us" + "er: x"   contains "User:" at 0 -> release "", stopped
-/// ```
-/// Why this is enough: `pending` only ever keeps its longest suffix that is a prefix of some stop
-/// string, so a match can never begin in text already released.
-#[derive(Clone, Debug, Default)]
-pub struct StopMatcher {
-    stops: Vec<String>,
-    pending: String,
-    pub stopped: bool,
-}
-
-impl StopMatcher {
-    pub fn new(stops: &[String]) -> StopMatcher {
-        let stops = stops.iter().filter(|s| !s.is_empty()).cloned().collect();
-        StopMatcher { stops, pending: String::new(), stopped: false }
-    }
-
-    /// Add `text`; returns what may be shown now. `at_end`: no more text comes, release all before a match.
-    pub fn push(&mut self, text: &str, at_end: bool) -> String {
-        if self.stopped {
-            return String::new();
-        }
-        self.pending.push_str(text);
-        let first_match = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min();
-        if let Some(at) = first_match {
-            self.stopped = true;
-            self.pending.truncate(at);
-            return std::mem::take(&mut self.pending);
-        }
-        let keep = if at_end { 0 } else { self.partial_stop_len() };
-        let rest = self.pending.split_off(self.pending.len() - keep);
-        std::mem::replace(&mut self.pending, rest)
-    }
-
-    /// Bytes of the longest suffix of `pending` that is a proper prefix of some stop string.
-    fn partial_stop_len(&self) -> usize {
-        let p = &self.pending;
-        let mut best = 0;
-        for s in &self.stops {
-            // Suffixes shorter than `s`, starting at character boundaries.
-            for (at, _) in p.char_indices().rev().take(s.chars().count().saturating_sub(1)) {
-                let suffix = &p[at..];
-                if suffix.len() > best && s.starts_with(suffix) {
-                    best = suffix.len();
-                }
-            }
-        }
-        best
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{log_softmax_pick, StopMatcher};
-
-    /// Feed `pieces` one by one; returns the released text and whether a stop matched.
-    fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
-        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
-        let mut m = StopMatcher::new(&stops);
-        let mut out = String::new();
-        for p in pieces {
-            out += &m.push(p, false);
-        }
-        out += &m.push("", true);
-        (out, m.stopped)
-    }
-
-    #[test]
-    fn stop_strings_match_across_pieces_and_are_cut() {
-        assert_eq!(run(&["User:"], &["Hello, Us", "er: more"]), ("Hello, ".into(), true));
-        assert_eq!(run(&["User:"], &["Hello, Us", "es"]), ("Hello, Uses".into(), false));
-        assert_eq!(run(&["\n\n", "END"], &["a\n", "b E", "N", "D\n\n"]), ("a\nb ".into(), true));
-        assert_eq!(run(&["ab"], &["xa", "a", "b"]), ("xa".into(), true));
-        assert_eq!(run(&[], &["free ", "text"]), ("free text".into(), false));
-        assert_eq!(run(&["é!"], &["café", "!"]), ("caf".into(), true));
-        assert_eq!(run(&[""], &["x"]), ("x".into(), false));
-    }
-
-    #[test]
-    fn held_text_is_released_once_ruled_out() {
-        let mut m = StopMatcher::new(&["###".to_string()]);
-        assert_eq!(m.push("a ##", false), "a ");
-        assert_eq!(m.push("x", false), "##x");
-        assert!(!m.stopped);
-    }
-
-    #[test]
-    fn log_softmax_pick_matches_softmax() {
-        let row = [1.0f32, 3.0, 2.0, 3.0];
-        let (lp, top) = log_softmax_pick(&row, 2, 3);
-        let p = crate::sampling::softmax(&row);
-        assert!((lp - p[2].ln()).abs() < 1e-5);
-        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 2]);
-        assert!((top[0].1 - p[1].ln()).abs() < 1e-5);
-        assert!(log_softmax_pick(&row, 9, 0).0.is_infinite());
     }
 }

@@ -49,6 +49,27 @@ pub fn render(s: &SchedulerStats, opts: &SchedulerOptions, http: &BTreeMap<(&'st
     metric(&mut out, "pagellm_kv_blocks_total", "gauge", "KV cache blocks in the pool.", &one(c.total_blocks as f64));
     metric(&mut out, "pagellm_kv_blocks_used", "gauge", "KV cache blocks holding tokens.", &one(c.used_blocks as f64));
     metric(&mut out, "pagellm_kv_blocks_cached", "gauge", "Full KV blocks a later prompt can re-use.", &one(c.cached_blocks as f64));
+    metric(&mut out, "pagellm_kv_blocks_free", "gauge", "KV cache blocks a new token can take (empty or cached and unreferenced).", &one(c.free_blocks as f64));
+    metric(
+        &mut out,
+        "pagellm_kv_blocks_retained",
+        "gauge",
+        "Used blocks held only by finished sequences kept for continuation (equals used when idle; more is a leak).",
+        &one(c.retained_blocks as f64),
+    );
+    metric(
+        &mut out,
+        "pagellm_kv_blocks_used_by_requests",
+        "gauge",
+        "Used blocks minus retained ones: blocks of running sequences; 0 when idle.",
+        &one(c.used_blocks.saturating_sub(c.retained_blocks) as f64),
+    );
+    metric(&mut out, "pagellm_sequences_running", "gauge", "Sequences (choices) in the running batch.", &one(s.running_seqs as f64));
+    metric(&mut out, "pagellm_steps_total", "counter", "Batched forward steps.", &one(s.steps as f64));
+    metric(&mut out, "pagellm_step_sequences_total", "counter", "Sequences over all steps (divide by steps: mean batch size).", &one(s.step_seqs as f64));
+    metric(&mut out, "pagellm_step_tokens_total", "counter", "Tokens over all steps (decode tokens plus prefill chunks).", &one(s.step_tokens as f64));
+    metric(&mut out, "pagellm_preemptions_total", "counter", "Sequences preempted because the KV pool ran out.", &one(s.preemptions as f64));
+    metric(&mut out, "pagellm_kv_invariant_errors_total", "counter", "KV pool checks failed when the scheduler went idle.", &one(s.invariant_errors as f64));
     metric(&mut out, "pagellm_kv_block_size", "gauge", "Tokens per KV block.", &one(c.block_size as f64));
     metric(&mut out, "pagellm_context_tokens", "gauge", "Most tokens (prompt + reply) per request.", &one(opts.ctx as f64));
     metric(&mut out, "pagellm_uptime_seconds", "gauge", "Seconds since the server started.", &one(uptime_s));

@@ -58,6 +58,8 @@ pub struct ServeOptions {
     /// When set, every endpoint wants `Authorization: Bearer KEY`.
     pub api_key: Option<String>,
     pub max_queue: usize,
+    /// Most requests batched together (`--parallel`); 0: the scheduler's default.
+    pub max_running: usize,
     /// Context (prompt + reply tokens) of a request: the one the engine was built with.
     pub ctx: usize,
     /// Sampling defaults (the run command's flags); a request's fields override them.
@@ -88,7 +90,7 @@ struct Streamed;
 /// Serve `engine` (built with the context `opts.ctx`) until Ctrl-C or SIGTERM.
 pub fn serve(engine: Engine, tokenizer: Tokenizer, template: ChatTemplate, opts: ServeOptions) -> Result<(), BoxError> {
     let tokenizer = Arc::new(tokenizer);
-    let sched_opts = SchedulerOptions { ctx: opts.ctx, max_queue: opts.max_queue, max_n: MAX_N };
+    let sched_opts = SchedulerOptions { ctx: opts.ctx, max_queue: opts.max_queue, max_n: MAX_N, max_running: opts.max_running };
     let scheduler =
         Scheduler::spawn(engine, tokenizer.clone(), sched_opts).map_err(|e| format!("cannot start the scheduler thread: {e}"))?;
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
