@@ -4,7 +4,7 @@
 //! pool, sliding windows; and batch invariance: a token's output is the same bits whether it is decoded
 //! alone, prefilled whole or in chunks, among other sequences or not, on 1 thread or many.
 
-use pagellm::backend::cpu::{CpuBackend, Kernels, ATTN_SPLIT_TOKENS};
+use pagellm::backend::cpu::{CpuBackend, Isa, Kernels, ATTN_SPLIT_TOKENS};
 use pagellm::backend::{AttnParams, AttnSeq, Backend, Buffer, KvShape, KvStore};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -225,5 +225,70 @@ fn long_windows_and_extreme_scores() {
         let err = rel_l2(&got[0], &reference(&q[0], &seqs[0], 3, &p));
         assert!(err < 2e-3, "window {window:?}: rel L2 {err:e}");
         println!("window {window:?}, scale 0.9: relative L2 error {err:.2e}");
+    }
+}
+
+/// Every kernel table (scalar, the oracle, and each SIMD one this CPU has) against the reference, each
+/// SIMD table close to the scalar one and bit-identical to the other SIMD tables (avx2 and avx512 share
+/// one float order, which the CUDA kernels follow too), over the models' shapes and a split boundary.
+#[test]
+fn every_kernel_table_matches_reference() {
+    let mut r = StdRng::seed_from_u64(4);
+    for (hd, ratio) in [(64, 3), (64, 1), (128, 8), (256, 4), (80, 2), (48, 5), (40, 3)] {
+        let p = params(hd, ratio, None);
+        let (seqs, num_blocks) = make_seqs(&mut r, &[1, 13, 300, ATTN_SPLIT_TOKENS + 37], hd);
+        let n_q = [1, 13, 5, 3];
+        let qs: Vec<Vec<f32>> = n_q.iter().map(|&n| randn(&mut r, n * p.n_heads * hd)).collect();
+        let (mut scalar, mut simd) = (None, None);
+        for kern in Kernels::all() {
+            let b = CpuBackend::new(1, kern).unwrap();
+            let kv = fill(&b, &seqs, num_blocks, hd);
+            let got = attend(&b, &kv, &seqs, &n_q, &qs, &p);
+            for (i, s) in seqs.iter().enumerate() {
+                let err = rel_l2(&got[i], &reference(&qs[i], s, n_q[i], &p));
+                assert!(err < 2e-3, "{} hd {hd} ratio {ratio} ctx {}: rel L2 {err:e}", kern.name(), s.ctx);
+            }
+            let base: &Vec<Vec<f32>> = scalar.get_or_insert(got.clone());
+            for (i, (g, w)) in got.iter().zip(base).enumerate() {
+                let w64: Vec<f64> = w.iter().map(|&x| x as f64).collect();
+                let err = rel_l2(g, &w64);
+                assert!(err < 1e-3, "{} hd {hd} ratio {ratio} seq {i}: {err:e} from scalar", kern.name());
+            }
+            if kern.isa != Isa::Scalar {
+                assert!(*simd.get_or_insert(got.clone()) == got, "{} hd {hd} ratio {ratio}: other bits than avx2", kern.name());
+            }
+        }
+    }
+}
+
+/// Micro-benchmark (run with `--ignored --nocapture`): ns per query-head-key on 1 thread, per kernel
+/// table, for SmolLM2's shape (head_dim 64, 3 query heads per KV head) and Gemma 3's (256, 4): 20 new
+/// rows over 800 cached keys, a chat turn with the prefix cache.
+#[test]
+#[ignore]
+fn attention_ns_per_query_head_key() {
+    let mut r = StdRng::seed_from_u64(5);
+    for (hd, ratio) in [(64, 3), (256, 4)] {
+        let p = params(hd, ratio, None);
+        let (ctx, new) = (820, 20);
+        let (seqs, num_blocks) = make_seqs(&mut r, &[ctx], hd);
+        let qs = vec![randn(&mut r, new * p.n_heads * hd)];
+        let work: usize = (0..new).map(|i| ctx - new + i + 1).sum::<usize>() * p.n_heads;
+        // PAGELLM_BENCH_ISA=avx2 (say) times one table only, for a profiler
+        let only = std::env::var("PAGELLM_BENCH_ISA").ok();
+        for kern in Kernels::all().into_iter().filter(|k| only.as_deref().is_none_or(|o| o == k.name())) {
+            let b = CpuBackend::new(1, kern).unwrap();
+            let kv = fill(&b, &seqs, num_blocks, hd);
+            let reps = 30;
+            let mut best = f64::INFINITY;
+            for _ in 0..5 {
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    std::hint::black_box(attend(&b, &kv, &seqs, &[new], &qs, &p));
+                }
+                best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+            }
+            println!("hd {hd} group {ratio} {:>6}: {:.2} ns per query-head-key", kern.name(), best * 1e9 / work as f64);
+        }
     }
 }

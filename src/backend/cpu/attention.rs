@@ -29,6 +29,11 @@
 //! threads (all splits of a row in one task when there are many rows, as in prefill; one task per split
 //! when there are few, as in decode of a long context) never changes an output bit, so prefill,
 //! chunked prefill, decode, and a sequence alone or among others give a token the same result.
+//!
+//! **Inner loops.** With a SIMD kernel table and a head_dim that is a multiple of 16, a split's scores,
+//! exps and weighted V sum run in `attention_simd` (AVX-512F or AVX2, F16C, FMA; chosen once per process
+//! from the table's ISA); otherwise, and always under `PAGELLM_CPU=scalar`, the per-key loops here, the
+//! oracle. Either way each output element's order of operations depends only on the split's keys.
 
 use std::ops::Range;
 
@@ -36,6 +41,7 @@ use half::slice::HalfFloatSliceExt;
 use half::f16;
 use rayon::prelude::*;
 
+use super::attention_simd::{self, SimdAttn};
 use super::kernels::Kernels;
 use crate::backend::{AttnParams, AttnSeq, KvShape};
 
@@ -104,11 +110,15 @@ struct Work {
     scores: Vec<f32>,
     /// `[split len]` one head's weights in f16.
     half: Vec<f16>,
+    /// `[split len]` offsets of the split's K/V rows in the pools.
+    rows: Vec<usize>,
 }
 
 /// What every task reads.
 struct Job<'a> {
     kern: &'a Kernels,
+    /// The vector loops, for a SIMD kernel table and a head_dim they cover; else the per-key kernels.
+    simd: Option<&'static SimdAttn>,
     kv: &'a CpuKv,
     q: &'a [f32],
     seqs: &'a [AttnSeq<'a>],
@@ -168,27 +178,41 @@ impl Job<'_> {
     /// Attention of the group's query heads `qv` over `span`, normalized within it: `o` `[group x hd]`,
     /// `ml` `[group]`.
     fn partial(&self, span: &Span, qv: &[f32], work: &mut Work, o: &mut [f32], ml: &mut [Ml]) {
-        let Work { scores, half } = work;
+        let Work { scores, half, rows } = work;
         let (hd, group, n, g) = (self.hd, self.group, span.keys.len(), span.g);
         let (bt, kv, keys) = (self.seqs[span.seq].block_table, self.kv, span.keys.clone());
         scores.resize(group * n, 0.0);
+        rows.clear();
+        rows.extend(self.kv_rows(bt, keys, g));
         ml.fill(Ml { max: f32::NEG_INFINITY, sum: 0.0 });
         // scores = scale * q . k_j, one read of k_j for the whole group
-        for (i, r) in self.kv_rows(bt, keys.clone(), g).enumerate() {
-            let k = &kv.k[r..r + hd];
-            for (hh, m) in ml.iter_mut().enumerate() {
-                let s = (self.kern.dot_f16)(k, &qv[hh * hd..(hh + 1) * hd]) * self.scale;
-                m.max = m.max.max(s);
-                scores[hh * n + i] = s;
+        if let Some(simd) = self.simd {
+            (simd.qk)(&kv.k, rows, hd, qv, group, self.scale, scores);
+        } else {
+            for (i, &r) in rows.iter().enumerate() {
+                let k = &kv.k[r..r + hd];
+                for hh in 0..group {
+                    scores[hh * n + i] = (self.kern.dot_f16)(k, &qv[hh * hd..(hh + 1) * hd]) * self.scale;
+                }
             }
+        }
+        for (hh, m) in ml.iter_mut().enumerate() {
+            m.max = scores[hh * n..(hh + 1) * n].iter().fold(m.max, |a, &s| a.max(s));
         }
         // softmax, summed in f64 like ggml; weights rounded to f16 (in bulk: F16C where the CPU has it)
         // (the heads' sums interleaved, so their f64 add chains overlap; each head's order is unchanged)
+        if let Some(simd) = self.simd {
+            for (hh, m) in ml.iter().enumerate() {
+                (simd.exp)(&mut scores[hh * n..(hh + 1) * n], m.max);
+            }
+        } else {
+            for (hh, m) in ml.iter().enumerate() {
+                scores[hh * n..(hh + 1) * n].iter_mut().for_each(|s| *s = (*s - m.max).exp());
+            }
+        }
         for i in 0..n {
             for (hh, m) in ml.iter_mut().enumerate() {
-                let e = (scores[hh * n + i] - m.max).exp();
-                scores[hh * n + i] = e;
-                m.sum += e as f64;
+                m.sum += scores[hh * n + i] as f64;
             }
         }
         half.resize(n, f16::ZERO);
@@ -200,8 +224,12 @@ impl Job<'_> {
             half.convert_to_f32_slice(row);
         }
         // o = sum_j w_j v_j, one read of v_j for the whole group
+        if let Some(simd) = self.simd {
+            (simd.pv)(&kv.v, rows, hd, scores, group, o);
+            return;
+        }
         o.fill(0.0);
-        for (i, r) in self.kv_rows(bt, keys, g).enumerate() {
+        for (i, &r) in rows.iter().enumerate() {
             let v = &kv.v[r..r + hd];
             for hh in 0..group {
                 (self.kern.axpy_f16)(&mut o[hh * hd..(hh + 1) * hd], scores[hh * n + i], v);
@@ -314,6 +342,7 @@ pub(super) fn attention(
 
     let job = Job {
         kern,
+        simd: attention_simd::simd(kern.isa).filter(|_| hd.is_multiple_of(SimdAttn::HD_STEP)),
         kv,
         q,
         seqs,

@@ -6,6 +6,7 @@
 //! (`GGML_GELU_FP16`); RoPE angles come from ggml's running product `theta *= base^(-2/n_rot)`.
 
 mod attention;
+mod attention_simd;
 mod avx2;
 mod avx512;
 mod kernels;
