@@ -3,7 +3,9 @@
 # same prompt/generation lengths and threads, alternating runs in one go (the machine is noisy).
 # Appends a ratio table to bench/RESULTS.md.
 #
-#   bench/vs-llamacpp.sh [ROUNDS=3] [THREADS=2] MODEL...
+#   [ROUNDS=3] [THREADS=2] [BASELINE=path/to/older/pagellm] bench/vs-llamacpp.sh MODEL...
+#
+# BASELINE adds an older pagellm build to every round (a before/after column measured in the same run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${ROUNDS:-3}
@@ -11,10 +13,12 @@ threads=${THREADS:-2}
 pp=${PP:-512}
 tg=${TG:-128}
 reps=${REPS:-3}
+baseline=${BASELINE:-}
 [ $# -gt 0 ] || set -- models/SmolLM2-135M-Instruct.Q4_1.gguf models/gemma-3-270m-q4_k_m.gguf
 python3 -c "import llama_cpp" 2>/dev/null || { echo "needs: pip install llama-cpp-python==0.3.36"; exit 1; }
 cargo build --release -q
 tmp=$(mktemp -d)
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 trap 'rm -rf "$tmp"' EXIT
 
 for m in "$@"; do
@@ -22,23 +26,34 @@ for m in "$@"; do
   for r in $(seq 1 "$rounds"); do
     echo "round $r: $name" >&2
     target/release/pagellm bench "$m" -p "$pp" -n "$tg" -r "$reps" -t "$threads" --json > "$tmp/$name.pagellm.$r.json"
+    if [ -n "$baseline" ]; then
+      "$baseline" bench "$m" -p "$pp" -n "$tg" -r "$reps" -t "$threads" --json 2>/dev/null > "$tmp/$name.baseline.$r.json"
+    fi
     python3 bench/llamacpp_bench.py "$m" -p "$pp" -n "$tg" -r "$reps" -t "$threads" 2>/dev/null > "$tmp/$name.llama.$r.json"
   done
 done
 
-python3 - "$tmp" "$threads" "$pp" "$tg" "$rounds" "$reps" "$@" >> bench/RESULTS.md <<'PY'
+python3 - "$tmp" "$threads" "$pp" "$tg" "$rounds" "$reps" "$baseline" "$load_before" "$@" >> bench/RESULTS.md <<'PY'
 import glob, json, os, platform, statistics, subprocess, sys, datetime
-tmp, threads, pp, tg, rounds, reps, models = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6], sys.argv[7:]
+tmp, threads, pp, tg, rounds, reps, baseline, load_before = sys.argv[1:9]
+models = sys.argv[9:]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
 flags = set(next((l.split(":", 1)[1].split() for l in open("/proc/cpuinfo") if l.startswith("flags")), []))
 simd = " ".join(f for f in ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"] if f in flags)
-rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+rev = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+load_after = " ".join(open("/proc/loadavg").read().split()[:3])
 print(f"\n### CPU: pagellm vs llama.cpp, {datetime.date.today()} (pagellm {rev})\n")
 print(f"Machine: {cpu}, {os.cpu_count()} cores ({simd}); threads {threads}; {rounds} alternating rounds x {reps} reps; "
       f"peer: llama-cpp-python (llama.cpp), flash attention on.\n")
-print(f"Command: `ROUNDS={rounds} THREADS={threads} bench/vs-llamacpp.sh {' '.join(models)}`\n")
-print("| model | test | pagellm t/s (median) | llama.cpp t/s (median) | ratio |")
-print("| --- | --- | --- | --- | --- |")
+base = f" BASELINE={baseline}" if baseline else ""
+print(f"Command: `ROUNDS={rounds} THREADS={threads}{base} bench/vs-llamacpp.sh {' '.join(models)}`; "
+      f"load average before {load_before}, after {load_after} (a shared machine: other jobs run beside it).\n")
+if baseline:
+    print("| model | test | pagellm t/s (median) | llama.cpp t/s (median) | ratio | baseline t/s (median) | pagellm / baseline |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+else:
+    print("| model | test | pagellm t/s (median) | llama.cpp t/s (median) | ratio |")
+    print("| --- | --- | --- | --- | --- |")
 for m in models:
     name = os.path.basename(m)
     def samples(kind, test):
@@ -49,9 +64,13 @@ for m in models:
                     out += r["samples_ts"]
         return out
     for test in [f"pp{pp}", f"tg{tg}"]:
-        a, b = samples("pagellm", test), samples("llama", test)
+        a, b, c = samples("pagellm", test), samples("llama", test), samples("baseline", test)
         if a and b:
             ma, mb = statistics.median(a), statistics.median(b)
-            print(f"| {name} | {test} | {ma:.1f} | {mb:.1f} | {ma / mb:.2f}x |")
+            row = f"| {name} | {test} | {ma:.1f} | {mb:.1f} | {ma / mb:.2f}x |"
+            if baseline:
+                mc = statistics.median(c) if c else float("nan")
+                row += f" {mc:.1f} | {ma / mc:.2f}x |"
+            print(row)
 PY
 tail -n 12 bench/RESULTS.md

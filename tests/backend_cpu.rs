@@ -257,7 +257,7 @@ fn simd_quantizers_equal_scalar_bit_for_bit() {
 }
 
 /// Tile kernels: every (row, token) of a tile equals the scalar dot bit for bit, for 1..=16 rows and
-/// batches of 1..=9 tokens (the 4-token register tiles and their remainders).
+/// batches of 1..=9 tokens (the 4-token register tiles, their remainders, the fused one-token path).
 #[test]
 fn simd_tiles_equal_scalar_dots_bit_for_bit() {
     let _serial = serial();
@@ -271,7 +271,10 @@ fn simd_tiles_equal_scalar_dots_bit_for_bit() {
         let gemm = simd.gemm.unwrap();
         for (wty, aty, quantize, scalar_dot) in quant_dots(&Kernels::scalar()) {
             let tile = gemm.get(wty).expect("a tile kernel for every quantized type");
-            for (k, n_rows, n_tok) in [(256, 16, 9), (512, 1, 1), (768, 7, 4), (2304, 16, 5), (1024, 13, 2), (4096, 3, 3)] {
+            let shapes =
+                [(256, 16, 9), (512, 1, 1), (768, 7, 4), (2304, 16, 5), (1024, 13, 2), (4096, 3, 3), (2304, 16, 1)];
+            let shapes = shapes.into_iter().chain([(768, 11, 1)]);
+            for (k, n_rows, n_tok) in shapes {
                 let w = random_weights(&mut r, wty, n_rows, k);
                 let row_bytes = w.len() / n_rows;
                 let a_row = k / aty.block_size() * aty.type_size();
@@ -294,7 +297,8 @@ fn simd_tiles_equal_scalar_dots_bit_for_bit() {
                     for row in 0..n_rows {
                         let s = scalar_dot(&w[row * row_bytes..(row + 1) * row_bytes], &a[t * a_row..(t + 1) * a_row]);
                         let v = out[t * 17 + row];
-                        assert_eq!(s.to_bits(), v.to_bits(), "{wty} k={k} row {row} token {t}: scalar {s} vs {} tile {v}", simd.name());
+                        let what = format!("{wty} k={k} row {row} token {t}: scalar {s} vs {} tile {v}", simd.name());
+                        assert_eq!(s.to_bits(), v.to_bits(), "{what}");
                     }
                 }
             }
@@ -726,31 +730,40 @@ fn model_weights_stay_in_the_map() {
 
 /// Times one matmul per (type, shape, table): decode (1 token) over a matrix larger than the caches as
 /// weight GB/s, prefill (512 tokens) over a layer-sized matrix as GMAC/s; the minimum of several runs
-/// (this machine is shared and noisy). `PAGELLM_THREADS` sets the threads (default 1);
-/// `PAGELLM_NO_PREFILL=1` times decode only.
+/// (this machine is shared and noisy), inside the pool as the model runs them. `PAGELLM_THREADS` sets
+/// the threads (default 1); `PAGELLM_NO_PREFILL=1` times decode only; `PAGELLM_BIG_MIB` sizes the
+/// decode matrix (default 96).
 #[test]
 #[ignore]
 fn throughput() {
     let _serial = serial();
-    let threads = std::env::var("PAGELLM_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let env = |key: &str| std::env::var(key).ok().and_then(|v| v.parse::<usize>().ok());
+    let threads = env("PAGELLM_THREADS").unwrap_or(1);
+    let big_mib = env("PAGELLM_BIG_MIB").unwrap_or(96);
+    let prefill = std::env::var_os("PAGELLM_NO_PREFILL").is_none();
     let mut r = rng(14);
-    let time = |f: &mut dyn FnMut(), reps: usize| {
-        (0..reps).map(|_| {
-            let t = std::time::Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        }).fold(f64::INFINITY, f64::min)
+    let time = |b: &CpuBackend, f: &mut (dyn FnMut() + Send), reps: usize| {
+        let mut best = f64::INFINITY;
+        b.run(&mut || {
+            for _ in 0..reps {
+                let t = std::time::Instant::now();
+                f();
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+        });
+        best
     };
-    for (ty, k) in [
+    let shapes = [
         (GgmlType::Q4_1, 576),
         (GgmlType::Q5_0, 640),
         (GgmlType::Q8_0, 640),
         (GgmlType::Q4K, 1024),
         (GgmlType::Q6K, 2048),
         (GgmlType::Q4_0, 1024),
-    ] {
+    ];
+    for (ty, k) in shapes {
         let row_bytes = k / ty.block_size() * ty.type_size();
-        let big_rows = (96 << 20) / row_bytes / 16 * 16;
+        let big_rows = (big_mib << 20) / row_bytes / 16 * 16;
         let big = random_weights(&mut r, ty, big_rows, k);
         let layer_rows = 2048;
         let layer = random_weights(&mut r, ty, layer_rows, k);
@@ -760,14 +773,17 @@ fn throughput() {
             let b = CpuBackend::new(threads, kern).unwrap();
             let wb = upload(&b, ty, big.clone(), k, big_rows);
             let wl = upload(&b, ty, layer.clone(), k, layer_rows);
-            let x1 = buffer(&b, &x[..k]);
-            let xp = buffer(&b, &x);
+            let (x1, xp) = (buffer(&b, &x[..k]), buffer(&b, &x));
             let mut o1 = b.alloc(big_rows).unwrap();
             let mut op = b.alloc(512 * layer_rows).unwrap();
-            let td = time(&mut || b.matmul(&wb, &x1, 1, &mut o1), 8);
-            let tp = if name == "scalar" || std::env::var_os("PAGELLM_NO_PREFILL").is_some() { f64::NAN } else { time(&mut || b.matmul(&wl, &xp, 512, &mut op), 3) };
+            let td = time(&b, &mut || b.matmul(&wb, &x1, 1, &mut o1), 8);
+            let tp = match prefill && name != "scalar" {
+                true => time(&b, &mut || b.matmul(&wl, &xp, 512, &mut op), 3),
+                false => f64::NAN,
+            };
             println!(
-                "{ty:>5} k={k:<5} {name:<7} {threads}t  decode {:6.1} GB/s ({:6.2} ms / {} MiB)   prefill 512x{layer_rows}: {:6.1} GMAC/s",
+                "{ty:>5} k={k:<5} {name:<7} {threads}t  decode {:6.1} GB/s ({:6.2} ms / {} MiB)   \
+                 prefill 512x{layer_rows}: {:6.1} GMAC/s",
                 big.len() as f64 / td / 1e9,
                 td * 1e3,
                 big.len() >> 20,

@@ -88,7 +88,7 @@ mod imp {
                 // SAFETY: as above.
                 unsafe { quantize_q8_k(x.as_ptr(), out.as_mut_ptr(), nb) }
             },
-            gemm: None,
+            gemm: Some(super::super::avx2_tiles::kernels()),
         }
     }
 
@@ -175,7 +175,12 @@ mod imp {
     #[inline]
     fn check(w: &[u8], a: &[u8], wb: usize, ab: usize) -> usize {
         let nb = w.len() / wb;
-        assert!(w.len() == nb * wb && a.len() >= nb * ab, "dot: rows of {} and {} bytes do not match", w.len(), a.len());
+        assert!(
+            w.len() == nb * wb && a.len() >= nb * ab,
+            "dot: rows of {} and {} bytes do not match",
+            w.len(),
+            a.len()
+        );
         nb
     }
 

@@ -12,8 +12,10 @@
 //! element equals the scalar dot bit for bit.
 //! ```
 //! Tokens go 4 at a time (T = 4 accumulator sets in registers), so each W vector loaded from the
-//! scratch feeds 4 `vpdpbusd`. The per-row dot products (`dot_*`), the float kernels and the activation
-//! quantizers of this table are the AVX2 ones.
+//! scratch feeds 4 `vpdpbusd`. One token (a decode step) skips the scratch for the 32-weight types: each
+//! block is decoded into registers and used at once. Either way the tile prefetches the next one (the
+//! 16 interleaved row streams defeat the hardware prefetcher). The per-row dot products (`dot_*`), the
+//! float kernels and the activation quantizers of this table are the AVX2 ones.
 //!
 //! Safety: every `#[target_feature]` function is reached only through the table [`kernels`] returns,
 //! which it returns only after `is_x86_feature_detected!` confirmed every feature used here. The safe
@@ -35,8 +37,11 @@ pub(super) fn kernels() -> Option<super::Kernels> {
 }
 
 #[cfg(target_arch = "x86_64")]
+// Per-token register arrays (dp[t], isum[t], ...) are indexed in step with each other: index loops read best.
+#[allow(clippy::needless_range_loop)]
 mod imp {
     use core::arch::x86_64::*;
+    use std::marker::PhantomData;
 
     use super::super::kernels::{GemmKernels, Isa, Kernels, QActs, Scratch};
 
@@ -50,6 +55,7 @@ mod imp {
                 q8_0: gemm::<Q8_0>,
                 q4_k: gemm::<Q4K>,
                 q6_k: gemm::<Q6K>,
+                min_tokens: 1,
             }),
             ..base
         }
@@ -66,10 +72,19 @@ mod imp {
         const SB: usize;
         /// `aux` values per activation block (kernels::aux_per_block).
         const AUX: usize;
+        /// 16-row loads ([`transpose16x4`]) per block (each advances the prefetch).
+        const LOADS: usize;
         /// Decodes block `base` (= row 0's block; row r's is at `base + offs[r]`) into `dst`.
-        unsafe fn decode(base: *const u8, offs: &Offsets, dst: *mut u8);
+        unsafe fn decode(base: *const u8, offs: &Offsets, dst: *mut u8, pf: &mut Prefetch);
         /// Every block of T tokens: `out[t * 16 + r]`.
         unsafe fn compute<const T: usize>(scr: *const u8, nb: usize, a: &Acts<T>, out: &Out);
+        /// Whether [`Tile::gemv`] exists: one token, each block decoded into registers and used at once
+        /// (no scratch round trip; the decode step's path).
+        const FUSED: bool = false;
+        /// The tile `w` (`n_bytes`) times one token, prefetching the next tile as [`decode_all`] does.
+        unsafe fn gemv(_w: *const u8, _n_bytes: usize, _offs: &Offsets, _nb: usize, _a: &Acts<1>, _out: &Out) {
+            unreachable!("no fused kernel")
+        }
     }
 
     /// Byte offsets of a tile's rows from row 0.
@@ -126,6 +141,10 @@ mod imp {
         // nb * SB bytes; the stores are masked to the n lanes the caller vouches for.
         unsafe {
             let offs = Offsets { at };
+            if nt == 1 && K::FUSED {
+                let o = Out { p: out, stride: out_stride, mask: ((1u32 << n) - 1) as u16 };
+                return gemv::<K>(w.as_ptr(), w.len(), &offs, nb, acts, &o);
+            }
             decode_all::<K>(w.as_ptr(), w.len(), &offs, nb, scr);
             let mut t0 = 0;
             while t0 < nt {
@@ -146,15 +165,44 @@ mod imp {
     /// hardware prefetcher, and a decode step (one token) would wait on memory latency without this.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
     unsafe fn decode_all<K: Tile>(w: *const u8, n_bytes: usize, offs: &Offsets, nb: usize, scr: *mut u8) {
-        let next = w.wrapping_add(n_bytes);
+        let mut pf = Prefetch::after(w, n_bytes, nb * K::LOADS);
         for b in 0..nb {
-            // this block's share of the next tile's cache lines; prefetching never faults, so past the
-            // end of the matrix it is only wasted
-            for line in (b * n_bytes / nb / 64)..((b + 1) * n_bytes / nb).div_ceil(64) {
-                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * line) as *const i8);
-            }
-            K::decode(w.add(b * K::WB), offs, scr.add(b * K::SB));
+            K::decode(w.add(b * K::WB), offs, scr.add(b * K::SB), &mut pf);
         }
+    }
+
+    /// A run of cache lines to prefetch, `step` bytes at a time; prefetching never faults, so past the
+    /// end of the matrix it is only wasted.
+    struct Prefetch {
+        at: *const u8,
+        end: *const u8,
+        step: usize,
+    }
+
+    impl Prefetch {
+        /// The `n_bytes` after the tile at `w`, over `steps` steps: a few lines per 16-row load group
+        /// (a burst of dozens of prefetches would fill the L1 miss queue and stall the decode behind it).
+        #[inline(always)]
+        fn after(w: *const u8, n_bytes: usize, steps: usize) -> Prefetch {
+            let at = w.wrapping_add(n_bytes);
+            Prefetch { at, end: at.wrapping_add(n_bytes), step: n_bytes.div_ceil(steps).next_multiple_of(64) }
+        }
+
+        #[inline(always)]
+        unsafe fn step(&mut self) {
+            let mut n = 0;
+            while n < self.step && self.at < self.end {
+                _mm_prefetch::<_MM_HINT_T0>(self.at as *const i8);
+                self.at = self.at.wrapping_add(64);
+                n += 64;
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    unsafe fn gemv<K: Tile>(w: *const u8, n_bytes: usize, offs: &Offsets, nb: usize, acts: &QActs<'_>, out: &Out) {
+        let a = Acts::<1> { bytes: [acts.bytes.as_ptr()], d: [acts.d.as_ptr()], aux: [acts.aux.as_ptr()] };
+        K::gemv(w, n_bytes, offs, nb, &a, out);
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
@@ -193,7 +241,8 @@ mod imp {
 
     /// 16 bytes at `base + offs[r] + off` of each row r -> 4 vectors: `out[k]` lane r = dword k of row r.
     #[inline(always)]
-    unsafe fn transpose16x4(base: *const u8, offs: &Offsets, off: usize) -> [__m512i; 4] {
+    unsafe fn transpose16x4(base: *const u8, offs: &Offsets, off: usize, pf: &mut Prefetch) -> [__m512i; 4] {
+        pf.step();
         let row = |r: usize| _mm_loadu_si128(base.add(offs.at[r] + off) as *const __m128i);
         // z_i: 128-bit lane L = row i + 4L
         let z = |i: usize| {
@@ -213,6 +262,14 @@ mod imp {
             _mm512_unpacklo_epi64(a1, a3),
             _mm512_unpackhi_epi64(a1, a3),
         ]
+    }
+
+    /// As [`transpose16x4`] for 32 bytes: `out[k]` lane r = dword k (0..8) of row r.
+    #[inline(always)]
+    unsafe fn transpose16x8(base: *const u8, offs: &Offsets, off: usize, pf: &mut Prefetch) -> [__m512i; 8] {
+        let x = transpose16x4(base, offs, off, pf);
+        let y = transpose16x4(base, offs, off + 16, pf);
+        [x[0], x[1], x[2], x[3], y[0], y[1], y[2], y[3]]
     }
 
     #[inline(always)]
@@ -239,8 +296,22 @@ mod imp {
     unsafe fn spread4(bits: __m512i) -> __m512i {
         // entry n: bit j of n at bit 8j + 4; vpermd reads only the low 4 bits of each index
         let lut = _mm512_setr_epi32(
-            0x0000_0000, 0x0000_0010, 0x0000_1000, 0x0000_1010, 0x0010_0000, 0x0010_0010, 0x0010_1000, 0x0010_1010,
-            0x1000_0000, 0x1000_0010, 0x1000_1000, 0x1000_1010, 0x1010_0000, 0x1010_0010, 0x1010_1000, 0x1010_1010,
+            0x0000_0000,
+            0x0000_0010,
+            0x0000_1000,
+            0x0000_1010,
+            0x0010_0000,
+            0x0010_0010,
+            0x0010_1000,
+            0x0010_1010,
+            0x1000_0000,
+            0x1000_0010,
+            0x1000_1000,
+            0x1000_1010,
+            0x1010_0000,
+            0x1010_0010,
+            0x1010_1000,
+            0x1010_1010,
         );
         _mm512_permutexvar_epi32(bits, lut)
     }
@@ -248,8 +319,8 @@ mod imp {
     /// The 8 code vectors of a 32-weight block of nibble pairs (16 bytes at `qs`: byte j holds
     /// elements j and j + 16).
     #[inline(always)]
-    unsafe fn nibble_codes(base: *const u8, offs: &Offsets, qs: usize) -> [__m512i; 8] {
-        let o = transpose16x4(base, offs, qs);
+    unsafe fn nibble_codes(base: *const u8, offs: &Offsets, qs: usize, pf: &mut Prefetch) -> [__m512i; 8] {
+        let o = transpose16x4(base, offs, qs, pf);
         [
             lo_nibbles(o[0]),
             lo_nibbles(o[1]),
@@ -262,58 +333,139 @@ mod imp {
         ]
     }
 
-    impl Tile for Q4_0 {
+    /// A 32-weight block type: its code vectors and scales, in registers.
+    trait Legacy {
+        const WB: usize;
+        const AB: usize;
+        /// Offset of the codes in an activation block (Q8_0: 2, Q8_1: 4).
+        const QS: usize;
+        /// Whether blocks carry a min (`+ m_w * s_a`).
+        const MIN: bool;
+        const LOADS: usize;
+        /// W[0..8], d_w and (MIN) m_w of block `base`, one lane per row.
+        unsafe fn codes(base: *const u8, offs: &Offsets, pf: &mut Prefetch) -> ([__m512i; 8], __m512, __m512);
+    }
+
+    impl<L: Legacy> Tile for L {
+        const WB: usize = L::WB;
+        const AB: usize = L::AB;
+        const SB: usize = if L::MIN { 640 } else { 576 };
+        const AUX: usize = 1;
+        const LOADS: usize = L::LOADS;
+        const FUSED: bool = true;
+        #[inline(always)]
+        unsafe fn decode(base: *const u8, offs: &Offsets, dst: *mut u8, pf: &mut Prefetch) {
+            let (w, dw, mw) = L::codes(base, offs, pf);
+            for (i, v) in w.into_iter().enumerate() {
+                store(dst.add(64 * i), v);
+            }
+            _mm512_store_ps(dst.add(512) as *mut f32, dw);
+            if L::MIN {
+                _mm512_store_ps(dst.add(576) as *mut f32, mw);
+            }
+        }
+        #[inline(always)]
+        unsafe fn compute<const T: usize>(scr: *const u8, nb: usize, a: &Acts<T>, out: &Out) {
+            legacy::<T, _>(nb, a, out, &mut FromScratch::<L> { scr, _l: PhantomData })
+        }
+        #[inline(always)]
+        unsafe fn gemv(w: *const u8, n_bytes: usize, offs: &Offsets, nb: usize, a: &Acts<1>, out: &Out) {
+            let pf = Prefetch::after(w, n_bytes, nb * L::LOADS);
+            legacy::<1, _>(nb, a, out, &mut Fused::<L> { w, offs, pf, _l: PhantomData })
+        }
+    }
+
+    /// Where [`legacy`] gets block b's codes (closures would not inherit the target features, and
+    /// their intrinsics would become calls).
+    trait Blocks<const T: usize> {
+        /// `acc[t] += t_b` for block `b` (legacy_tail).
+        unsafe fn block(&mut self, b: usize, a: &Acts<T>, acc: &mut [__m512; T]);
+    }
+
+    /// Decoded blocks in the scratch (Tile::decode's layout).
+    struct FromScratch<L> {
+        scr: *const u8,
+        _l: PhantomData<L>,
+    }
+
+    impl<L: Legacy, const T: usize> Blocks<T> for FromScratch<L> {
+        #[inline(always)]
+        unsafe fn block(&mut self, b: usize, a: &Acts<T>, acc: &mut [__m512; T]) {
+            let p = self.scr.add(b * <L as Tile>::SB);
+            let mut dp = legacy_init::<T>(L::MIN, b, a);
+            for i in 0..8 {
+                let w = load(p.add(64 * i));
+                for t in 0..T {
+                    dp[t] = _mm512_dpbusd_epi32(dp[t], w, splat_i32(a.bytes[t].add(b * L::AB + L::QS + 4 * i)));
+                }
+            }
+            let dw = _mm512_load_ps(p.add(512) as *const f32);
+            let mw = if L::MIN { _mm512_load_ps(p.add(576) as *const f32) } else { dw };
+            legacy_tail::<T>(dp, dw, mw, L::MIN, b, a, acc);
+        }
+    }
+
+    /// Blocks decoded straight from the weights into registers (one token).
+    struct Fused<'a, L> {
+        w: *const u8,
+        offs: &'a Offsets,
+        pf: Prefetch,
+        _l: PhantomData<L>,
+    }
+
+    impl<L: Legacy> Blocks<1> for Fused<'_, L> {
+        #[inline(always)]
+        unsafe fn block(&mut self, b: usize, a: &Acts<1>, acc: &mut [__m512; 1]) {
+            let (c, dw, mw) = L::codes(self.w.add(b * L::WB), self.offs, &mut self.pf);
+            let mut dp = legacy_init::<1>(L::MIN, b, a);
+            for (i, ci) in c.into_iter().enumerate() {
+                dp[0] = _mm512_dpbusd_epi32(dp[0], ci, splat_i32(a.bytes[0].add(b * L::AB + L::QS + 4 * i)));
+            }
+            legacy_tail::<1>(dp, dw, mw, L::MIN, b, a, acc);
+        }
+    }
+
+    impl Legacy for Q4_0 {
         const WB: usize = 18;
         const AB: usize = 34;
-        const SB: usize = 576;
-        const AUX: usize = 1;
+        const QS: usize = 2;
+        const MIN: bool = false;
+        const LOADS: usize = 2;
         #[inline(always)]
-        unsafe fn decode(base: *const u8, offs: &Offsets, dst: *mut u8) {
-            let w = nibble_codes(base, offs, 2);
-            for (i, v) in w.into_iter().enumerate() {
-                store(dst.add(64 * i), v);
-            }
-            _mm512_store_ps(dst.add(512) as *mut f32, f16_lanes::<false>(transpose16x4(base, offs, 0)[0]));
-        }
-        #[inline(always)]
-        unsafe fn compute<const T: usize>(scr: *const u8, nb: usize, a: &Acts<T>, out: &Out) {
-            legacy::<T, false>(scr, nb, Self::SB, Self::AB, 2, a, out)
+        unsafe fn codes(base: *const u8, offs: &Offsets, pf: &mut Prefetch) -> ([__m512i; 8], __m512, __m512) {
+            let w = nibble_codes(base, offs, 2, pf);
+            let dw = f16_lanes::<false>(transpose16x4(base, offs, 0, pf)[0]);
+            (w, dw, dw)
         }
     }
 
-    impl Tile for Q4_1 {
+    impl Legacy for Q4_1 {
         const WB: usize = 20;
         const AB: usize = 36;
-        const SB: usize = 640;
-        const AUX: usize = 1;
+        const QS: usize = 4;
+        const MIN: bool = true;
+        const LOADS: usize = 2;
         #[inline(always)]
-        unsafe fn decode(base: *const u8, offs: &Offsets, dst: *mut u8) {
-            let w = nibble_codes(base, offs, 4);
-            for (i, v) in w.into_iter().enumerate() {
-                store(dst.add(64 * i), v);
-            }
-            let dm = transpose16x4(base, offs, 0)[0];
-            _mm512_store_ps(dst.add(512) as *mut f32, f16_lanes::<false>(dm));
-            _mm512_store_ps(dst.add(576) as *mut f32, f16_lanes::<true>(dm));
-        }
-        #[inline(always)]
-        unsafe fn compute<const T: usize>(scr: *const u8, nb: usize, a: &Acts<T>, out: &Out) {
-            legacy::<T, true>(scr, nb, Self::SB, Self::AB, 4, a, out)
+        unsafe fn codes(base: *const u8, offs: &Offsets, pf: &mut Prefetch) -> ([__m512i; 8], __m512, __m512) {
+            let w = nibble_codes(base, offs, 4, pf);
+            let dm = transpose16x4(base, offs, 0, pf)[0];
+            (w, f16_lanes::<false>(dm), f16_lanes::<true>(dm))
         }
     }
 
-    impl Tile for Q5_0 {
+    impl Legacy for Q5_0 {
         const WB: usize = 22;
         const AB: usize = 34;
-        const SB: usize = 576;
-        const AUX: usize = 1;
+        const QS: usize = 2;
+        const MIN: bool = false;
+        const LOADS: usize = 2;
         #[inline(always)]
-        unsafe fn decode(base: *const u8, offs: &Offsets, dst: *mut u8) {
-            let w = nibble_codes(base, offs, 6);
+        unsafe fn codes(base: *const u8, offs: &Offsets, pf: &mut Prefetch) -> ([__m512i; 8], __m512, __m512) {
+            let w = nibble_codes(base, offs, 6, pf);
             // bytes 0..8 = d | qh | qs[0..2]
-            let head = transpose16x4(base, offs, 0);
+            let head = transpose16x4(base, offs, 0, pf);
             let qh = _mm512_or_si512(_mm512_srli_epi32::<16>(head[0]), _mm512_slli_epi32::<16>(head[1]));
-            // element 4i + j (i < 4) has its fifth bit at bit 4i + j of qh; element 16 + 4i + j at 16 + 4i + j
+            // element 4i + j has its fifth bit at bit 4i + j of qh
             let hi = [
                 spread4(qh),
                 spread4(_mm512_srli_epi32::<4>(qh)),
@@ -324,63 +476,62 @@ mod imp {
                 spread4(_mm512_srli_epi32::<24>(qh)),
                 spread4(_mm512_srli_epi32::<28>(qh)),
             ];
+            let dw = f16_lanes::<false>(head[0]);
+            let mut codes = w;
             for i in 0..8 {
-                store(dst.add(64 * i), _mm512_or_si512(w[i], hi[i]));
+                codes[i] = _mm512_or_si512(w[i], hi[i]);
             }
-            _mm512_store_ps(dst.add(512) as *mut f32, f16_lanes::<false>(head[0]));
-        }
-        #[inline(always)]
-        unsafe fn compute<const T: usize>(scr: *const u8, nb: usize, a: &Acts<T>, out: &Out) {
-            legacy::<T, false>(scr, nb, Self::SB, Self::AB, 2, a, out)
+            (codes, dw, dw)
         }
     }
 
-    impl Tile for Q8_0 {
+    impl Legacy for Q8_0 {
         const WB: usize = 34;
         const AB: usize = 34;
-        const SB: usize = 576;
-        const AUX: usize = 1;
+        const QS: usize = 2;
+        const MIN: bool = false;
+        const LOADS: usize = 3;
         #[inline(always)]
-        unsafe fn decode(base: *const u8, offs: &Offsets, dst: *mut u8) {
+        unsafe fn codes(base: *const u8, offs: &Offsets, pf: &mut Prefetch) -> ([__m512i; 8], __m512, __m512) {
             let flip = _mm512_set1_epi8(-128);
-            let lo = transpose16x4(base, offs, 2);
-            let hi = transpose16x4(base, offs, 18);
-            for i in 0..4 {
-                store(dst.add(64 * i), _mm512_xor_si512(lo[i], flip));
-                store(dst.add(64 * (i + 4)), _mm512_xor_si512(hi[i], flip));
+            let lo = transpose16x4(base, offs, 2, pf);
+            let hi = transpose16x4(base, offs, 18, pf);
+            let dw = f16_lanes::<false>(transpose16x4(base, offs, 0, pf)[0]);
+            let mut codes = [lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]];
+            for c in codes.iter_mut() {
+                *c = _mm512_xor_si512(*c, flip);
             }
-            _mm512_store_ps(dst.add(512) as *mut f32, f16_lanes::<false>(transpose16x4(base, offs, 0)[0]));
-        }
-        #[inline(always)]
-        unsafe fn compute<const T: usize>(scr: *const u8, nb: usize, a: &Acts<T>, out: &Out) {
-            legacy::<T, false>(scr, nb, Self::SB, Self::AB, 2, a, out)
+            (codes, dw, dw)
         }
     }
 
-    /// One 32-weight block for T tokens: `acc[t] += (d_w * d_a) * sumi [+ m_w * s_a]`.
+    /// Each token's integer sum starts at its offset correction (none with a min: Q4_1 codes are values).
     #[inline(always)]
-    unsafe fn legacy_block<const T: usize, const MIN: bool>(
-        p: *const u8,
+    unsafe fn legacy_init<const T: usize>(min: bool, b: usize, a: &Acts<T>) -> [__m512i; T] {
+        let mut dp = [_mm512_setzero_si512(); T];
+        if !min {
+            for t in 0..T {
+                dp[t] = _mm512_set1_epi32(*a.aux[t].add(b));
+            }
+        }
+        dp
+    }
+
+    /// `acc[t] += (d_w * d_a) * sumi [+ m_w * s_a]`: the scalar kernel's float sequence, lane by lane.
+    #[inline(always)]
+    unsafe fn legacy_tail<const T: usize>(
+        dp: [__m512i; T],
+        dw: __m512,
+        mw: __m512,
+        min: bool,
         b: usize,
-        ab: usize,
-        qs: usize,
         a: &Acts<T>,
         acc: &mut [__m512; T],
     ) {
-        let mut dp: [__m512i; T] =
-            std::array::from_fn(|t| if MIN { _mm512_setzero_si512() } else { _mm512_set1_epi32(*a.aux[t].add(b)) });
-        for i in 0..8 {
-            let w = load(p.add(64 * i));
-            for t in 0..T {
-                dp[t] = _mm512_dpbusd_epi32(dp[t], w, splat_i32(a.bytes[t].add(b * ab + qs + 4 * i)));
-            }
-        }
-        let dw = _mm512_load_ps(p.add(512) as *const f32);
         for t in 0..T {
             let dd = _mm512_mul_ps(dw, _mm512_set1_ps(*a.d[t].add(b)));
             let mut tb = _mm512_mul_ps(dd, _mm512_cvtepi32_ps(dp[t]));
-            if MIN {
-                let mw = _mm512_load_ps(p.add(576) as *const f32);
+            if min {
                 let sa = _mm512_set1_ps(f32::from_bits(*a.aux[t].add(b) as u32));
                 tb = _mm512_add_ps(tb, _mm512_mul_ps(mw, sa));
             }
@@ -388,30 +539,23 @@ mod imp {
         }
     }
 
-    /// Every 32-weight block, accumulated as `acc[b % 4]` and reduced `(acc0 + acc2) + (acc1 + acc3)`.
+    /// Every 32-weight block from `src`, accumulated as `acc[b % 4]` and reduced
+    /// `(acc0 + acc2) + (acc1 + acc3)`.
     #[inline(always)]
-    unsafe fn legacy<const T: usize, const MIN: bool>(
-        scr: *const u8,
-        nb: usize,
-        sb: usize,
-        ab: usize,
-        qs: usize,
-        a: &Acts<T>,
-        out: &Out,
-    ) {
+    unsafe fn legacy<const T: usize, S: Blocks<T>>(nb: usize, a: &Acts<T>, out: &Out, src: &mut S) {
         let z = [_mm512_setzero_ps(); T];
         let (mut acc0, mut acc1, mut acc2, mut acc3) = (z, z, z, z);
         let mut b = 0;
         while b + 4 <= nb {
-            legacy_block::<T, MIN>(scr.add(b * sb), b, ab, qs, a, &mut acc0);
-            legacy_block::<T, MIN>(scr.add((b + 1) * sb), b + 1, ab, qs, a, &mut acc1);
-            legacy_block::<T, MIN>(scr.add((b + 2) * sb), b + 2, ab, qs, a, &mut acc2);
-            legacy_block::<T, MIN>(scr.add((b + 3) * sb), b + 3, ab, qs, a, &mut acc3);
+            src.block(b, a, &mut acc0);
+            src.block(b + 1, a, &mut acc1);
+            src.block(b + 2, a, &mut acc2);
+            src.block(b + 3, a, &mut acc3);
             b += 4;
         }
         for (j, acc) in [&mut acc0, &mut acc1, &mut acc2].into_iter().enumerate() {
             if b + j < nb {
-                legacy_block::<T, MIN>(scr.add((b + j) * sb), b + j, ab, qs, a, acc);
+                src.block(b + j, a, acc);
             }
         }
         for t in 0..T {
@@ -436,18 +580,19 @@ mod imp {
         const AB: usize = 292;
         const SB: usize = Q4K_D + 128;
         const AUX: usize = 4;
+        const LOADS: usize = 9;
         #[inline(always)]
-        unsafe fn decode(base: *const u8, offs: &Offsets, dst: *mut u8) {
+        unsafe fn decode(base: *const u8, offs: &Offsets, dst: *mut u8, pf: &mut Prefetch) {
             for g in 0..4 {
-                let lo = transpose16x4(base, offs, 16 + 32 * g);
-                let hi = transpose16x4(base, offs, 32 + 32 * g);
+                let lo = transpose16x4(base, offs, 16 + 32 * g, pf);
+                let hi = transpose16x4(base, offs, 32 + 32 * g, pf);
                 for (k, v) in lo.into_iter().chain(hi).enumerate() {
                     store(dst.add(64 * (16 * g + k)), lo_nibbles(v));
                     store(dst.add(64 * (16 * g + 8 + k)), hi_nibbles(v));
                 }
             }
             // bytes 0..16 = d | dmin | scales[12] = s0 | s1 | s2 (dwords); kernels::get_scale_min_k4 per lane
-            let [dm, s0, s1, s2] = transpose16x4(base, offs, 0);
+            let [dm, s0, s1, s2] = transpose16x4(base, offs, 0, pf);
             let m6 = _mm512_set1_epi32(63);
             let m4 = _mm512_set1_epi32(15);
             let m2 = _mm512_set1_epi32(3);
@@ -536,17 +681,16 @@ mod imp {
         const AB: usize = 292;
         const SB: usize = Q6K_D + 64;
         const AUX: usize = 16;
+        const LOADS: usize = 14;
         #[inline(always)]
-        unsafe fn decode(base: *const u8, offs: &Offsets, dst: *mut u8) {
+        unsafe fn decode(base: *const u8, offs: &Offsets, dst: *mut u8, pf: &mut Prefetch) {
             let m30 = _mm512_set1_epi8(0x30);
             for n in 0..2 {
                 // element 128n + 32k + l: low 4 bits from ql[64n + 32(k%2) + l] (k < 2: low nibble),
                 // high 2 bits from qh[32n + l] >> 2k
-                let q = |off: usize| {
-                    let (x, y) = (transpose16x4(base, offs, off), transpose16x4(base, offs, off + 16));
-                    [x[0], x[1], x[2], x[3], y[0], y[1], y[2], y[3]]
-                };
-                let (qa, qb, qh) = (q(64 * n), q(64 * n + 32), q(128 + 32 * n));
+                let qa = transpose16x8(base, offs, 64 * n, pf);
+                let qb = transpose16x8(base, offs, 64 * n + 32, pf);
+                let qh = transpose16x8(base, offs, 128 + 32 * n, pf);
                 for m in 0..8 {
                     let h = qh[m];
                     let codes = [
@@ -560,7 +704,7 @@ mod imp {
                     }
                 }
             }
-            let s = transpose16x4(base, offs, 192);
+            let s = transpose16x4(base, offs, 192, pf);
             for (g, sv) in s.into_iter().enumerate() {
                 let sc = [
                     _mm512_srai_epi32::<24>(_mm512_slli_epi32::<24>(sv)),
@@ -573,7 +717,7 @@ mod imp {
                 }
             }
             // d is the f16 at 208: the high half of the dword at 206 (bytes 194..210 end the block)
-            _mm512_store_ps(dst.add(Q6K_D) as *mut f32, f16_lanes::<true>(transpose16x4(base, offs, 194)[3]));
+            _mm512_store_ps(dst.add(Q6K_D) as *mut f32, f16_lanes::<true>(transpose16x4(base, offs, 194, pf)[3]));
         }
         #[inline(always)]
         unsafe fn compute<const T: usize>(scr: *const u8, nb: usize, a: &Acts<T>, out: &Out) {
@@ -582,7 +726,10 @@ mod imp {
                 let p = scr.add(b * Self::SB);
                 let mut isum = [_mm512_setzero_si512(); T];
                 for s in 0..16 {
-                    let mut dp: [__m512i; T] = std::array::from_fn(|t| _mm512_set1_epi32(*a.aux[t].add(16 * b + s)));
+                    let mut dp = [_mm512_setzero_si512(); T];
+                    for t in 0..T {
+                        dp[t] = _mm512_set1_epi32(*a.aux[t].add(16 * b + s));
+                    }
                     for k in 0..4 {
                         let w = load(p.add(64 * (4 * s + k)));
                         for t in 0..T {

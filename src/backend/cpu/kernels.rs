@@ -16,9 +16,9 @@
 //! Float dot products (f32, f16 K/V) have no such promise: the SIMD ones use FMA and several
 //! accumulators and agree with the scalar ones to f32 rounding.
 //!
-//! Tables with tile kernels ([`GemmKernels`], AVX-512) multiply up to 16 weight rows by a batch of
+//! Tables with tile kernels ([`GemmKernels`]: AVX-512, AVX2) multiply up to 16 weight rows by a batch of
 //! activation rows at once: each weight block is decoded once per tile and reused for every token, the
-//! 16 rows sit in the 16 lanes of a vector, and every lane runs exactly the scalar sequence of float
+//! rows sit in the lanes of a vector (16 or 8), and every lane runs exactly the scalar sequence of float
 //! operations above, so a tile's output equals the scalar dot of each (row, token) pair bit for bit.
 //! The tiles read the activation blocks in place plus per-block side values ([`act_side`]).
 
@@ -146,6 +146,8 @@ pub struct GemmKernels {
     pub q8_0: GemmFn,
     pub q4_k: GemmFn,
     pub q6_k: GemmFn,
+    /// Batches of fewer tokens go through the per-row dots instead (both give the same results).
+    pub min_tokens: usize,
 }
 
 impl GemmKernels {

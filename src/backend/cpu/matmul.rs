@@ -3,9 +3,11 @@
 //! ```text
 //! x [n_tokens x k] f32 --quantize once per call (llama.cpp's vec_dot_type)--> act [n_tokens x k] Q8
 //! out[t][r] = dot(w row r, act row t)
-//! tile kernels (AVX-512): tasks = runs of 16-row tiles; a tile decodes its weight blocks once into
-//!     per-thread scratch, then runs every token through them (decode: 1 token, prefill: all of them)
-//! per-row dots (scalar, AVX2): tasks = chunks of rows (a chunk stays in L1/L2) x tokens in tiles of 64
+//! tile kernels (AVX-512, AVX2): tasks = runs of 16-row tiles; a tile decodes its weight blocks once
+//!     into per-thread scratch, then runs every token through them (prefill: all of them; decode: one,
+//!     AVX-512 without the scratch, AVX2 through the per-row dots below)
+//! per-row dots (scalar; AVX2 below 2 tokens): tasks = chunks of rows (a chunk stays in L1/L2) x tokens
+//!     in tiles of 64
 //! ```
 //! Each output element equals the scalar dot of one weight row and one activation row (the tile
 //! kernels reproduce its float operations lane by lane), so it does not depend on the batch size, the
@@ -36,9 +38,9 @@ enum Plan {
     Dequant,
 }
 
-fn plan(k: &Kernels, ty: GgmlType) -> Plan {
+fn plan(k: &Kernels, ty: GgmlType, n_tokens: usize) -> Plan {
     use GgmlType as T;
-    let gemm = k.gemm.and_then(|g| g.get(ty));
+    let gemm = k.gemm.filter(|g| n_tokens >= g.min_tokens).and_then(|g| g.get(ty));
     let q8_0 = |dot| Plan::Quant { elems: 32, bytes: 34, quantize: k.quantize_q8_0, dot, gemm };
     let q8_k = |dot| Plan::Quant { elems: 256, bytes: 292, quantize: k.quantize_q8_k, dot, gemm };
     match ty {
@@ -103,7 +105,6 @@ impl OutPtr {
     fn at(self, i: usize) -> *mut f32 {
         self.0.wrapping_add(i)
     }
-
 }
 
 /// Rows per task: enough tasks for every thread to get several (load balance), at most 64 rows.
@@ -132,7 +133,7 @@ pub(super) fn matmul(
     let n_chunks = n_rows.div_ceil(chunk);
     let w_row = |r: usize| &w[r * row_bytes..(r + 1) * row_bytes];
 
-    match plan(k, ty) {
+    match plan(k, ty, n_tokens) {
         Plan::Quant { elems, bytes, quantize, dot, gemm } => with_buf(&ACT, |act| {
             let a_row = row_len / elems * bytes;
             let nb = row_len / elems;
@@ -143,7 +144,9 @@ pub(super) fn matmul(
             if n_tokens == 1 {
                 quantize(&x[..row_len], ab);
             } else {
-                ab.par_chunks_mut(a_row).zip(x[..n_tokens * row_len].par_chunks(row_len)).for_each(|(o, xr)| quantize(xr, o));
+                ab.par_chunks_mut(a_row)
+                    .zip(x[..n_tokens * row_len].par_chunks(row_len))
+                    .for_each(|(o, xr)| quantize(xr, o));
             }
             // and, for the tile kernels, the side values of its blocks
             if gemm.is_some() {
@@ -151,7 +154,11 @@ pub(super) fn matmul(
                 at_least(&mut act.aux, n_tokens * nb * apb);
                 let blocks = act.bytes[..n_tokens * a_row].par_chunks(bytes);
                 let (d, aux) = (&mut act.d[..n_tokens * nb], &mut act.aux[..n_tokens * nb * apb]);
-                blocks.zip(d.par_iter_mut()).zip(aux.par_chunks_mut(apb)).with_min_len(64).for_each(|((blk, d), aux)| act_side(ty, blk, d, aux));
+                blocks
+                    .zip(d.par_iter_mut())
+                    .zip(aux.par_chunks_mut(apb))
+                    .with_min_len(64)
+                    .for_each(|((blk, d), aux)| act_side(ty, blk, d, aux));
             }
             let act: &ActBuf = act;
             match gemm {

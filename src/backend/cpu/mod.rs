@@ -8,6 +8,7 @@
 mod attention;
 mod attention_simd;
 mod avx2;
+mod avx2_tiles;
 mod avx512;
 mod kernels;
 mod matmul;
