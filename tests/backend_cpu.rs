@@ -7,6 +7,8 @@
 //! - matmul against the f64 product of the dequantized weights and the Q8-quantized activations < 1e-5
 //!   (the activation quantization llama.cpp does too; against unquantized activations < 3e-2).
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -15,13 +17,13 @@ use pagellm::backend::cpu::{
     act_side, aux_per_block, quantize_q8_0, quantize_q8_1, quantize_q8_k, CpuBackend, Kernels, QActs, Scratch,
 };
 use pagellm::backend::{
-    AttnParams, AttnSeq, Backend, Buffer, Glu, HostBytes, HostWeight, KvShape, RopeMode, RopeParams, Weight,
+    AttnParams, AttnSeq, Backend, Glu, HostBytes, HostWeight, KvShape, RopeMode, RopeParams, Weight,
 };
 use pagellm::dtype::GgmlType;
 use pagellm::model::{Logits, Model, ModelOptions, G, L};
-use pagellm::quant;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
+
+use common::backend::{buffer, dequant, randn, random_weights, read, rel_l2, rng, upload, Bytes};
 
 // ---- a heap counter, for the weights-stay-in-the-map test ----
 
@@ -56,77 +58,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 // ---- helpers ----
 
-struct Bytes(Vec<u8>);
-impl HostBytes for Bytes {
-    fn host_bytes(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-fn rng(seed: u64) -> StdRng {
-    StdRng::seed_from_u64(seed)
-}
-
-fn randn(r: &mut StdRng, n: usize) -> Vec<f32> {
-    // sum of uniforms: roughly normal, never exactly zero in practice; a few outliers like real activations
-    (0..n)
-        .map(|i| {
-            let v: f32 = (0..4).map(|_| r.gen_range(-1.0f32..1.0)).sum();
-            if i % 97 == 5 {
-                v * 8.0
-            } else {
-                v
-            }
-        })
-        .collect()
-}
-
-fn f16_bytes(v: f32) -> [u8; 2] {
-    half::f16::from_f32(v).to_bits().to_le_bytes()
-}
-
-/// `n_rows` random rows of `k` weights of `ty`, as GGUF bytes.
-fn random_weights(r: &mut StdRng, ty: GgmlType, n_rows: usize, k: usize) -> Vec<u8> {
-    let nb = k / ty.block_size();
-    let mut out = vec![0u8; n_rows * nb * ty.type_size()];
-    match ty {
-        // no quantizer for these: random bytes with sane f16 scales
-        GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K | GgmlType::Q2K | GgmlType::Q3K => {
-            r.fill(&mut out[..]);
-            for blk in out.chunks_exact_mut(ty.type_size()) {
-                let (d, dmin) = (r.gen_range(0.001f32..0.01), r.gen_range(0.001f32..0.01));
-                let at = match ty {
-                    GgmlType::Q6K => 208,
-                    GgmlType::Q3K => 108,
-                    GgmlType::Q2K => 80,
-                    _ => 0,
-                };
-                blk[at..at + 2].copy_from_slice(&f16_bytes(d));
-                if matches!(ty, GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q2K) {
-                    blk[at + 2..at + 4].copy_from_slice(&f16_bytes(dmin));
-                }
-            }
-        }
-        _ => quant::quantize(ty, &randn(r, n_rows * k), &mut out).unwrap(),
-    }
-    out
-}
-
-fn dequant(ty: GgmlType, b: &[u8], n: usize) -> Vec<f32> {
-    let mut v = vec![0.0; n];
-    quant::dequantize(ty, b, &mut v).unwrap();
-    v
-}
-
-fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    assert!(got.iter().all(|v| v.is_finite()), "NaN or inf in the output");
-    let num: f64 = got.iter().zip(want).map(|(&g, &w)| (g as f64 - w).powi(2)).sum();
-    let den: f64 = want.iter().map(|w| w * w).sum();
-    assert!(den > 0.0, "reference is all zeros");
-    (num / den).sqrt()
-}
-
 /// A backend per kernel table this machine runs, scalar first.
 fn backends() -> Vec<(&'static str, CpuBackend)> {
     let all = Kernels::all();
@@ -145,23 +76,6 @@ fn simd_tables() -> Vec<Kernels> {
             println!("{name}: not on this machine, skipped");
         }
     }
-    v
-}
-
-fn upload(b: &CpuBackend, ty: GgmlType, bytes: Vec<u8>, row_len: usize, n_rows: usize) -> Weight {
-    let source: Arc<dyn HostBytes> = Arc::new(Bytes(bytes));
-    b.upload_weight(&HostWeight { name: "w".into(), ty, row_len, n_rows, source, offset: 0 }).unwrap()
-}
-
-fn buffer(b: &CpuBackend, data: &[f32]) -> Buffer {
-    let mut buf = b.alloc(data.len()).unwrap();
-    b.write_buffer(&mut buf, 0, data);
-    buf
-}
-
-fn read(b: &CpuBackend, buf: &Buffer, n: usize) -> Vec<f32> {
-    let mut v = vec![0.0; n];
-    b.read_buffer(buf, 0, &mut v);
     v
 }
 

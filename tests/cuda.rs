@@ -26,14 +26,14 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use pagellm::backend::cpu::{quantize_q8_0, quantize_q8_k};
 use pagellm::backend::cuda::{CudaBackend, INT_PATH_MAX_TOK};
-use pagellm::backend::{AttnParams, AttnSeq, Backend, Buffer, Glu, HostBytes, HostWeight, KvShape, RopeMode, RopeParams, Weight};
+use pagellm::backend::{AttnParams, AttnSeq, Backend, Buffer, Glu, HostWeight, KvShape, RopeMode, RopeParams, Weight};
 use pagellm::dtype::GgmlType;
 use pagellm::gguf::GgufFile;
 use pagellm::model::{Logits, Model, ModelOptions};
-use pagellm::quant;
-use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
+
+use common::backend::{buffer, dequant, randn, random_weights, read, rel_l2, rng, upload};
 
 // ---- the two backends ----
 
@@ -66,82 +66,12 @@ fn cpu() -> Arc<dyn Backend> {
 
 // ---- helpers ----
 
-struct Bytes(Vec<u8>);
-impl HostBytes for Bytes {
-    fn host_bytes(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-fn rng(seed: u64) -> StdRng {
-    StdRng::seed_from_u64(seed)
-}
-
-/// Roughly normal values, never zero in practice, with a few outliers like real activations.
-fn randn(r: &mut StdRng, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| {
-            let v: f32 = (0..4).map(|_| r.gen_range(-1.0f32..1.0)).sum();
-            if i % 97 == 5 {
-                v * 8.0
-            } else {
-                v
-            }
-        })
-        .collect()
-}
-
-fn f16_bytes(v: f32) -> [u8; 2] {
-    half::f16::from_f32(v).to_bits().to_le_bytes()
-}
-
 fn f16_round(v: f32) -> f64 {
     half::f16::from_f32(v).to_f32() as f64
 }
 
-/// `n_rows` random rows of `k` weights of `ty`, as GGUF bytes (k-quants: random bytes, sane scales).
-fn random_weights(r: &mut StdRng, ty: GgmlType, n_rows: usize, k: usize) -> Vec<u8> {
-    let nb = k / ty.block_size();
-    let mut out = vec![0u8; n_rows * nb * ty.type_size()];
-    match ty {
-        GgmlType::Q4K | GgmlType::Q6K => {
-            r.fill(&mut out[..]);
-            for blk in out.chunks_exact_mut(ty.type_size()) {
-                let (d, dmin) = (r.gen_range(0.001f32..0.01), r.gen_range(0.001f32..0.01));
-                let at = if ty == GgmlType::Q6K { 208 } else { 0 };
-                blk[at..at + 2].copy_from_slice(&f16_bytes(d));
-                if ty == GgmlType::Q4K {
-                    blk[at + 2..at + 4].copy_from_slice(&f16_bytes(dmin));
-                }
-            }
-        }
-        _ => quant::quantize(ty, &randn(r, n_rows * k), &mut out).unwrap(),
-    }
-    out
-}
-
-fn dequant(ty: GgmlType, b: &[u8], n: usize) -> Vec<f32> {
-    let mut v = vec![0.0; n];
-    quant::dequantize(ty, b, &mut v).unwrap();
-    v
-}
-
-fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    assert!(got.iter().all(|v| v.is_finite()), "NaN or inf in the output");
-    let num: f64 = got.iter().zip(want).map(|(&g, &w)| (g as f64 - w).powi(2)).sum();
-    let den: f64 = want.iter().map(|w| w * w).sum();
-    assert!(den > 0.0, "reference is all zeros");
-    (num / den).sqrt()
-}
-
 fn as_f64(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
-}
-
-fn upload(b: &dyn Backend, ty: GgmlType, bytes: Vec<u8>, row_len: usize, n_rows: usize) -> Weight {
-    let source: Arc<dyn HostBytes> = Arc::new(Bytes(bytes));
-    b.upload_weight(&HostWeight { name: "w".into(), ty, row_len, n_rows, source, offset: 0 }).unwrap()
 }
 
 fn vector(b: &dyn Backend, v: &[f32]) -> Weight {
@@ -149,21 +79,9 @@ fn vector(b: &dyn Backend, v: &[f32]) -> Weight {
     upload(b, GgmlType::F32, bytes, v.len(), 1)
 }
 
-fn buffer(b: &dyn Backend, data: &[f32]) -> Buffer {
-    let mut buf = b.alloc(data.len()).unwrap();
-    b.write_buffer(&mut buf, 0, data);
-    buf
-}
-
 /// A buffer of `n` NaNs: an op that leaves an element unwritten fails the NaN check.
 fn poisoned(b: &dyn Backend, n: usize) -> Buffer {
     buffer(b, &vec![f32::NAN; n])
-}
-
-fn read(b: &dyn Backend, buf: &Buffer, n: usize) -> Vec<f32> {
-    let mut v = vec![0.0; n];
-    b.read_buffer(buf, 0, &mut v);
-    v
 }
 
 // ---- products ----
