@@ -41,33 +41,24 @@ pub fn run(model: &Model, n_prompt: usize, n_gen: usize, reps: usize, threads: u
         let (avg, sd) = stats(&samples);
         rows.push(BenchRow { test, n_tokens: n, threads, samples_ts: samples, avg_ts: avg, stddev_ts: sd });
     };
-    if n_prompt > 0 {
-        let toks = random_tokens(n_prompt, n_vocab, 1);
+    // pp feeds the prompt in one forward; tg feeds one token per forward. Both start from an empty cache.
+    for (prefix, n, step, seed) in [("pp", n_prompt, n_prompt, 1), ("tg", n_gen, 1, 2)] {
+        if n == 0 {
+            continue;
+        }
+        let toks = random_tokens(n, n_vocab, seed);
         let mut samples = Vec::new();
         for rep in 0..=reps {
             sess.clear();
             let t = Instant::now();
-            model.forward(&mut sess, &toks, Logits::Last)?;
-            if rep > 0 {
-                samples.push(n_prompt as f64 / t.elapsed().as_secs_f64());
-            }
-        }
-        row(format!("pp{n_prompt}"), n_prompt, samples);
-    }
-    if n_gen > 0 {
-        let toks = random_tokens(n_gen, n_vocab, 2);
-        let mut samples = Vec::new();
-        for rep in 0..=reps {
-            sess.clear();
-            let t = Instant::now();
-            for &tok in &toks {
-                model.forward(&mut sess, &[tok], Logits::Last)?;
+            for chunk in toks.chunks(step) {
+                model.forward(&mut sess, chunk, Logits::Last)?;
             }
             if rep > 0 {
-                samples.push(n_gen as f64 / t.elapsed().as_secs_f64());
+                samples.push(n as f64 / t.elapsed().as_secs_f64());
             }
         }
-        row(format!("tg{n_gen}"), n_gen, samples);
+        row(format!("{prefix}{n}"), n, samples);
     }
     Ok(rows)
 }
