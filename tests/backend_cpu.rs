@@ -540,11 +540,11 @@ fn paged_attention_matches_reference() {
             // both sequences' new tokens in one call
             let q_all: Vec<f32> = qs.concat();
             let seqs = [
-                AttnSeq { q_start: 0, n_q: n_new[0], ctx_len: ctx[0], block_table: &tables[0] },
-                AttnSeq { q_start: n_new[0], n_q: n_new[1], ctx_len: ctx[1], block_table: &tables[1] },
+                AttnSeq { q_start: 0, n_q: n_new[0], ctx_len: ctx[0], block_table: &tables[0], view: None },
+                AttnSeq { q_start: n_new[0], n_q: n_new[1], ctx_len: ctx[1], block_table: &tables[1], view: None },
             ];
             let mut out = b.alloc(q_all.len()).unwrap();
-            b.attention(&buffer(&b, &q_all), &kv, &seqs, &p, &mut out);
+            b.attention(&buffer(&b, &q_all), &kv, &seqs, &p, &mut out, None);
             let got = read(&b, &out, q_all.len());
             let split = n_new[0] * nh * hd;
             for s in 0..2 {
@@ -556,8 +556,8 @@ fn paged_attention_matches_reference() {
             // decode-style: the last token of sequence 0 alone gives the same row, bit for bit
             let last = &qs[0][(n_new[0] - 1) * nh * hd..];
             let mut o1 = b.alloc(nh * hd).unwrap();
-            let one = [AttnSeq { q_start: 0, n_q: 1, ctx_len: ctx[0], block_table: &tables[0] }];
-            b.attention(&buffer(&b, last), &kv, &one, &p, &mut o1);
+            let one = [AttnSeq { q_start: 0, n_q: 1, ctx_len: ctx[0], block_table: &tables[0], view: None }];
+            b.attention(&buffer(&b, last), &kv, &one, &p, &mut o1, None);
             assert!(read(&b, &o1, nh * hd) == got[split - nh * hd..split], "{name}: attention depends on the batch");
             per_backend.push(got);
         }

@@ -296,13 +296,13 @@ fn run_attention(b: &dyn Backend, p: &AttnParams, specs: &[SeqSpec], data: &[(Ve
     let mut q_all = Vec::new();
     let mut seqs = Vec::new();
     for ((s, (q, _, _)), bt) in specs.iter().zip(data).zip(tables) {
-        seqs.push(AttnSeq { q_start: q_all.len() / qw, n_q: s.n_q, ctx_len: s.ctx, block_table: bt });
+        seqs.push(AttnSeq { q_start: q_all.len() / qw, n_q: s.n_q, ctx_len: s.ctx, block_table: bt, view: None });
         q_all.extend_from_slice(q);
     }
     let n_rows = q_all.len() / qw;
     let qb = buffer(b, &q_all);
     let mut out = poisoned(b, n_rows * qw);
-    b.attention(&qb, &kv, &seqs, p, &mut out);
+    b.attention(&qb, &kv, &seqs, p, &mut out, None);
     read(b, &out, n_rows * qw)
 }
 
@@ -363,8 +363,8 @@ fn kv_copy_blocks_copies_k_and_v() {
     let qb = buffer(b, &q);
     let mut o1 = poisoned(b, 256);
     let mut o2 = poisoned(b, 256);
-    b.attention(&qb, &kv, &[AttnSeq { q_start: 0, n_q: 1, ctx_len: ctx, block_table: &[3, 6] }], &p, &mut o1);
-    b.attention(&qb, &kv, &[AttnSeq { q_start: 0, n_q: 1, ctx_len: ctx, block_table: &[3, 1] }], &p, &mut o2);
+    b.attention(&qb, &kv, &[AttnSeq { q_start: 0, n_q: 1, ctx_len: ctx, block_table: &[3, 6], view: None }], &p, &mut o1, None);
+    b.attention(&qb, &kv, &[AttnSeq { q_start: 0, n_q: 1, ctx_len: ctx, block_table: &[3, 1], view: None }], &p, &mut o2, None);
     assert_eq!(read(b, &o1, 256), read(b, &o2, 256), "the copied block differs");
 }
 
@@ -562,11 +562,11 @@ fn bench_kernels() {
         b.kv_write(&mut kv, &kb, &kb, &slots);
     }
     let tables: Vec<Vec<u32>> = (0..n_seq).map(|s| ((s * ctx / 16) as u32..((s + 1) * ctx / 16) as u32).collect()).collect();
-    let seqs: Vec<AttnSeq> = tables.iter().enumerate().map(|(i, t)| AttnSeq { q_start: i, n_q: 1, ctx_len: ctx, block_table: t }).collect();
+    let seqs: Vec<AttnSeq> = tables.iter().enumerate().map(|(i, t)| AttnSeq { q_start: i, n_q: 1, ctx_len: ctx, block_table: t, view: None }).collect();
     let p = AttnParams { n_heads: nh, n_kv_heads: nkv, head_dim: hd, scale: 0.088, window: None };
     let q = buffer(&b, &randn(&mut r, n_seq * nh * hd));
     let mut out = b.alloc(n_seq * nh * hd).unwrap();
-    let ms = time_ms(&b, 20, || b.attention(&q, &kv, &seqs, &p, &mut out));
+    let ms = time_ms(&b, 20, || b.attention(&q, &kv, &seqs, &p, &mut out, None));
     let bytes = (n_seq * ctx * width * 2 * 2) as f64;
     println!("attention decode 16x4096 32/8 hd128: {ms:.3} ms, K/V read {:.0} GB/s", bytes / ms / 1e6);
 
@@ -694,17 +694,29 @@ impl Backend for Tee {
         self.c.kv_write(&mut p.0, &kk.0, &vv.0, slot_mapping);
         self.g.kv_write(&mut p.1, &kk.1, &vv.1, slot_mapping);
     }
+    fn kv_move_slots(&self, kv: &mut pagellm::backend::KvStore, moves: &[(u32, u32)]) {
+        let p = kv.inner_mut().downcast_mut::<(pagellm::backend::KvStore, pagellm::backend::KvStore)>().expect("tee kv");
+        self.c.kv_move_slots(&mut p.0, moves);
+        self.g.kv_move_slots(&mut p.1, moves);
+    }
     fn kv_copy_blocks(&self, kv: &mut pagellm::backend::KvStore, copies: &[(u32, u32)]) {
         let p = kv.inner_mut().downcast_mut::<(pagellm::backend::KvStore, pagellm::backend::KvStore)>().expect("tee kv");
         self.c.kv_copy_blocks(&mut p.0, copies);
         self.g.kv_copy_blocks(&mut p.1, copies);
     }
-    fn attention(&self, q: &Buffer, kv: &pagellm::backend::KvStore, seqs: &[AttnSeq], p: &AttnParams, out: &mut Buffer) {
+    fn attention(&self, q: &Buffer, kv: &pagellm::backend::KvStore, seqs: &[AttnSeq], p: &AttnParams, out: &mut Buffer, scores: Option<(&mut Buffer, usize)>) {
         let qq = Self::bufs(q);
         let kk = kv.inner().downcast_ref::<(pagellm::backend::KvStore, pagellm::backend::KvStore)>().expect("tee kv");
         let (c, g) = Self::bufs_mut(out);
-        self.c.attention(&qq.0, &kk.0, seqs, p, c);
-        self.g.attention(&qq.1, &kk.1, seqs, p, g);
+        let (sc, sg) = match scores {
+            Some((s, base)) => {
+                let (a, b) = Self::bufs_mut(s);
+                (Some((a, base)), Some((b, base)))
+            }
+            None => (None, None),
+        };
+        self.c.attention(&qq.0, &kk.0, seqs, p, c, sc);
+        self.g.attention(&qq.1, &kk.1, seqs, p, g, sg);
         let rows = seqs.iter().map(|s| s.q_start + s.n_q).max().unwrap_or(0);
         self.check("attention", out, rows * p.n_heads * p.head_dim);
     }

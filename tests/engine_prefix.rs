@@ -30,7 +30,7 @@ impl Chat {
         let bytes_per_token = c.n_layers * c.n_kv_heads * c.head_dim * 2 * 2;
         let pool = PoolOptions { kv_mem_bytes: contexts * ctx * bytes_per_token, block_size: 0 };
         let eog = lm.tokenizer.eog_ids().to_vec();
-        let engine = Engine::with_pool(lm.model, eog, EngineOptions { ctx, prefix_cache }, pool).unwrap();
+        let engine = Engine::with_pool(lm.model, eog, EngineOptions { ctx, prefix_cache, budget: None }, pool).unwrap();
         Chat { engine, tokenizer: lm.tokenizer, template: lm.template }
     }
 
@@ -200,7 +200,7 @@ fn a_small_pool_evicts_instead_of_failing() {
     let lm = generate::load(&path, 4096, 1, None).unwrap();
     let eog = lm.tokenizer.eog_ids().to_vec();
     let pool = PoolOptions { kv_mem_bytes: 1 << 20, block_size: 0 };
-    let Err(e) = Engine::with_pool(lm.model, eog, EngineOptions { ctx: 4096, prefix_cache: true }, pool) else {
+    let Err(e) = Engine::with_pool(lm.model, eog, EngineOptions { ctx: 4096, prefix_cache: true, budget: None }, pool) else {
         panic!("a 1 MiB pool was accepted for a 4096-token context")
     };
     assert!(matches!(e, EngineError::PoolTooSmall { ctx: 4096, .. }), "{e}");

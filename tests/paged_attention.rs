@@ -114,14 +114,14 @@ fn attend(b: &dyn Backend, kv: &KvStore, seqs: &[Seq], n_q: &[usize], qs: &[Vec<
         .iter()
         .zip(n_q)
         .map(|(s, &n)| {
-            let a = AttnSeq { q_start, n_q: n, ctx_len: s.ctx, block_table: &s.table };
+            let a = AttnSeq { q_start, n_q: n, ctx_len: s.ctx, block_table: &s.table, view: None };
             q_start += n;
             a
         })
         .collect();
     let q: Vec<f32> = qs.concat();
     let mut out = b.alloc(q.len()).unwrap();
-    b.attention(&buffer(b, &q), kv, &spans, p, &mut out);
+    b.attention(&buffer(b, &q), kv, &spans, p, &mut out, None);
     let all = read(b, &out, q.len());
     let mut rows = all.chunks(width);
     n_q.iter().map(|&n| rows.by_ref().take(n).flatten().copied().collect()).collect()

@@ -232,7 +232,7 @@ fn engine_reuses_prefix_and_stops() {
     let load = |prefix_cache| {
         let lm = generate::load(&path, 256, 2, None).unwrap();
         let eog = lm.tokenizer.eog_ids().to_vec();
-        (Engine::new(lm.model, eog, EngineOptions { ctx: 256, prefix_cache }).unwrap(), lm.tokenizer)
+        (Engine::new(lm.model, eog, EngineOptions { ctx: 256, prefix_cache, budget: None }).unwrap(), lm.tokenizer)
     };
     let (mut eng, tok) = load(true);
     let (mut whole, _) = load(false);

@@ -470,7 +470,7 @@ fn scheduler_contract_in_process() {
     let Some(model) = common::model_or_skip(common::SMOLLM2) else { return };
     let lm = generate::load(&model, 512, 1, None).unwrap();
     let tok = Arc::new(lm.tokenizer);
-    let engine = Engine::new(lm.model, tok.eog_ids().to_vec(), EngineOptions { ctx: 512, prefix_cache: true }).unwrap();
+    let engine = Engine::new(lm.model, tok.eog_ids().to_vec(), EngineOptions { ctx: 512, prefix_cache: true, budget: None }).unwrap();
     let sched = Scheduler::spawn(engine, tok.clone(), SchedulerOptions { ctx: 512, max_queue: 1, max_n: 4, max_running: 1 }).unwrap();
     let prompt = tok.encode("Count: 1, 2, 3,", true, true).unwrap();
     let req = |max_tokens: usize, n: usize| Request {

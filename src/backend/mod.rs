@@ -199,6 +199,32 @@ pub struct AttnSeq<'a> {
     pub n_q: usize,
     pub ctx_len: usize,
     pub block_table: &'a [u32],
+    /// A sequence under a KV budget policy (`None`: every entry live, entry `j` at position `j`).
+    pub view: Option<&'a KvView<'a>>,
+}
+
+/// The cache of a sequence under a KV budget policy (kv/budget.rs): its `ctx_len` *entries* (the slots
+/// of its block table, in order) are no longer positions `0..ctx_len`.
+///
+/// ```text
+/// entries     0 1 2 3 | 4 5 6 7 | 8 9          (block_size 4; the n_q new tokens are the last entries)
+/// live        1 0 0 1 | 1 1 0 1 | 1 1          live[b] bit o: entry b * block_size + o is live
+/// positions   0 1 2 3 | 9 10 11 12 | 40 41     original positions, increasing
+/// ```
+/// Dead entries (evicted tokens, holes) get no weight. The query at entry `e` sees the live entries
+/// `j <= e` with `positions[e] - positions[j] < window` (the window rule on original positions).
+/// With every entry live and `positions[j] == j` the result is bit-identical to `view: None`.
+#[derive(Clone, Copy, Debug)]
+pub struct KvView<'a> {
+    /// One mask per block of the table (block_size <= 64).
+    pub live: &'a [u64],
+    /// `[ctx_len]` original position of each entry.
+    pub positions: &'a [u32],
+    /// Where this sequence's attention probabilities go in the `scores` output of
+    /// [`Backend::attention`]: `[n_kv_heads x ctx_len]` f32 from this offset; element `(g, j)` is the
+    /// probability entry `j` got, summed over the query heads of KV head `g` and the sequence's query
+    /// rows (0 for a dead or unseen entry). The H2O policy accumulates these over steps.
+    pub score_offset: Option<usize>,
 }
 
 /// Shape and masking of one attention call.
@@ -261,7 +287,13 @@ pub trait Backend: Send + Sync {
     /// Causal attention of the query rows of every sequence over its cached keys:
     /// q `[n_tokens x n_heads x head_dim]` -> out, same shape. Query head `h` reads KV head
     /// `h / (n_heads / n_kv_heads)` (GQA).
-    fn attention(&self, q: &Buffer, kv: &KvStore, seqs: &[AttnSeq], p: &AttnParams, out: &mut Buffer);
+    /// With `scores = (buffer, base)`, sequences whose view has a `score_offset` also get their attention
+    /// probabilities written at `base + score_offset` (see [`KvView`]); the same pass computes them, no
+    /// second read of K.
+    fn attention(&self, q: &Buffer, kv: &KvStore, seqs: &[AttnSeq], p: &AttnParams, out: &mut Buffer, scores: Option<(&mut Buffer, usize)>);
+    /// Moves K and V of slot `src` to slot `dst` for each `(src, dst)`, all sources read before any
+    /// destination is written (a sequence's compaction after evictions: kv/budget.rs).
+    fn kv_move_slots(&self, kv: &mut KvStore, moves: &[(u32, u32)]);
     /// `x[..len] += y[..len]`.
     fn add(&self, x: &mut Buffer, y: &Buffer, len: usize);
     /// `x[..len] *= s`.

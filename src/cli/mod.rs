@@ -244,7 +244,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 let stem = model.file_stem().map_or_else(|| model.display().to_string(), |s| s.to_string_lossy().into_owned());
                 let ctx = ctx.min(lm.model.config().ctx_train.max(1));
                 let eog_ids = lm.tokenizer.eog_ids().to_vec();
-                let engine_opts = crate::engine::EngineOptions { ctx, prefix_cache: !no_prefix_cache };
+                let engine_opts = crate::engine::EngineOptions { ctx, prefix_cache: !no_prefix_cache, budget: None };
                 let pool = crate::engine::PoolOptions { kv_mem_bytes: kv_mem << 20, block_size: 0 };
                 let engine = crate::engine::Engine::with_pool(lm.model, eog_ids, engine_opts, pool)?;
                 let opts = crate::server::ServeOptions {

@@ -213,7 +213,7 @@ pub fn run(args: &ReplArgs) -> Result<(), BoxError> {
     }
     let ctx = args.ctx.min(model.config().ctx_train.max(1));
     let eog_ids = tokenizer.eog_ids().to_vec();
-    let opts = EngineOptions { ctx, prefix_cache: args.prefix_cache };
+    let opts = EngineOptions { ctx, prefix_cache: args.prefix_cache, budget: None };
     let pool = PoolOptions { kv_mem_bytes: args.kv_mem_mib << 20, block_size: 0 };
     let engine = Engine::with_pool(model, eog_ids, opts, pool)?;
     let mut repl = Repl {

@@ -22,6 +22,7 @@
 
 use super::cache::SeqKv;
 use super::{Engine, EngineError};
+use crate::kv::KvBudget;
 use crate::model::{AttnSeq, ForwardBatch, ModelError};
 
 /// One sequence of the batched API: its block table and tokens.
@@ -120,9 +121,9 @@ impl Engine {
 
     /// A sequence for `prompt` holding the longest prefix the pool has computed (at most all but the
     /// last token). Counts toward the prefix-cache hit rate.
-    pub fn start_seq(&mut self, prompt: &[u32]) -> Result<Sequence, EngineError> {
+    pub fn start_seq(&mut self, prompt: &[u32], budget: Option<KvBudget>) -> Result<Sequence, EngineError> {
         self.check_prompt(prompt)?;
-        let kv = self.cache.start(&self.model, prompt);
+        let kv = self.cache.start(&self.model, prompt, budget);
         self.queried_tokens += prompt.len() as u64;
         self.hit_tokens += kv.num_computed as u64;
         Ok(Sequence { cached_tokens: kv.num_computed, prompt_len: prompt.len(), kv })
@@ -150,33 +151,44 @@ impl Engine {
         let (mut tokens, mut positions, mut slot_mapping) =
             (Vec::with_capacity(total), Vec::with_capacity(total), Vec::with_capacity(total));
         let (mut out_rows, mut rows) = (Vec::new(), Vec::with_capacity(work.len()));
+        let n_kv = self.model.config().n_kv_heads;
+        // per sequence: where its attention probabilities go (H2O), and how many
+        let mut score_offs = Vec::with_capacity(work.len());
+        let mut score_len = 0;
         for (seq, n_new) in work.iter() {
             let (kv, n_new) = (&seq.kv, *n_new);
-            let p0 = kv.num_computed;
-            assert!(n_new > 0 && p0 + n_new <= kv.tokens.len() && p0 + n_new <= kv.table.num_tokens(), "step: unreserved tokens");
+            let (p0, e0) = (kv.num_computed, kv.computed_entries());
+            assert!(n_new > 0 && p0 + n_new <= kv.tokens.len() && e0 + n_new <= kv.table.num_tokens(), "step: unreserved tokens");
             tokens.extend_from_slice(&kv.tokens[p0..p0 + n_new]);
             positions.extend((p0..p0 + n_new).map(|p| p as u32));
-            slot_mapping.extend((p0..p0 + n_new).map(|p| kv.table.slot(p) as u32));
+            slot_mapping.extend((e0..e0 + n_new).map(|e| kv.table.slot(e) as u32));
+            score_offs.push(score_len);
+            score_len += kv.score_len(n_kv, n_new);
             let reaches_end = p0 + n_new == kv.tokens.len();
             rows.push(reaches_end.then_some(out_rows.len()));
             if reaches_end {
                 out_rows.push(tokens.len() as u32 - 1);
             }
         }
+        let views: Vec<_> = work.iter().zip(&score_offs).map(|((seq, _), &off)| seq.kv.view(off)).collect();
         let mut q_start = 0;
         let seqs: Vec<AttnSeq> = work
             .iter()
-            .map(|(seq, n_new)| {
-                let s = AttnSeq { q_start, n_q: *n_new, ctx_len: seq.kv.num_computed + n_new, block_table: seq.kv.table.block_ids() };
+            .zip(&views)
+            .map(|((seq, n_new), view)| {
+                let ctx_len = seq.kv.computed_entries() + n_new;
+                let s = AttnSeq { q_start, n_q: *n_new, ctx_len, block_table: seq.kv.table.block_ids(), view: view.as_ref() };
                 q_start += n_new;
                 s
             })
             .collect();
-        let batch = ForwardBatch { tokens: &tokens, positions: &positions, slot_mapping: &slot_mapping, seqs: &seqs, out_rows: &out_rows };
+        let batch = ForwardBatch { tokens: &tokens, positions: &positions, slot_mapping: &slot_mapping, seqs: &seqs, out_rows: &out_rows, score_len };
         let logits = self.model.forward_batch(self.cache.layers_mut(), &batch, &mut self.scratch)?;
         drop(seqs);
-        for (seq, n_new) in work.iter_mut() {
+        drop(views);
+        for ((seq, n_new), &off) in work.iter_mut().zip(&score_offs) {
             seq.kv.num_computed += *n_new;
+            self.cache.after_step(&self.model, &mut seq.kv, self.scratch.scores(), score_len, off);
         }
         Ok(StepOutput { logits, rows, n_vocab: self.model.config().n_vocab })
     }

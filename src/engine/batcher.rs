@@ -273,7 +273,7 @@ impl Batcher<'_> {
                 break;
             }
             let mut s = self.queue.pop_front().expect("front exists");
-            let mut seq = match self.engine.start_seq(&s.tokens) {
+            let mut seq = match self.engine.start_seq(&s.tokens, None) {
                 Ok(seq) => seq,
                 Err(e) => {
                     self.fail(&s.req, e.to_string());

@@ -30,8 +30,8 @@
 use std::collections::VecDeque;
 
 use super::EngineError;
-use crate::kv::{BlockTable, KvCacheConfig, KvCacheManager, KvError, KvStorage, KvUsage};
-use crate::model::{KvStore, Model, ModelError};
+use crate::kv::{BlockTable, BudgetState, KvBudget, KvCacheConfig, KvCacheManager, KvError, KvStorage, KvUsage};
+use crate::model::{KvStore, KvView, Model, ModelError};
 
 /// Finished sequences kept whole (see the module doc).
 pub const RETAINED_SEQS: usize = 4;
@@ -42,6 +42,37 @@ pub(super) struct SeqKv {
     /// Prompt, then reply tokens as they are run; the first `num_computed` have their KV in the pool.
     pub tokens: Vec<u32>,
     pub num_computed: usize,
+    /// Under a KV budget (kv/budget.rs): the table's entries, their positions, live masks and scores.
+    /// Without one, entry `j` of the table is token `j`.
+    pub budget: Option<BudgetState>,
+}
+
+impl SeqKv {
+    /// Table entries holding computed tokens: where the next token's entry goes.
+    pub fn computed_entries(&self) -> usize {
+        match &self.budget {
+            None => self.num_computed,
+            Some(b) => b.num_entries() - (b.positions().last().map_or(0, |&p| p as usize + 1) - self.num_computed),
+        }
+    }
+
+    /// The attention view of a sequence under a budget; its probabilities go to `score_offset` when
+    /// its policy wants them.
+    pub fn view(&self, score_offset: usize) -> Option<KvView<'_>> {
+        self.budget.as_ref().map(|b| KvView {
+            live: b.live_masks(),
+            positions: b.positions(),
+            score_offset: b.wants_scores().then_some(score_offset),
+        })
+    }
+
+    /// Floats of attention probabilities its next step of `n_new` tokens asks for (`n_kv x entries`).
+    pub fn score_len(&self, n_kv_heads: usize, n_new: usize) -> usize {
+        match &self.budget {
+            Some(b) if b.wants_scores() => n_kv_heads * (self.computed_entries() + n_new),
+            _ => 0,
+        }
+    }
 }
 
 pub(super) struct KvCache {
@@ -75,9 +106,30 @@ impl KvCache {
     }
 
     /// A sequence for `prompt` holding the longest prefix already computed (module doc), at most
-    /// `prompt.len() - 1` tokens.
-    pub fn start(&mut self, model: &Model, prompt: &[u32]) -> SeqKv {
-        let mut seq = SeqKv { table: self.manager.new_table(), tokens: prompt.to_vec(), num_computed: 0 };
+    /// `prompt.len() - 1` tokens; under `budget` when given (its cached prefix counts as live entries).
+    pub fn start(&mut self, model: &Model, prompt: &[u32], budget: Option<KvBudget>) -> SeqKv {
+        let mut seq = self.start_shared(model, prompt);
+        if let Some(budget) = budget.and_then(KvBudget::active) {
+            let c = model.config();
+            let mut st = BudgetState::new(budget, self.config.block_size, c.n_layers, c.n_kv_heads);
+            st.push(0..seq.num_computed);
+            seq.budget = Some(st);
+        }
+        seq
+    }
+
+    /// A sequence for `tokens` that re-uses nothing (perplexity: every chunk from an empty cache).
+    pub fn start_empty(&mut self, model: &Model, tokens: &[u32], budget: Option<KvBudget>) -> SeqKv {
+        let mut seq = SeqKv { table: self.manager.new_table(), tokens: tokens.to_vec(), num_computed: 0, budget: None };
+        if let Some(budget) = budget.and_then(KvBudget::active) {
+            let c = model.config();
+            seq.budget = Some(BudgetState::new(budget, self.config.block_size, c.n_layers, c.n_kv_heads));
+        }
+        seq
+    }
+
+    fn start_shared(&mut self, model: &Model, prompt: &[u32]) -> SeqKv {
+        let mut seq = SeqKv { table: self.manager.new_table(), tokens: prompt.to_vec(), num_computed: 0, budget: None };
         if !self.prefix_cache || prompt.is_empty() {
             return seq;
         }
@@ -103,8 +155,13 @@ impl KvCache {
     /// Slots for the `n_new` tokens after `seq.num_computed` (`seq.tokens` must hold them). Releases
     /// retained sequences, oldest first, while the pool is short.
     pub fn allocate(&mut self, seq: &mut SeqKv, n_new: usize) -> Result<(), EngineError> {
+        let entries = seq.computed_entries();
         loop {
-            if self.manager.allocate_slots(&mut seq.table, &seq.tokens, seq.num_computed, n_new).is_some() {
+            if self.manager.allocate_slots(&mut seq.table, &seq.tokens, entries, n_new).is_some() {
+                if let Some(b) = &mut seq.budget {
+                    let next = b.positions().last().map_or(0, |&p| p as usize + 1);
+                    b.push(next..seq.num_computed + n_new);
+                }
                 return Ok(());
             }
             match self.retained.pop_back() {
@@ -121,11 +178,13 @@ impl KvCache {
     /// Commits the sequence's computed full blocks to the prefix cache and keeps it retained (or, with
     /// the prefix cache off, frees it).
     pub fn finish(&mut self, seq: SeqKv) {
-        let SeqKv { mut table, mut tokens, num_computed } = seq;
+        let SeqKv { mut table, mut tokens, num_computed, budget } = seq;
         tokens.truncate(num_computed);
         self.manager.cache_full_blocks(&mut table, &tokens, num_computed);
-        // (slots allocated but never computed, after a failed forward: not worth keeping)
-        if !self.prefix_cache || num_computed == 0 || table.num_tokens() != num_computed {
+        // (slots allocated but never computed, after a failed forward: not worth keeping; a sequence
+        // that evicted tokens cannot be continued token by token)
+        let evicted = budget.is_some_and(|b| b.num_evicted() > 0);
+        if !self.prefix_cache || num_computed == 0 || table.num_tokens() != num_computed || evicted {
             self.manager.free(table);
             return;
         }
@@ -134,7 +193,7 @@ impl KvCache {
             self.retained.drain(..).partition(|r| common_prefix(&r.tokens, &tokens) == r.tokens.len());
         covered.into_iter().for_each(|r| self.manager.free(r.table));
         self.retained = kept.into();
-        self.retained.push_front(SeqKv { table, tokens, num_computed });
+        self.retained.push_front(SeqKv { table, tokens, num_computed, budget: None });
         while self.retained.len() > RETAINED_SEQS {
             let r = self.retained.pop_back().expect("len > RETAINED_SEQS");
             self.manager.free(r.table);
@@ -144,15 +203,37 @@ impl KvCache {
     /// A copy of `seq` (every slot computed): full blocks shared, the partial last block copied on the
     /// device now. `None` when no block is free for the copy.
     pub fn fork(&mut self, model: &Model, seq: &SeqKv) -> Option<SeqKv> {
-        let forked = self.manager.fork_prefix(&seq.table, seq.num_computed)?;
+        let forked = self.manager.fork_prefix(&seq.table, seq.computed_entries())?;
         self.storage.copy_blocks(model.backend(), forked.copy.as_slice());
-        Some(SeqKv { table: forked.table, tokens: seq.tokens.clone(), num_computed: seq.num_computed })
+        let (tokens, num_computed, budget) = (seq.tokens.clone(), seq.num_computed, seq.budget.clone());
+        Some(SeqKv { table: forked.table, tokens, num_computed, budget })
+    }
+
+    /// After a step ran `seq`'s tokens: adds the step's attention probabilities (`scores`, the forward's
+    /// `[n_layers x score_len]`, this sequence's at `offset`) to its H2O scores, evicts what its budget
+    /// no longer holds, and compacts its blocks once holes pile up (kv/budget.rs).
+    pub fn after_step(&mut self, model: &Model, seq: &mut SeqKv, scores: &[f32], score_len: usize, offset: usize) {
+        let Some(st) = &mut seq.budget else { return };
+        if st.wants_scores() && score_len > 0 {
+            let n = st.num_entries();
+            let n_kv = model.config().n_kv_heads;
+            for (il, layer) in scores.chunks(score_len).enumerate() {
+                st.add_scores(il, &layer[offset..offset + n_kv * n], n);
+            }
+        }
+        if st.enforce() > 0 {
+            self.manager.stop_caching(&mut seq.table);
+        }
+        if let Some(moves) = self.manager.compact(&mut seq.table, st) {
+            self.storage.move_slots(model.backend(), &moves);
+        }
+        debug_assert!(st.check().is_ok(), "{:?}", st.check());
     }
 
     /// Frees a sequence that is not finished (preempted, cancelled): its computed full blocks are
     /// committed first, so they stay findable in the prefix cache; nothing is retained.
     pub fn release(&mut self, seq: SeqKv) {
-        let SeqKv { mut table, tokens, num_computed } = seq;
+        let SeqKv { mut table, tokens, num_computed, .. } = seq;
         self.manager.cache_full_blocks(&mut table, &tokens, num_computed);
         self.manager.free(table);
     }

@@ -41,7 +41,7 @@ mod text;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use crate::kv::{KvCacheConfig, KvError, KvStorage, DEFAULT_BLOCK_SIZE};
+use crate::kv::{KvBudget, KvCacheConfig, KvError, KvStorage, DEFAULT_BLOCK_SIZE};
 use crate::model::{AttnSeq, ForwardBatch, Model, ModelError, Scratch, UBATCH};
 use crate::sampling::Sampler;
 
@@ -71,6 +71,9 @@ pub struct EngineOptions {
     pub ctx: usize,
     /// Re-use the KV of the prefix shared with earlier requests (off: prefill every prompt whole).
     pub prefix_cache: bool,
+    /// Tokens a sequence keeps and what it evicts past them (`--kv-budget`, `--kv-policy`); `None`:
+    /// keep everything.
+    pub budget: Option<KvBudget>,
 }
 
 /// How the shared KV pool is sized ([`Engine::with_pool`]).
@@ -214,7 +217,7 @@ impl Engine {
         self.check_prompt(prompt)?;
 
         // Step 1: the longest prefix the pool holds (none without the prefix cache).
-        let mut seq = self.cache.start(&self.model, prompt);
+        let mut seq = self.cache.start(&self.model, prompt, self.opts.budget);
         let res = self.run(&mut seq, sampler, max_tokens, cancel, on_token);
         // Step 4: commit the computed blocks; the sequence stays cached.
         self.cache.finish(seq);
@@ -288,22 +291,64 @@ impl Engine {
 
     /// Runs the `n_new` tokens of `seq` after its computed ones; returns the last one's logits.
     fn forward(&mut self, seq: &mut SeqKv, n_new: usize) -> Result<Vec<f32>, EngineError> {
+        self.forward_rows(seq, n_new, &[n_new as u32 - 1])
+    }
+
+    /// The same, returning the logits of the chunk's rows `out_rows`; under a budget, evicts after.
+    fn forward_rows(&mut self, seq: &mut SeqKv, n_new: usize, out_rows: &[u32]) -> Result<Vec<f32>, EngineError> {
         self.cache.allocate(seq, n_new)?;
-        let p0 = seq.num_computed;
+        let (p0, e0) = (seq.num_computed, seq.computed_entries());
         let positions: Vec<u32> = (p0..p0 + n_new).map(|p| p as u32).collect();
-        let slot_mapping: Vec<u32> = (p0..p0 + n_new).map(|p| seq.table.slot(p) as u32).collect();
-        let seqs = [AttnSeq { q_start: 0, n_q: n_new, ctx_len: p0 + n_new, block_table: seq.table.block_ids() }];
-        let out_rows = [n_new as u32 - 1];
+        let slot_mapping: Vec<u32> = (e0..e0 + n_new).map(|e| seq.table.slot(e) as u32).collect();
+        let score_len = seq.score_len(self.model.config().n_kv_heads, n_new);
+        let view = seq.view(0);
+        let seqs = [AttnSeq { q_start: 0, n_q: n_new, ctx_len: e0 + n_new, block_table: seq.table.block_ids(), view: view.as_ref() }];
         let batch = ForwardBatch {
             tokens: &seq.tokens[p0..p0 + n_new],
             positions: &positions,
             slot_mapping: &slot_mapping,
             seqs: &seqs,
-            out_rows: &out_rows,
+            out_rows,
+            score_len,
         };
         let logits = self.model.forward_batch(self.cache.layers_mut(), &batch, &mut self.scratch)?;
         seq.num_computed += n_new;
+        self.cache.after_step(&self.model, seq, self.scratch.scores(), score_len, 0);
         Ok(logits)
+    }
+
+    /// Runs `tokens` from an empty cache (nothing re-used, nothing kept) in steps of `step` tokens under
+    /// `budget`, handing the logits of every position `>= from` to `on_logits(pos, row)`: perplexity with
+    /// a KV policy evicting as it would during generation.
+    pub fn eval_tokens(
+        &mut self,
+        tokens: &[u32],
+        step: usize,
+        from: usize,
+        budget: Option<KvBudget>,
+        on_logits: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<(), EngineError> {
+        self.check_prompt(&tokens[..tokens.len().saturating_sub(1)])?;
+        let mut seq = self.cache.start_empty(&self.model, tokens, budget);
+        let n_vocab = self.model.config().n_vocab;
+        let mut res = Ok(());
+        while seq.num_computed < tokens.len() {
+            let (p0, n_new) = (seq.num_computed, step.min(tokens.len() - seq.num_computed));
+            let rows: Vec<u32> = (0..n_new as u32).filter(|&r| p0 + r as usize >= from).collect();
+            match self.forward_rows(&mut seq, n_new, &rows) {
+                Ok(logits) => {
+                    for (&r, row) in rows.iter().zip(logits.chunks(n_vocab)) {
+                        on_logits(p0 + r as usize, row);
+                    }
+                }
+                Err(e) => {
+                    res = Err(e);
+                    break;
+                }
+            }
+        }
+        self.cache.release(seq);
+        res
     }
 
     pub fn stats(&self) -> CacheStats {

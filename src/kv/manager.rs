@@ -17,7 +17,8 @@
 //! Blocks are committed to the prefix cache only once their KV is computed (`tokens[..num_computed]`), so
 //! a hit never points at rows still being written.
 
-use super::block_table::BlockTable;
+use super::block_table::{slot_for, BlockTable};
+use super::budget::BudgetState;
 use super::pool::BlockPool;
 use super::prefix::{hash_block_tokens, HashFn};
 use super::{BlockId, KvError, TokenId, DEFAULT_BLOCK_SIZE};
@@ -266,6 +267,58 @@ impl KvCacheManager {
             caching_stopped: table.caching_stopped && num_full > table.num_cached_blocks,
         };
         Some(Forked { table: forked, copy })
+    }
+
+    /// Stops caching the table's later blocks: under a KV budget, once a token is evicted the table's
+    /// entries no longer follow its tokens, so no later block may be keyed by them.
+    pub fn stop_caching(&mut self, table: &mut BlockTable) {
+        table.caching_stopped = true;
+    }
+
+    /// Compacts a sequence under a KV budget (budget.rs): from the first full block whose live fraction
+    /// fell below the threshold, packs the live entries into the front of that range and frees the
+    /// blocks left empty. A destination block that is shared or cached is replaced by a fresh one (the
+    /// live entries are copied out of it, it is never written); a private one is re-used in place.
+    /// Returns the slot moves the device must make (`Backend::kv_move_slots`), `None` when nothing needs
+    /// compacting or no block is free for a copy (the holes then wait for a later step).
+    /// ```text
+    /// before  [ A: 1111 | B: 1001 | C: 0110 | D: 11.. ]      (B below half live: compact from B)
+    /// after   [ A: 1111 | B': 1111 | D': 11.. ]             B' = B if private, else a fresh block
+    /// ```
+    pub fn compact(&mut self, table: &mut BlockTable, st: &mut BudgetState) -> Option<Vec<(u32, u32)>> {
+        let bs = self.block_size();
+        debug_assert_eq!(table.num_tokens, st.num_entries(), "the table's slots are the budget's entries");
+        let first = st.compact_from()?;
+        let keep: Vec<usize> = (first * bs..st.num_entries()).filter(|&e| st.is_live(e)).collect();
+        let n_blocks = first + keep.len().div_ceil(bs);
+        let private = |pool: &BlockPool, b: BlockId| pool.ref_cnt(b) == 1 && pool.block_hash(b).is_none();
+        let fresh = (first..n_blocks).filter(|&i| !private(&self.pool, table.block_ids[i])).count();
+        if fresh > self.pool.num_free_blocks() {
+            return None;
+        }
+        let old = table.block_ids.clone();
+        let mut ids = old[..first].to_vec();
+        for &b in &old[first..n_blocks] {
+            ids.push(if private(&self.pool, b) { b } else { self.pool.take_free_block().expect("counted free blocks") });
+        }
+        let moves: Vec<(u32, u32)> = keep
+            .iter()
+            .enumerate()
+            .map(|(k, &e)| (slot_for(&old, bs, e) as u32, slot_for(&ids, bs, first * bs + k) as u32))
+            .filter(|(src, dst)| src != dst)
+            .collect();
+        // the old blocks not re-used in place go back, the last first
+        for (i, &b) in old.iter().enumerate().skip(first).rev() {
+            if i >= n_blocks || ids[i] != b {
+                self.pool.release(b);
+            }
+        }
+        table.block_ids = ids;
+        table.num_tokens = first * bs + keep.len();
+        table.num_cached_blocks = table.num_cached_blocks.min(first);
+        table.caching_stopped = true;
+        st.compact(first);
+        Some(moves)
     }
 
     /// Gives the table's blocks back (ref_cnt - 1). Blocks reaching 0 join the free queue tail first, so

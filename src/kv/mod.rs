@@ -50,10 +50,15 @@
 //! ## Sliding-window layers (Gemma-3)
 //! Local (sliding-window) layers use the same block tables as global ones: the attention kernel masks the
 //! positions that left the window. We keep every block of a sequence, so its whole prefix stays reusable
-//! by later turns; nothing here evicts blocks by position. A budget policy (H2O, StreamingLLM sinks)
-//! would be a later, opt-in addition; it is not built yet.
+//! by later turns; nothing here evicts blocks by position.
+//!
+//! ## KV budgets (opt-in)
+//! budget.rs: `--kv-budget N --kv-policy sinks|h2o` bounds the tokens a sequence keeps: eviction clears
+//! live bits in the sequence's own masks (the kernels skip holes), `KvCacheManager::compact` packs the
+//! survivors and frees blocks, copying shared or cached blocks instead of writing them.
 
 mod block_table;
+mod budget;
 mod free_queue;
 mod manager;
 mod pool;
@@ -61,6 +66,7 @@ mod prefix;
 mod storage;
 
 pub use block_table::{slot_for, BlockTable};
+pub use budget::{BudgetState, KvBudget, KvPolicy, COMPACT_BELOW, DEFAULT_RECENT, DEFAULT_SINKS};
 pub use manager::{BlockCopy, Forked, KvCacheConfig, KvCacheManager, KvUsage, PrefixCacheStats};
 pub use pool::BlockPool;
 pub use prefix::{hash_block_tokens, BlockHash, HashFn};

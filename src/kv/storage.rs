@@ -50,6 +50,16 @@ impl KvStorage {
         &mut self.layers
     }
 
+    /// Moves slots in every layer (a budget's compaction), all sources read first.
+    pub fn move_slots(&mut self, backend: &dyn Backend, moves: &[(u32, u32)]) {
+        if moves.is_empty() {
+            return;
+        }
+        for layer in &mut self.layers {
+            backend.kv_move_slots(layer, moves);
+        }
+    }
+
     /// Performs copy-on-write copies in every layer.
     pub fn copy_blocks(&mut self, backend: &dyn Backend, copies: &[BlockCopy]) {
         if copies.is_empty() {

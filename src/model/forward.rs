@@ -13,6 +13,8 @@ use super::{Model, ModelError};
 /// tokens, positions, slot_mapping   [n_tokens]    token t is at positions[t], its K/V go to slot_mapping[t]
 /// seqs                              per sequence: its rows of `tokens`, context length, block table
 /// out_rows                          rows of `tokens` whose logits are returned, in this order
+/// score_len                         f32 per layer of attention probabilities (KV budget views with a
+///                                   score_offset), then in `Scratch::scores` `[n_layers x score_len]`
 /// ```
 pub struct ForwardBatch<'a> {
     pub tokens: &'a [u32],
@@ -20,6 +22,7 @@ pub struct ForwardBatch<'a> {
     pub slot_mapping: &'a [u32],
     pub seqs: &'a [AttnSeq<'a>],
     pub out_rows: &'a [u32],
+    pub score_len: usize,
 }
 
 /// Output rows per final-projection pass (bounds the logits buffer: 64 x vocab f32).
@@ -31,6 +34,9 @@ pub struct Scratch {
     n_tokens: usize,
     n_out: usize,
     bufs: Option<Bufs>,
+    /// `[n_layers x score_len]` attention probabilities of the last batch that asked (device, host).
+    scores: Option<Buffer>,
+    scores_host: Vec<f32>,
 }
 
 struct Bufs {
@@ -74,6 +80,12 @@ impl Scratch {
         }
         Ok(self.bufs.as_mut().expect("just set"))
     }
+
+    /// The attention probabilities of the last forward whose batch had a `score_len`:
+    /// `[n_layers x score_len]`, laid out per layer as the batch's views said.
+    pub fn scores(&self) -> &[f32] {
+        &self.scores_host
+    }
 }
 
 impl Model {
@@ -82,14 +94,25 @@ impl Model {
     pub fn forward_batch(&self, kv: &mut [KvStore], batch: &ForwardBatch, scratch: &mut Scratch) -> Result<Vec<f32>, ModelError> {
         let n = batch.tokens.len();
         assert!(batch.positions.len() == n && batch.slot_mapping.len() == n && kv.len() == self.cfg.n_layers);
+        let want = batch.score_len * self.cfg.n_layers;
+        if want > 0 && scratch.scores.as_ref().is_none_or(|b| b.len() < want) {
+            scratch.scores = None;
+            scratch.scores = Some(self.backend.alloc(want)?);
+        }
+        let mut scores = if want > 0 { scratch.scores.take() } else { None };
         let s = scratch.ensure(self, n, batch.out_rows.len().clamp(1, OUT_CHUNK))?;
         let mut logits = vec![0.0f32; batch.out_rows.len() * self.cfg.n_vocab];
-        self.backend.run(&mut || self.run_layers(kv, batch, s, &mut logits));
+        self.backend.run(&mut || self.run_layers(kv, batch, s, scores.as_mut(), &mut logits));
+        if let Some(buf) = scores {
+            scratch.scores_host.resize(want, 0.0);
+            self.backend.read_buffer(&buf, 0, &mut scratch.scores_host);
+            scratch.scores = Some(buf);
+        }
         Ok(logits)
     }
 
     /// The ops of [`Model::forward_batch`], inside one [`Backend::run`](crate::backend::Backend::run).
-    fn run_layers(&self, kv: &mut [KvStore], batch: &ForwardBatch, s: &mut Bufs, logits: &mut [f32]) {
+    fn run_layers(&self, kv: &mut [KvStore], batch: &ForwardBatch, s: &mut Bufs, mut scores: Option<&mut Buffer>, logits: &mut [f32]) {
         let (c, w, b) = (&self.cfg, &self.weights, self.backend.as_ref());
         let n = batch.tokens.len();
         let (dim, hd, eps) = (c.dim, c.head_dim, c.rms_eps);
@@ -143,7 +166,8 @@ impl Model {
                 scale: c.kq_scale,
                 window: if swa { c.sliding_window } else { None },
             };
-            b.attention(&s.q, &kv[il], batch.seqs, &attn, &mut s.q2);
+            let layer_scores = scores.as_deref_mut().map(|buf| (buf, il * batch.score_len));
+            b.attention(&s.q, &kv[il], batch.seqs, &attn, &mut s.q2, layer_scores);
             // output projection, (post-attention norm,) residual
             b.matmul(lw.get(L::Out), &s.q2, n, &mut s.xb2);
             if c.post_norms {

@@ -29,7 +29,7 @@ use crate::gguf::GgufFile;
 pub use config::{Arch, Config, ROPE_FREQ_BASE_SWA};
 pub use forward::{ForwardBatch, Scratch};
 /// The backend types a [`ForwardBatch`] and a shared KV pool are made of, for callers that build them.
-pub use crate::backend::{AttnSeq, KvShape, KvStore};
+pub use crate::backend::{AttnSeq, KvShape, KvStore, KvView};
 pub use weights::{LayerWeights, Weights, G, L};
 
 /// Tokens per micro-batch of a long prompt (bounds activation memory).
@@ -208,8 +208,8 @@ impl Model {
             let slot_mapping: Vec<u32> = (p0..p0 + m).map(|p| sess.kv.slot(p)).collect();
             let out_rows: Vec<u32> = (start..start + m).filter(|&i| i >= out_from).map(|i| (i - start) as u32).collect();
             let block_table = sess.kv.block_table.clone();
-            let seqs = [AttnSeq { q_start: 0, n_q: m, ctx_len: p0 + m, block_table: &block_table }];
-            let batch = ForwardBatch { tokens: chunk, positions: &positions, slot_mapping: &slot_mapping, seqs: &seqs, out_rows: &out_rows };
+            let seqs = [AttnSeq { q_start: 0, n_q: m, ctx_len: p0 + m, block_table: &block_table, view: None }];
+            let batch = ForwardBatch { tokens: chunk, positions: &positions, slot_mapping: &slot_mapping, seqs: &seqs, out_rows: &out_rows, score_len: 0 };
             let out = self.forward_batch(&mut sess.kv.layers, &batch, &mut sess.scratch)?;
             logits.extend_from_slice(&out);
             sess.len += m;

@@ -110,8 +110,27 @@ struct Work {
     scores: Vec<f32>,
     /// `[split len]` one head's weights in f16.
     half: Vec<f16>,
-    /// `[split len]` offsets of the split's K/V rows in the pools.
+    /// `[split len]` offsets of the split's live K/V rows in the pools.
     rows: Vec<usize>,
+    /// `[split len]` their entries.
+    ents: Vec<u32>,
+}
+
+/// One split's softmax weights, normalized within the split, kept for the probabilities a KV budget
+/// policy asks for (`KvView::score_offset`): `w` `[group x ents.len()]`, `ml` `[group]`.
+#[derive(Clone, Default)]
+struct SplitRec {
+    ents: Vec<u32>,
+    w: Vec<f32>,
+    ml: Vec<Ml>,
+}
+
+/// A query row: its sequence, its entry in the sequence's table and its position.
+#[derive(Clone, Copy)]
+struct Row {
+    seq: usize,
+    entry: usize,
+    pos: usize,
 }
 
 /// What every task reads.
@@ -122,8 +141,8 @@ struct Job<'a> {
     kv: &'a CpuKv,
     q: &'a [f32],
     seqs: &'a [AttnSeq<'a>],
-    /// Per query row: (sequence, position), `None` for rows outside every sequence.
-    rows: Vec<Option<(usize, usize)>>,
+    /// Per query row, `None` for rows outside every sequence.
+    rows: Vec<Option<Row>>,
     bs: usize,
     n_heads: usize,
     n_kv_heads: usize,
@@ -145,13 +164,26 @@ struct Tmp {
     ml: Vec<Ml>,
     /// `[group]` the merged state.
     acc: Vec<Ml>,
+    /// The row's splits, when its sequence wants probabilities.
+    recs: Vec<SplitRec>,
 }
 
 impl Job<'_> {
-    /// The key ranges of the query at `pos`, in order (see the module doc).
-    fn splits(&self, pos: usize) -> impl Iterator<Item = Range<usize>> {
-        let lo = self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-        (lo..=pos).step_by(SPLIT_TOKENS).map(move |s| s..(s + SPLIT_TOKENS).min(pos + 1))
+    /// The entry ranges the query `row` sees, in order (see the module doc): entries `lo ..= entry`,
+    /// `lo` the first inside the window (by original position, under a budget view).
+    fn splits(&self, row: Row) -> impl Iterator<Item = Range<usize>> {
+        let Row { seq, entry, pos } = row;
+        let lo = match (self.window, self.seqs[seq].view) {
+            (None, _) => 0,
+            (Some(w), None) => (pos + 1).saturating_sub(w),
+            (Some(w), Some(v)) => v.positions[..=entry].partition_point(|&p| pos - p as usize >= w),
+        };
+        (lo..=entry).step_by(SPLIT_TOKENS).map(move |s| s..(s + SPLIT_TOKENS).min(entry + 1))
+    }
+
+    /// Whether row `row`'s sequence wants its attention probabilities.
+    fn wants_scores(&self, row: Option<Row>) -> bool {
+        row.is_some_and(|r| self.seqs[r.seq].view.is_some_and(|v| v.score_offset.is_some()))
     }
 
     /// Loads query row `t`'s heads of KV head `g`, rounded to f16 like ggml.
@@ -163,27 +195,38 @@ impl Job<'_> {
         half.convert_to_f32_slice(qv);
     }
 
-    /// Offsets of KV head `g`'s rows of `keys` in the pools, in key order (one block lookup per block).
-    fn kv_rows<'b>(&self, bt: &'b [u32], keys: Range<usize>, g: usize) -> impl Iterator<Item = usize> + 'b {
+    /// Offsets of KV head `g`'s rows of the live entries of `keys` in the pools, and those entries, in
+    /// entry order (one block lookup per block; a block with no live entry is skipped whole).
+    fn kv_rows(&self, seq: usize, keys: Range<usize>, g: usize, rows: &mut Vec<usize>, ents: &mut Vec<u32>) {
         let (bs, stride, head) = (self.bs, self.n_kv_heads * self.hd, g * self.hd);
+        let (bt, live) = (self.seqs[seq].block_table, self.seqs[seq].view.map(|v| v.live));
+        rows.clear();
+        ents.clear();
         let first = keys.start / bs;
-        bt[first..keys.end.div_ceil(bs)].iter().enumerate().flat_map(move |(i, &b)| {
+        for (i, &b) in bt[first..keys.end.div_ceil(bs)].iter().enumerate() {
             let start = (first + i) * bs;
+            let mask = live.map_or(u64::MAX, |l| l[first + i]);
             let (lo, hi) = (keys.start.max(start) - start, keys.end.min(start + bs) - start);
             let base = b as usize * bs;
-            (lo..hi).map(move |off| (base + off) * stride + head)
-        })
+            for off in (lo..hi).filter(|&off| mask >> off & 1 == 1) {
+                rows.push((base + off) * stride + head);
+                ents.push((start + off) as u32);
+            }
+        }
     }
 
-    /// Attention of the group's query heads `qv` over `span`, normalized within it: `o` `[group x hd]`,
-    /// `ml` `[group]`.
-    fn partial(&self, span: &Span, qv: &[f32], work: &mut Work, o: &mut [f32], ml: &mut [Ml]) {
-        let Work { scores, half, rows } = work;
-        let (hd, group, n, g) = (self.hd, self.group, span.keys.len(), span.g);
-        let (bt, kv, keys) = (self.seqs[span.seq].block_table, self.kv, span.keys.clone());
+    /// Attention of the group's query heads `qv` over the live keys of `span`, normalized within it:
+    /// `o` `[group x hd]`, `ml` `[group]`; with `rec`, the weights too. `false` (and nothing written)
+    /// when the span has no live key.
+    fn partial(&self, span: &Span, qv: &[f32], work: &mut Work, o: &mut [f32], ml: &mut [Ml], mut rec: Option<&mut SplitRec>) -> bool {
+        let Work { scores, half, rows, ents } = work;
+        let (hd, group, g, kv) = (self.hd, self.group, span.g, self.kv);
+        self.kv_rows(span.seq, span.keys.clone(), g, rows, ents);
+        let n = rows.len();
+        if n == 0 {
+            return false;
+        }
         scores.resize(group * n, 0.0);
-        rows.clear();
-        rows.extend(self.kv_rows(bt, keys, g));
         ml.fill(Ml { max: f32::NEG_INFINITY, sum: 0.0 });
         // scores = scale * q . k_j, one read of k_j for the whole group
         if let Some(simd) = self.simd {
@@ -220,19 +263,47 @@ impl Job<'_> {
             let row = &mut scores[hh * n..(hh + 1) * n];
             let inv = (1.0 / m.sum) as f32;
             row.iter_mut().for_each(|s| *s *= inv);
+            if let Some(rec) = rec.as_deref_mut() {
+                rec.w.extend_from_slice(row);
+            }
             half.convert_from_f32_slice(row);
             half.convert_to_f32_slice(row);
+        }
+        if let Some(rec) = rec {
+            rec.ents.clone_from(ents);
+            rec.ml.clone_from_slice(ml);
         }
         // o = sum_j w_j v_j, one read of v_j for the whole group
         if let Some(simd) = self.simd {
             (simd.pv)(&kv.v, rows, hd, scores, group, o);
-            return;
+            return true;
         }
         o.fill(0.0);
         for (i, &r) in rows.iter().enumerate() {
             let v = &kv.v[r..r + hd];
             for hh in 0..group {
                 (self.kern.axpy_f16)(&mut o[hh * hd..(hh + 1) * hd], scores[hh * n + i], v);
+            }
+        }
+        true
+    }
+
+    /// A split record for `partial` to fill: weights cleared, `ml` sized.
+    fn new_rec(&self, rec: &mut SplitRec) {
+        rec.w.clear();
+        rec.ml.resize(self.group, Ml::default());
+    }
+
+    /// Adds each kept split's probabilities (its weights times its share of the merged softmax `acc`,
+    /// summed over the group's heads) to `probs` `[ctx_len]` of the row's sequence.
+    fn add_probs(&self, recs: &[SplitRec], acc: &[Ml], probs: &mut [f32]) {
+        for rec in recs {
+            let n = rec.ents.len();
+            for (hh, (m, a)) in rec.ml.iter().zip(acc).enumerate() {
+                let frac = (m.sum * ((m.max - a.max) as f64).exp() / a.sum) as f32;
+                for (&e, &w) in rec.ents.iter().zip(&rec.w[hh * n..(hh + 1) * n]) {
+                    probs[e as usize] += frac * w;
+                }
             }
         }
     }
@@ -253,68 +324,103 @@ impl Job<'_> {
         }
     }
 
-    /// One task per (row, KV head): every split of the row in order, merged as it goes.
-    fn run_rows(&self, out: &mut [f32]) {
+    /// One task per (row, KV head): every split of the row in order, merged as it goes. `probs[idx]`:
+    /// the task's probabilities, when its sequence wants them (module doc of `KvView`).
+    fn run_rows(&self, out: &mut [f32], probs: &mut [Vec<f32>]) {
         let (group, hd, n_kv) = (self.group, self.hd, self.n_kv_heads);
-        out.par_chunks_mut(group * hd).enumerate().for_each_init(Tmp::default, |tmp, (idx, o)| {
+        out.par_chunks_mut(group * hd).zip(probs.par_iter_mut()).enumerate().for_each_init(Tmp::default, |tmp, (idx, (o, probs))| {
             let (t, g) = (idx / n_kv, idx % n_kv);
-            let Some((seq, pos)) = self.rows[t] else { return };
+            let Some(row) = self.rows[t] else { return };
+            let keep = !probs.is_empty();
             self.load_q(t, g, &mut tmp.qv, &mut tmp.work.half);
             tmp.acc.resize(group, Ml::default());
-            for (k, keys) in self.splits(pos).enumerate() {
-                let span = Span { seq, g, keys };
-                if k == 0 {
-                    self.partial(&span, &tmp.qv, &mut tmp.work, o, &mut tmp.acc);
+            let mut kept = 0;
+            let mut started = false;
+            for keys in self.splits(row) {
+                let span = Span { seq: row.seq, g, keys };
+                let rec = keep.then(|| {
+                    if tmp.recs.len() <= kept {
+                        tmp.recs.push(SplitRec::default());
+                    }
+                    self.new_rec(&mut tmp.recs[kept]);
+                    &mut tmp.recs[kept]
+                });
+                let found = if !started {
+                    started = self.partial(&span, &tmp.qv, &mut tmp.work, o, &mut tmp.acc, rec);
+                    started
                 } else {
                     tmp.o.resize(group * hd, 0.0);
                     tmp.ml.resize(group, Ml::default());
-                    self.partial(&span, &tmp.qv, &mut tmp.work, &mut tmp.o, &mut tmp.ml);
-                    self.merge(o, &mut tmp.acc, &tmp.o, &tmp.ml);
-                }
+                    let found = self.partial(&span, &tmp.qv, &mut tmp.work, &mut tmp.o, &mut tmp.ml, rec);
+                    if found {
+                        self.merge(o, &mut tmp.acc, &tmp.o, &tmp.ml);
+                    }
+                    found
+                };
+                kept += (keep && found) as usize;
+            }
+            if keep {
+                self.add_probs(&tmp.recs[..kept], &tmp.acc, probs);
             }
         });
     }
 
     /// One task per (row, KV head, split), then one per (row, KV head) merging its splits in order:
     /// the same arithmetic as [`Job::run_rows`], with more parallelism when rows are few.
-    fn run_splits(&self, out: &mut [f32]) {
+    fn run_splits(&self, out: &mut [f32], probs: &mut [Vec<f32>]) {
         let (group, hd, n_kv) = (self.group, self.hd, self.n_kv_heads);
         // items of (row, KV head) idx are items[first[idx]..first[idx + 1]]
         let mut items: Vec<(usize, Span)> = Vec::new();
         let mut first = vec![0usize];
         for (t, row) in self.rows.iter().enumerate() {
             for g in 0..n_kv {
-                if let Some((seq, pos)) = *row {
-                    items.extend(self.splits(pos).map(|keys| (t, Span { seq, g, keys })));
+                if let Some(row) = *row {
+                    items.extend(self.splits(row).map(|keys| (t, Span { seq: row.seq, g, keys })));
                 }
                 first.push(items.len());
             }
         }
         let mut parts = vec![0.0f32; items.len() * group * hd];
         let mut mls = vec![Ml::default(); items.len() * group];
-        parts.par_chunks_mut(group * hd).zip(mls.par_chunks_mut(group)).zip(items.par_iter()).for_each_init(
-            Tmp::default,
-            |tmp, ((o, ml), (t, span))| {
+        // (a split with no live key: found = false, and the merge below skips it)
+        let mut found = vec![false; items.len()];
+        let mut recs: Vec<SplitRec> = vec![SplitRec::default(); items.len()];
+        let keep: Vec<bool> = items.iter().map(|(t, _)| self.wants_scores(self.rows[*t])).collect();
+        parts
+            .par_chunks_mut(group * hd)
+            .zip(mls.par_chunks_mut(group))
+            .zip(found.par_iter_mut().zip(recs.par_iter_mut()))
+            .zip(items.par_iter().zip(keep.par_iter()))
+            .for_each_init(Tmp::default, |tmp, (((o, ml), (found, rec)), ((t, span), &keep))| {
                 self.load_q(*t, span.g, &mut tmp.qv, &mut tmp.work.half);
-                self.partial(span, &tmp.qv, &mut tmp.work, o, ml);
-            },
-        );
-        out.par_chunks_mut(group * hd).enumerate().for_each(|(idx, o)| {
-            let range = first[idx]..first[idx + 1];
-            if range.is_empty() {
-                return;
-            }
-            o.copy_from_slice(&parts[range.start * group * hd..(range.start + 1) * group * hd]);
-            let mut acc = mls[range.start * group..(range.start + 1) * group].to_vec();
-            for i in range.start + 1..range.end {
+                let rec = keep.then(|| {
+                    self.new_rec(rec);
+                    rec
+                });
+                *found = self.partial(span, &tmp.qv, &mut tmp.work, o, ml, rec);
+            });
+        out.par_chunks_mut(group * hd).zip(probs.par_iter_mut()).enumerate().for_each(|(idx, (o, probs))| {
+            let mut range = (first[idx]..first[idx + 1]).filter(|&i| found[i]);
+            let Some(i0) = range.next() else { return };
+            o.copy_from_slice(&parts[i0 * group * hd..(i0 + 1) * group * hd]);
+            let mut acc = mls[i0 * group..(i0 + 1) * group].to_vec();
+            let mut kept = vec![i0];
+            for i in range {
                 self.merge(o, &mut acc, &parts[i * group * hd..(i + 1) * group * hd], &mls[i * group..(i + 1) * group]);
+                kept.push(i);
+            }
+            if !probs.is_empty() {
+                for i in kept {
+                    self.add_probs(std::slice::from_ref(&recs[i]), &acc, probs);
+                }
             }
         });
     }
 }
 
 /// See the module doc. `q` and `out` are `[n_tokens x n_heads x head_dim]`; rows outside every sequence
-/// are left alone.
+/// are left alone. `scores`: where sequences whose view has a `score_offset` get their probabilities.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn attention(
     kern: &Kernels,
     q: &[f32],
@@ -323,19 +429,26 @@ pub(super) fn attention(
     seqs: &[AttnSeq],
     p: &AttnParams,
     out: &mut [f32],
+    scores: Option<&mut [f32]>,
 ) {
-    let (hd, n_heads) = (p.head_dim, p.n_heads);
-    assert!(shape.head_dim == hd && shape.n_kv_heads == p.n_kv_heads && n_heads % p.n_kv_heads == 0);
+    let (hd, n_heads, n_kv) = (p.head_dim, p.n_heads, p.n_kv_heads);
+    assert!(shape.head_dim == hd && shape.n_kv_heads == n_kv && n_heads % n_kv == 0);
     let bs = shape.block_size;
 
-    // (sequence, position) of every query row
+    // sequence, entry and position of every query row
     let n_rows = seqs.iter().map(|s| s.q_start + s.n_q).max().unwrap_or(0);
-    let mut rows: Vec<Option<(usize, usize)>> = vec![None; n_rows];
+    let mut rows: Vec<Option<Row>> = vec![None; n_rows];
     for (si, s) in seqs.iter().enumerate() {
         assert!(s.n_q <= s.ctx_len && s.block_table.len() * bs >= s.ctx_len, "attention: block table too short");
         assert!(s.block_table.iter().all(|&b| (b as usize) < shape.num_blocks), "attention: block id outside the pool");
+        if let Some(v) = s.view {
+            assert!(bs <= 64 && v.live.len() >= s.ctx_len.div_ceil(bs) && v.positions.len() >= s.ctx_len, "attention: view too short");
+            assert!(v.positions[..s.ctx_len].windows(2).all(|w| w[0] < w[1]), "attention: view positions must increase");
+        }
         for i in 0..s.n_q {
-            rows[s.q_start + i] = Some((si, s.ctx_len - s.n_q + i));
+            let entry = s.ctx_len - s.n_q + i;
+            let pos = s.view.map_or(entry, |v| v.positions[entry] as usize);
+            rows[s.q_start + i] = Some(Row { seq: si, entry, pos });
         }
     }
     assert!(q.len() >= n_rows * n_heads * hd && out.len() >= n_rows * n_heads * hd);
@@ -349,17 +462,58 @@ pub(super) fn attention(
         rows,
         bs,
         n_heads,
-        n_kv_heads: p.n_kv_heads,
+        n_kv_heads: n_kv,
         hd,
-        group: n_heads / p.n_kv_heads,
+        group: n_heads / n_kv,
         scale: p.scale,
         window: p.window,
     };
+    // per (row, KV head): the probabilities of its sequence's entries, when wanted (else empty)
+    let want = scores.is_some();
+    let mut probs: Vec<Vec<f32>> = (0..n_rows * n_kv)
+        .map(|idx| match job.rows[idx / n_kv] {
+            Some(r) if want && job.wants_scores(Some(r)) => vec![0.0; seqs[r.seq].ctx_len],
+            _ => Vec::new(),
+        })
+        .collect();
     let out = &mut out[..n_rows * n_heads * hd];
     // Few (row, KV head) tasks, as in decode: spread the splits of a long context over the threads too.
-    if n_rows * p.n_kv_heads < 2 * rayon::current_num_threads() {
-        job.run_splits(out);
+    if n_rows * n_kv < 2 * rayon::current_num_threads() {
+        job.run_splits(out, &mut probs);
     } else {
-        job.run_rows(out);
+        job.run_rows(out, &mut probs);
+    }
+    // each sequence's probabilities, summed over its query rows in row order
+    let Some(scores) = scores else { return };
+    for s in seqs {
+        let (Some(v), ctx) = (s.view, s.ctx_len) else { continue };
+        let Some(off) = v.score_offset else { continue };
+        let dst = &mut scores[off..off + n_kv * ctx];
+        dst.fill(0.0);
+        for t in s.q_start..s.q_start + s.n_q {
+            for (g, d) in dst.chunks_mut(ctx).enumerate() {
+                d.iter_mut().zip(&probs[t * n_kv + g]).for_each(|(d, &p)| *d += p);
+            }
+        }
+    }
+}
+
+/// Moves K and V of slot `src` to slot `dst` for each `(src, dst)`, every source read first.
+pub(super) fn kv_move_slots(kv: &mut CpuKv, shape: KvShape, moves: &[(u32, u32)]) {
+    let w = shape.token_width();
+    for pool in [&mut kv.k, &mut kv.v] {
+        let rows: Vec<u16> = moves
+            .iter()
+            .flat_map(|&(src, _)| {
+                let src = src as usize;
+                assert!(src < shape.num_slots(), "kv_move_slots: slot {src} outside a pool of {} slots", shape.num_slots());
+                pool[src * w..(src + 1) * w].iter().copied()
+            })
+            .collect();
+        for (&(_, dst), row) in moves.iter().zip(rows.chunks(w)) {
+            let dst = dst as usize;
+            assert!(dst < shape.num_slots(), "kv_move_slots: slot {dst} outside a pool of {} slots", shape.num_slots());
+            pool[dst * w..(dst + 1) * w].copy_from_slice(row);
+        }
     }
 }

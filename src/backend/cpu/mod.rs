@@ -289,9 +289,15 @@ impl Backend for CpuBackend {
         attention::kv_copy_blocks(store, shape, copies);
     }
 
-    fn attention(&self, q: &Buffer, kv: &KvStore, seqs: &[AttnSeq], p: &AttnParams, out: &mut Buffer) {
-        let (q, out) = (buf(q), buf_mut(out));
-        self.pool.install(|| attention::attention(&self.k, q, kv_ref(kv), kv.shape(), seqs, p, out));
+    fn attention(&self, q: &Buffer, kv: &KvStore, seqs: &[AttnSeq], p: &AttnParams, out: &mut Buffer, scores: Option<(&mut Buffer, usize)>) {
+        let (q, out, scores) = (buf(q), buf_mut(out), scores.map(|(s, base)| &mut buf_mut(s)[base..]));
+        self.pool.install(|| attention::attention(&self.k, q, kv_ref(kv), kv.shape(), seqs, p, out, scores));
+    }
+
+    fn kv_move_slots(&self, kv: &mut KvStore, moves: &[(u32, u32)]) {
+        let shape = kv.shape();
+        let store = kv.inner_mut().downcast_mut::<CpuKv>().expect("kv store from another backend");
+        attention::kv_move_slots(store, shape, moves);
     }
 
     fn add(&self, x: &mut Buffer, y: &Buffer, len: usize) {

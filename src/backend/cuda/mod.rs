@@ -653,7 +653,12 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn attention(&self, q: &Buffer, kv: &KvStore, seqs: &[AttnSeq], p: &AttnParams, out: &mut Buffer) {
+    fn kv_move_slots(&self, _kv: &mut KvStore, moves: &[(u32, u32)]) {
+        assert!(moves.is_empty(), "cuda kv_move_slots: not supported yet");
+    }
+
+    fn attention(&self, q: &Buffer, kv: &KvStore, seqs: &[AttnSeq], p: &AttnParams, out: &mut Buffer, scores: Option<(&mut Buffer, usize)>) {
+        assert!(scores.is_none() && seqs.iter().all(|s| s.view.is_none()), "cuda attention: KV budget views are not supported yet");
         let shape = kv.shape();
         let (hd, n_heads, n_kv) = (p.head_dim, p.n_heads, p.n_kv_heads);
         assert!(shape.head_dim == hd && shape.n_kv_heads == n_kv && n_heads % n_kv == 0);
