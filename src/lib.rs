@@ -9,6 +9,7 @@ pub mod cli;
 pub mod dtype;
 pub mod engine;
 pub mod gguf;
+pub mod json_constraint;
 pub mod kv;
 pub mod model;
 pub mod quant;

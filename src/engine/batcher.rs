@@ -15,8 +15,12 @@
 //!
 //! Every sequence owns its [`Sampler`] and [`TextStream`], which survive a preemption: the
 //! sequence restarts from prompt + reply so far (mostly cached) and continues exactly where it was.
+//!
+//! A `json_object` request's choices also own a [`JsonGuide`] (the vocabulary's [`JsonMask`], built
+//! once on the first such request, plus the reply's state): sampling sees only tokens that keep the reply
+//! a prefix of one JSON object, and the choice stops as soon as the object closes.
 
-use std::cell::RefCell;
+use std::cell::{OnceCell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -26,6 +30,7 @@ use super::cache::common_prefix;
 use super::scheduler::{Event, Job, SchedulerOptions, Shared, Usage};
 use super::text::{log_softmax_pick, TextStream};
 use super::{Engine, FinishReason};
+use crate::json_constraint::{JsonGuide, JsonMask};
 use crate::model::UBATCH;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
@@ -64,6 +69,8 @@ struct SeqState {
     /// Choices still to fork from this one once its prompt is computed (choice 0 of n > 1).
     forks: usize,
     finish: Option<FinishReason>,
+    /// `Some` for a `json_object` request.
+    json: Option<JsonGuide>,
 }
 
 enum Outcome {
@@ -82,11 +89,13 @@ struct Batcher<'a> {
     queue: VecDeque<SeqState>,
     /// Requests held here (running or queued); mirrors `State::running`.
     requests: usize,
+    /// The token mask for `json_object` requests, built on the first one.
+    json_mask: OnceCell<Arc<JsonMask>>,
 }
 
 /// The scheduler thread's body: until shutdown, pull requests and step the batch.
 pub(super) fn run_loop(engine: Engine, tok: Arc<Tokenizer>, shared: &Shared, opts: SchedulerOptions) {
-    let mut b = Batcher { engine, tok, shared, opts, running: Vec::new(), queue: VecDeque::new(), requests: 0 };
+    let mut b = Batcher { engine, tok, shared, opts, running: Vec::new(), queue: VecDeque::new(), requests: 0, json_mask: OnceCell::new() };
     while b.pull() {
         b.drop_gone();
         // A bug in the engine must not take the server down or leave clients waiting forever: every
@@ -138,6 +147,9 @@ impl Batcher<'_> {
         let sampling = SamplingParams { seed: r.sampling.seed.wrapping_add(index as u64), ..r.sampling.clone() };
         let mut sampler = Sampler::new(sampling);
         sampler.accept(&r.prompt);
+        let json = r.json_object.then(|| {
+            JsonGuide::new(self.json_mask.get_or_init(|| Arc::new(JsonMask::for_tokenizer(&self.tok, &self.engine.eog_ids))).clone())
+        });
         SeqState {
             req: req.clone(),
             index,
@@ -151,6 +163,7 @@ impl Batcher<'_> {
             cached_tokens: None,
             forks: 0,
             finish: None,
+            json,
         }
     }
 
@@ -404,11 +417,22 @@ impl Batcher<'_> {
 }
 
 /// Samples the next token of `s` from `logits` and sends it; sets `s.finish` when the choice is done
-/// (an EOG token, a stop string, `max_tokens`), else appends the token for the next step to run.
+/// (an EOG token, a stop string, a closed JSON object, `max_tokens`), else appends the token for the
+/// next step to run. Logprobs are of the raw logits, before the JSON mask.
 fn sample_one(engine: &Engine, s: &mut SeqState, logits: &mut [f32]) {
     let want = s.req.borrow().job.req.logprobs;
     let raw = want.map(|_| logits.to_vec());
-    let next = s.sampler.sample(logits);
+    let next = match &s.json {
+        None => s.sampler.sample(logits),
+        Some(json) => match json.sample(logits, |l| s.sampler.sample(l)) {
+            Some(next) => next,
+            // No token can continue the object (a vocabulary missing some byte): end here.
+            None => {
+                s.finish = Some(FinishReason::Stop);
+                return;
+            }
+        },
+    };
     if engine.eog_ids.contains(&next) {
         s.finish = Some(FinishReason::Stop);
         return;
@@ -416,6 +440,8 @@ fn sample_one(engine: &Engine, s: &mut SeqState, logits: &mut [f32]) {
     s.sampler.accept(&[next]);
     s.generated += 1;
     let (piece, hit_stop) = s.text.push(next);
+    // The object closed: only an EOG token may follow, so stop now (the same reply, one step sooner).
+    let json_done = s.json.as_mut().is_some_and(|json| json.accept(next));
     let (logprob, top_logprobs) = match (want, raw) {
         (Some(k), Some(raw)) => {
             let (lp, top) = log_softmax_pick(&raw, next, k);
@@ -424,7 +450,7 @@ fn sample_one(engine: &Engine, s: &mut SeqState, logits: &mut [f32]) {
         _ => (None, Vec::new()),
     };
     let _ = s.req.borrow().job.tx.send(Event::Token { index: s.index, id: next, text: piece, logprob, top_logprobs });
-    if hit_stop {
+    if hit_stop || json_done {
         s.finish = Some(FinishReason::Stop);
     } else if s.generated >= s.max_tokens {
         s.finish = Some(FinishReason::Length);

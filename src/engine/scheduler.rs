@@ -17,6 +17,10 @@
 //! - `Done.usage.cached_tokens` is the engine's prefix-cache hit for that choice ([`Generation`]).
 //! - Logprobs are of the model's distribution (log-softmax of the raw logits, before penalties and
 //!   temperature), as OpenAI and llama-server report them.
+//! - `json_object`: each choice samples only tokens that keep its text a prefix of one JSON object
+//!   (json_constraint.rs; logprobs stay those of the unmasked distribution) and ends with `Stop` the
+//!   moment the object closes, so a `Stop` reply is exactly one object (optionally led by whitespace);
+//!   `max_tokens` may cut it short (`Length`), and so may a stop string the request gave.
 //!
 //! ## Internals: continuous batching (batcher.rs)
 //! ```text
@@ -62,6 +66,8 @@ pub struct Request {
     pub stop: Vec<String>,
     /// `Some(k)`: report each token's logprob and the `k` most likely tokens at its position.
     pub logprobs: Option<usize>,
+    /// Every choice is exactly one JSON object (`response_format: json_object`; see the module doc).
+    pub json_object: bool,
 }
 
 /// Token counts of one choice.

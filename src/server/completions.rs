@@ -142,6 +142,7 @@ async fn respond(app: Arc<App>, kind: Kind, prompts: Vec<Vec<u32>>, params: GenP
             sampling: params.sampling.clone(),
             stop: params.stop.clone(),
             logprobs: params.logprobs,
+            json_object: params.json_object,
         };
         match app.scheduler.submit(req) {
             Ok(ticket) => tickets.push(ticket),

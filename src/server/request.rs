@@ -1,8 +1,9 @@
 //! Request bodies of `/v1/chat/completions` and `/v1/completions`, read by hand from a
 //! `serde_json::Value` so that every error names the field at fault ("'temperature' must be a number,
 //! not a string"). Unknown fields are ignored (clients send many); fields this server cannot honour are
-//! refused rather than silently dropped, except `response_format: json_object`, accepted and noted as not
-//! enforced.
+//! refused rather than silently dropped. `response_format: json_object` is enforced: the scheduler masks
+//! each step's logits so that every reply is one JSON object (json_constraint.rs); `json_schema` is
+//! refused.
 
 use serde_json::{Map, Value};
 
@@ -26,7 +27,9 @@ pub struct GenParams {
     pub sampling: SamplingParams,
     /// `Some(k)`: logprobs with `k` alternatives per token.
     pub logprobs: Option<usize>,
-    /// Things the log line should mention (e.g. a response_format that is not enforced).
+    /// `response_format: {"type": "json_object"}`: every reply is one JSON object.
+    pub json_object: bool,
+    /// Things the log line should mention (e.g. that the reply was held to a JSON object).
     pub notes: Vec<&'static str>,
 }
 
@@ -204,10 +207,14 @@ fn parse_common(f: &Fields, defaults: &SamplingParams, max_n: usize) -> Result<G
     }
     f.refuse_nonempty("logit_bias", "logit_bias")?;
     let mut notes = Vec::new();
+    let mut json_object = false;
     if let Some(rf) = f.object("response_format")? {
         match rf.string("type").map_err(|e| ApiError { param: Some("response_format.type".into()), ..e })? {
             None | Some("text") => {}
-            Some("json_object") => notes.push("response_format json_object accepted, not enforced"),
+            Some("json_object") => {
+                json_object = true;
+                notes.push("json_object");
+            }
             Some("json_schema") => return Err(ApiError::unsupported("response_format", "response_format json_schema")),
             Some(other) => {
                 return Err(ApiError::invalid(
@@ -217,7 +224,7 @@ fn parse_common(f: &Fields, defaults: &SamplingParams, max_n: usize) -> Result<G
             }
         }
     }
-    Ok(GenParams { max_tokens: max_tokens.map(|m| m as usize), n, stream, include_usage, stop, sampling: s, logprobs: None, notes })
+    Ok(GenParams { max_tokens: max_tokens.map(|m| m as usize), n, stream, include_usage, stop, sampling: s, logprobs: None, json_object, notes })
 }
 
 impl ChatRequest {
@@ -381,7 +388,8 @@ mod tests {
         assert_eq!(err(json!({"messages": [{"role": "user", "content": "x"}], "stop": [1]})).param.as_deref(), Some("stop"));
         assert_eq!(err(json!({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2})).param.as_deref(), Some("top_logprobs"));
         assert_eq!(err(json!({"messages": [{"role": "tool", "content": "x"}]})).code, Some("unsupported_parameter"));
-        assert!(chat(json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}})).is_ok());
+        assert!(chat(json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}})).unwrap().params.json_object);
+        assert!(!chat(json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "text"}})).unwrap().params.json_object);
     }
 
     #[test]
