@@ -3,13 +3,15 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backend::DeviceChoice;
 use crate::chat_template::{ChatTemplate, Message, TemplateSource};
 use crate::gguf::{keys, GgufFile};
-use crate::model::{Logits, Model, ModelOptions};
+use crate::engine::{Engine, EngineOptions, FinishReason};
+use crate::model::{Model, ModelOptions};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -76,6 +78,10 @@ pub struct GenerateArgs {
     pub raw: bool,
     pub chat_template: Option<String>,
     pub sampling: SamplingParams,
+    /// `--kv-budget` / `--kv-policy`: bounded KV memory for a long generation.
+    pub budget: Option<crate::kv::KvBudget>,
+    /// Generate past end-of-generation tokens (`--ignore-eos`).
+    pub ignore_eos: bool,
 }
 
 /// Read `-p -` from stdin.
@@ -120,44 +126,38 @@ pub fn run(args: &GenerateArgs) -> Result<(), BoxError> {
     }
     let load_s = t_load.elapsed().as_secs_f64();
 
-    let mut sess = lm.model.new_session(capacity)?;
+    let eog_ids = if args.ignore_eos { Vec::new() } else { tok.eog_ids().to_vec() };
+    let opts = EngineOptions { ctx: capacity, prefix_cache: false, budget: args.budget };
+    let mut engine = Engine::new(lm.model, eog_ids, opts)?;
     let mut sampler = Sampler::new(args.sampling.clone());
-    sampler.accept(&ids);
-    let t_prompt = Instant::now();
-    let mut logits = lm.model.forward(&mut sess, &ids, Logits::Last)?;
-    let prompt_s = t_prompt.elapsed().as_secs_f64();
-
-    let t_gen = Instant::now();
     let mut out = std::io::stdout().lock();
     let mut decoder = StreamDecoder::new(tok);
-    let mut n_gen = 0usize;
-    let mut stop = "length";
-    while n_gen < args.n_predict {
-        let next = sampler.sample(&mut logits);
-        if tok.is_eog(next) {
-            stop = "end of generation";
-            break;
-        }
-        n_gen += 1;
-        sampler.accept(&[next]);
-        write!(out, "{}", decoder.push(next))?;
-        out.flush()?;
-        if n_gen == args.n_predict {
-            break;
-        }
-        if sess.len() + 1 >= capacity {
-            stop = "context full";
-            break;
-        }
-        logits = lm.model.forward(&mut sess, &[next], Logits::Last)?;
+    let mut write_err = None;
+    let g = engine.generate(&ids, &mut sampler, args.n_predict, &AtomicBool::new(false), &mut |next| {
+        let res = write!(out, "{}", decoder.push(next)).and_then(|_| out.flush());
+        write_err = res.err();
+        write_err.is_none()
+    })?;
+    if let Some(e) = write_err {
+        return Err(e.into());
     }
     writeln!(out, "{}", decoder.flush())?;
-    let gen_s = t_gen.elapsed().as_secs_f64();
+    let stop = match g.finish {
+        FinishReason::Stop => "end of generation",
+        FinishReason::Length => "length",
+        FinishReason::ContextFull => "context full",
+        FinishReason::Cancelled => "cancelled",
+    };
+    let evicted = match args.budget {
+        Some(b) => format!(" | kv budget {} ({}), {} tokens evicted", b.tokens, b.policy, engine.stats().evicted_tokens),
+        None => String::new(),
+    };
     eprintln!(
-        "\n[load {load_s:.2} s | prompt {} tokens, {:.1} tok/s | generation {n_gen} tokens, {:.1} tok/s | stop: {stop}]",
+        "\n[load {load_s:.2} s | prompt {} tokens, {:.1} tok/s | generation {} tokens, {:.1} tok/s | stop: {stop}{evicted}]",
         ids.len(),
-        ids.len() as f64 / prompt_s.max(1e-9),
-        n_gen as f64 / gen_s.max(1e-9),
+        ids.len() as f64 / g.prefill_secs.max(1e-9),
+        g.tokens.len(),
+        g.tokens.len() as f64 / g.decode_secs.max(1e-9),
     );
     Ok(())
 }

@@ -48,6 +48,9 @@ pub enum Command {
         /// Send the prompt as is, without the chat template.
         #[arg(long)]
         raw: bool,
+        /// One-shot: keep generating past end-of-generation tokens until -n (benchmarks).
+        #[arg(long)]
+        ignore_eos: bool,
         /// A Jinja chat template file that replaces the model's.
         #[arg(long)]
         chat_template: Option<String>,
@@ -66,6 +69,8 @@ pub enum Command {
         kv_mem: usize,
         #[command(flatten)]
         sampling: SamplingArgs,
+        #[command(flatten)]
+        budget: KvBudgetArgs,
         #[command(flatten)]
         serve: ServeArgs,
     },
@@ -91,6 +96,12 @@ pub enum Command {
         /// Compute device: auto (CUDA when a GPU is usable, else the CPU), cpu or cuda.
         #[arg(long, default_value = "auto")]
         device: DeviceChoice,
+        #[command(flatten)]
+        budget: KvBudgetArgs,
+        /// With --kv-budget: tokens fed per step, so eviction happens as it would during generation
+        /// (1 is exact decode; larger is faster).
+        #[arg(long, default_value_t = 16)]
+        kv_step: usize,
     },
     /// Measure prompt processing (pp) and generation (tg) speed, like llama-bench.
     Bench {
@@ -170,6 +181,37 @@ pub struct ServeArgs {
     pub parallel: usize,
 }
 
+/// KV budget flags: bounded KV memory per sequence for long generations and chats (kv/budget.rs).
+#[derive(clap::Args, Debug, Clone)]
+pub struct KvBudgetArgs {
+    /// Most tokens a sequence keeps in the KV cache (0: keep all). Past it, --kv-policy evicts.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub kv_budget: usize,
+    /// What --kv-budget evicts: h2o (keep the most recent and the heaviest-attended tokens), sinks
+    /// (StreamingLLM: keep the first --kv-sinks tokens and the most recent), or none.
+    #[arg(long, default_value = "h2o")]
+    pub kv_policy: crate::kv::KvPolicy,
+    /// sinks: tokens kept from the start.
+    #[arg(long, default_value_t = crate::kv::DEFAULT_SINKS)]
+    pub kv_sinks: usize,
+    /// h2o: fraction of the budget kept for the most recent tokens (the rest: heavy hitters).
+    #[arg(long, default_value_t = crate::kv::DEFAULT_RECENT)]
+    pub h2o_recent: f32,
+}
+
+impl KvBudgetArgs {
+    /// The budget the flags ask for; `None` without --kv-budget or with policy none.
+    pub fn budget(&self) -> Option<crate::kv::KvBudget> {
+        use crate::kv::KvPolicy;
+        let policy = match self.kv_policy {
+            KvPolicy::Sinks { .. } => KvPolicy::Sinks { sinks: self.kv_sinks },
+            KvPolicy::H2o { .. } => KvPolicy::H2o { recent: self.h2o_recent },
+            KvPolicy::None => KvPolicy::None,
+        };
+        (self.kv_budget > 0).then_some(crate::kv::KvBudget { tokens: self.kv_budget, policy }).and_then(crate::kv::KvBudget::active)
+    }
+}
+
 /// Sampling flags; the defaults are llama.cpp's.
 #[derive(clap::Args, Debug, Clone)]
 pub struct SamplingArgs {
@@ -232,7 +274,8 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
-        Command::Run { model, prompt, system, n_predict, ctx, raw, chat_template, threads, device, no_prefix_cache, kv_mem, sampling, serve } => {
+        Command::Run { model, prompt, system, n_predict, ctx, raw, ignore_eos, chat_template, threads, device, no_prefix_cache, kv_mem, sampling, budget, serve } => {
+            let budget = budget.budget();
             if serve.serve {
                 if prompt.is_some() || system.is_some() || raw {
                     return Err("--serve takes no -p, --system or --raw: clients send the conversation".into());
@@ -244,7 +287,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 let stem = model.file_stem().map_or_else(|| model.display().to_string(), |s| s.to_string_lossy().into_owned());
                 let ctx = ctx.min(lm.model.config().ctx_train.max(1));
                 let eog_ids = lm.tokenizer.eog_ids().to_vec();
-                let engine_opts = crate::engine::EngineOptions { ctx, prefix_cache: !no_prefix_cache, budget: None };
+                let engine_opts = crate::engine::EngineOptions { ctx, prefix_cache: !no_prefix_cache, budget };
                 let pool = crate::engine::PoolOptions { kv_mem_bytes: kv_mem << 20, block_size: 0 };
                 let engine = crate::engine::Engine::with_pool(lm.model, eog_ids, engine_opts, pool)?;
                 let opts = crate::server::ServeOptions {
@@ -274,6 +317,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     sampling: sampling.params(),
                     prefix_cache: !no_prefix_cache,
                     kv_mem_mib: kv_mem,
+                    budget,
                 };
                 return repl::run(&args);
             };
@@ -288,18 +332,28 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 raw,
                 chat_template,
                 sampling: sampling.params(),
+                budget,
+                ignore_eos,
             };
             generate::run(&args)
         }
-        Command::Perplexity { model, file, ctx, chunks, threads, json, device } => {
+        Command::Perplexity { model, file, ctx, chunks, threads, json, device, budget, kv_step } => {
             let text = std::fs::read_to_string(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
             let lm = generate::load_on(&model, ctx, threads, None, device)?;
             let t = std::time::Instant::now();
-            let res = perplexity::evaluate(&lm.model, &lm.tokenizer, &text, ctx, chunks, |i, p| {
+            let progress = |i: usize, p: f64| {
                 if !json {
                     eprint!("[{}]{p:.4},", i + 1);
                 }
-            })?;
+            };
+            let res = match budget.budget() {
+                None => perplexity::evaluate(&lm.model, &lm.tokenizer, &text, ctx, chunks, progress)?,
+                Some(b) => {
+                    let opts = crate::engine::EngineOptions { ctx, prefix_cache: false, budget: Some(b) };
+                    let mut engine = crate::engine::Engine::new(lm.model, lm.tokenizer.eog_ids().to_vec(), opts)?;
+                    perplexity::evaluate_budget(&mut engine, &lm.tokenizer, &text, ctx, chunks, kv_step.max(1), progress)?
+                }
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&res)?);
             } else {

@@ -42,6 +42,8 @@ pub struct ReplArgs {
     pub prefix_cache: bool,
     /// KV pool size in MiB (`--kv-mem`); 0: one context.
     pub kv_mem_mib: usize,
+    /// `--kv-budget` / `--kv-policy`: tokens each turn's sequence keeps.
+    pub budget: Option<crate::kv::KvBudget>,
 }
 
 /// A conversation as `/save` writes it: `{"system": ..., "messages": [{"role", "content"}, ...]}`.
@@ -213,7 +215,7 @@ pub fn run(args: &ReplArgs) -> Result<(), BoxError> {
     }
     let ctx = args.ctx.min(model.config().ctx_train.max(1));
     let eog_ids = tokenizer.eog_ids().to_vec();
-    let opts = EngineOptions { ctx, prefix_cache: args.prefix_cache, budget: None };
+    let opts = EngineOptions { ctx, prefix_cache: args.prefix_cache, budget: args.budget };
     let pool = PoolOptions { kv_mem_bytes: args.kv_mem_mib << 20, block_size: 0 };
     let engine = Engine::with_pool(model, eog_ids, opts, pool)?;
     let mut repl = Repl {

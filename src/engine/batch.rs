@@ -121,9 +121,13 @@ impl Engine {
 
     /// A sequence for `prompt` holding the longest prefix the pool has computed (at most all but the
     /// last token). Counts toward the prefix-cache hit rate.
+    /// `budget`: the request's own KV budget; `None`: the engine's (`EngineOptions::budget`).
     pub fn start_seq(&mut self, prompt: &[u32], budget: Option<KvBudget>) -> Result<Sequence, EngineError> {
         self.check_prompt(prompt)?;
-        let kv = self.cache.start(&self.model, prompt, budget);
+        if let Some(b) = budget.and_then(KvBudget::active) {
+            b.check(self.block_size()).map_err(EngineError::Budget)?;
+        }
+        let kv = self.cache.start(&self.model, prompt, budget.or(self.opts.budget));
         self.queried_tokens += prompt.len() as u64;
         self.hit_tokens += kv.num_computed as u64;
         Ok(Sequence { cached_tokens: kv.num_computed, prompt_len: prompt.len(), kv })
@@ -188,7 +192,7 @@ impl Engine {
         drop(views);
         for ((seq, n_new), &off) in work.iter_mut().zip(&score_offs) {
             seq.kv.num_computed += *n_new;
-            self.cache.after_step(&self.model, &mut seq.kv, self.scratch.scores(), score_len, off);
+            self.evicted_tokens += self.cache.after_step(&self.model, &mut seq.kv, self.scratch.scores(), score_len, off) as u64;
         }
         Ok(StepOutput { logits, rows, n_vocab: self.model.config().n_vocab })
     }

@@ -212,8 +212,9 @@ impl KvCache {
     /// After a step ran `seq`'s tokens: adds the step's attention probabilities (`scores`, the forward's
     /// `[n_layers x score_len]`, this sequence's at `offset`) to its H2O scores, evicts what its budget
     /// no longer holds, and compacts its blocks once holes pile up (kv/budget.rs).
-    pub fn after_step(&mut self, model: &Model, seq: &mut SeqKv, scores: &[f32], score_len: usize, offset: usize) {
-        let Some(st) = &mut seq.budget else { return };
+    /// Returns the tokens evicted.
+    pub fn after_step(&mut self, model: &Model, seq: &mut SeqKv, scores: &[f32], score_len: usize, offset: usize) -> usize {
+        let Some(st) = &mut seq.budget else { return 0 };
         if st.wants_scores() && score_len > 0 {
             let n = st.num_entries();
             let n_kv = model.config().n_kv_heads;
@@ -221,13 +222,15 @@ impl KvCache {
                 st.add_scores(il, &layer[offset..offset + n_kv * n], n);
             }
         }
-        if st.enforce() > 0 {
+        let evicted = st.enforce();
+        if evicted > 0 {
             self.manager.stop_caching(&mut seq.table);
         }
         if let Some(moves) = self.manager.compact(&mut seq.table, st) {
             self.storage.move_slots(model.backend(), &moves);
         }
         debug_assert!(st.check().is_ok(), "{:?}", st.check());
+        evicted
     }
 
     /// Frees a sequence that is not finished (preempted, cancelled): its computed full blocks are

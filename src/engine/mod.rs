@@ -59,6 +59,8 @@ pub enum EngineError {
     PoolTooSmall { ctx: usize, pool_tokens: usize, kv_mem_mib: usize, bytes_per_token: usize, need_mib: usize },
     #[error("the KV pool is full: a sequence needs {need} blocks of {block_size} tokens and the pool has {num_blocks}: pass a larger --kv-mem or a smaller --ctx")]
     PoolExhausted { need: usize, num_blocks: usize, block_size: usize },
+    #[error("{0}")]
+    Budget(String),
     #[error(transparent)]
     Kv(#[from] KvError),
     #[error(transparent)]
@@ -145,6 +147,8 @@ pub struct CacheStats {
     pub queried_tokens: u64,
     /// Of those, tokens served from the cache.
     pub hit_tokens: u64,
+    /// Tokens a KV budget evicted, over all sequences.
+    pub evicted_tokens: u64,
 }
 
 pub struct Engine {
@@ -158,6 +162,7 @@ pub struct Engine {
     scratch: Scratch,
     queried_tokens: u64,
     hit_tokens: u64,
+    evicted_tokens: u64,
 }
 
 impl Engine {
@@ -174,7 +179,14 @@ impl Engine {
             return Err(ModelError::SessionTooLarge { requested: ctx, ctx: model.ctx() }.into());
         }
         let block_size = if pool.block_size == 0 { DEFAULT_BLOCK_SIZE } else { pool.block_size };
-        let min_blocks = ctx.div_ceil(block_size).max(1);
+        let budget = opts.budget.and_then(KvBudget::active);
+        if let Some(b) = budget {
+            b.check(block_size).map_err(EngineError::Budget)?;
+        }
+        // Under a budget a sequence holds its kept tokens, the holes compaction has not reclaimed yet
+        // (under half of each block) and one micro-batch of new tokens.
+        let seq_tokens = budget.map_or(ctx, |b| ctx.min(2 * b.tokens + UBATCH + 2 * block_size));
+        let min_blocks = seq_tokens.div_ceil(block_size).max(1);
         let num_blocks = if pool.kv_mem_bytes == 0 {
             min_blocks
         } else {
@@ -195,7 +207,11 @@ impl Engine {
         };
         let config = KvCacheConfig { num_blocks, block_size, ..KvCacheConfig::new(num_blocks) };
         let cache = KvCache::new(&model, config, opts.prefix_cache)?;
-        Ok(Engine { model, eog_ids, opts, ctx, cache, scratch: Scratch::default(), queried_tokens: 0, hit_tokens: 0 })
+        Ok(Engine { model, eog_ids, opts, ctx, cache, scratch: Scratch::default(), queried_tokens: 0, hit_tokens: 0, evicted_tokens: 0 })
+    }
+
+    pub fn options(&self) -> EngineOptions {
+        self.opts
     }
 
     pub fn model(&self) -> &Model {
@@ -313,7 +329,7 @@ impl Engine {
         };
         let logits = self.model.forward_batch(self.cache.layers_mut(), &batch, &mut self.scratch)?;
         seq.num_computed += n_new;
-        self.cache.after_step(&self.model, seq, self.scratch.scores(), score_len, 0);
+        self.evicted_tokens += self.cache.after_step(&self.model, seq, self.scratch.scores(), score_len, 0) as u64;
         Ok(logits)
     }
 
@@ -362,6 +378,7 @@ impl Engine {
             block_size: u.block_size,
             queried_tokens: self.queried_tokens,
             hit_tokens: self.hit_tokens,
+            evicted_tokens: self.evicted_tokens,
         }
     }
 
