@@ -482,6 +482,7 @@ fn scheduler_contract_in_process() {
         stop: Vec::new(),
         logprobs: None,
         json_object: false,
+        kv_budget: None,
     };
 
     // Two choices, in order: tokens then Done, the usage counting them, the text the decoded tokens.
@@ -785,4 +786,29 @@ fn json_mask_time_per_step() {
             println!("  after {prefix:?}: {allowed} allowed, {ms:.2} ms per step");
         }
     }
+}
+
+/// `--kv-budget` on the server and the per-request `kv_budget`/`kv_policy` extension fields: replies
+/// longer than the budget run to their end (the server's budget, a request's own, a request's 0 = keep
+/// all), and a budget too small, a policy without a budget or an unknown policy is a 400 naming the field.
+#[test]
+fn kv_budget_per_request() {
+    let Some(model) = common::model_or_skip(common::SMOLLM2) else { return };
+    let srv = Server::start(&model, &["-c", "1024", "--kv-budget", "64", "--kv-policy", "sinks"]);
+    let a = srv.addr.as_str();
+    for extra in [json!({}), json!({"kv_budget": 48, "kv_policy": "h2o"}), json!({"kv_budget": 0})] {
+        let mut body = json!({"prompt": "Once upon a time", "temperature": 0, "max_tokens": 150, "ignore_eos": true});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let r = post(a, "/v1/completions", None, &body);
+        assert_eq!(r.status, 200, "{extra}: {}", r.body);
+        let v = r.json();
+        let n = v["usage"]["completion_tokens"].as_u64().unwrap();
+        assert!(n > 64 || v["choices"][0]["finish_reason"] == "stop", "{extra}: {n} tokens");
+    }
+    let r = post(a, "/v1/completions", None, &json!({"prompt": "x", "kv_budget": 3}));
+    expect_error(&r, 400, Some("kv_budget"));
+    let r = post(a, "/v1/completions", None, &json!({"prompt": "x", "kv_policy": "sinks"}));
+    expect_error(&r, 400, Some("kv_policy"));
+    let r = post(a, "/v1/completions", None, &json!({"prompt": "x", "kv_budget": 64, "kv_policy": "lru"}));
+    expect_error(&r, 400, Some("kv_policy"));
 }

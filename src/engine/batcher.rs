@@ -286,7 +286,8 @@ impl Batcher<'_> {
                 break;
             }
             let mut s = self.queue.pop_front().expect("front exists");
-            let mut seq = match self.engine.start_seq(&s.tokens, None) {
+            let kv_budget = s.req.borrow().job.req.kv_budget;
+            let mut seq = match self.engine.start_seq(&s.tokens, kv_budget) {
                 Ok(seq) => seq,
                 Err(e) => {
                     self.fail(&s.req, e.to_string());

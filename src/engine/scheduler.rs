@@ -68,6 +68,9 @@ pub struct Request {
     pub logprobs: Option<usize>,
     /// Every choice is exactly one JSON object (`response_format: json_object`; see the module doc).
     pub json_object: bool,
+    /// The request's own KV budget (the `kv_budget`/`kv_policy` extension fields); `None`: the
+    /// server's (`--kv-budget`).
+    pub kv_budget: Option<crate::kv::KvBudget>,
 }
 
 /// Token counts of one choice.

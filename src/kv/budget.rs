@@ -243,10 +243,13 @@ impl BudgetState {
             // the lightest of those older than the recent window (ties: the older goes)
             KvPolicy::H2o { recent } => {
                 let (n_recent, _) = self.budget.h2o_split(recent);
-                let mut old: Vec<usize> = live[..live.len() - n_recent.min(live.len())].to_vec();
-                old.sort_by(|&a, &b| self.weight(a).total_cmp(&self.weight(b)).then(a.cmp(&b)));
-                old.truncate(n_evict);
-                old
+                let old = &live[..live.len() - n_recent.min(live.len())];
+                let mut weighted: Vec<(f32, usize)> = old.iter().map(|&e| (self.weight(e), e)).collect();
+                let n_evict = n_evict.min(weighted.len());
+                if n_evict < weighted.len() {
+                    weighted.select_nth_unstable_by(n_evict, |a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                }
+                weighted[..n_evict].iter().map(|&(_, e)| e).collect()
             }
         };
         for &e in &victims {

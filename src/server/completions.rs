@@ -143,6 +143,7 @@ async fn respond(app: Arc<App>, kind: Kind, prompts: Vec<Vec<u32>>, params: GenP
             stop: params.stop.clone(),
             logprobs: params.logprobs,
             json_object: params.json_object,
+            kv_budget: params.kv_budget,
         };
         match app.scheduler.submit(req) {
             Ok(ticket) => tickets.push(ticket),

@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use crate::chat_template::Message;
+use crate::kv::{KvBudget, KvPolicy, DEFAULT_BLOCK_SIZE, DEFAULT_RECENT};
 use crate::sampling::SamplingParams;
 
 /// Most stop strings per request.
@@ -29,6 +30,9 @@ pub struct GenParams {
     pub logprobs: Option<usize>,
     /// `response_format: {"type": "json_object"}`: every reply is one JSON object.
     pub json_object: bool,
+    /// Extension fields `kv_budget` (tokens kept, 0: keep all) and `kv_policy` (`h2o`, `sinks`,
+    /// `none`): this request's KV budget instead of the server's `--kv-budget`.
+    pub kv_budget: Option<KvBudget>,
     /// Things the log line should mention (e.g. that the reply was held to a JSON object).
     pub notes: Vec<&'static str>,
 }
@@ -224,7 +228,25 @@ fn parse_common(f: &Fields, defaults: &SamplingParams, max_n: usize) -> Result<G
             }
         }
     }
-    Ok(GenParams { max_tokens: max_tokens.map(|m| m as usize), n, stream, include_usage, stop, sampling: s, logprobs: None, json_object, notes })
+    let kv_budget = kv_budget(&f)?;
+    Ok(GenParams { max_tokens: max_tokens.map(|m| m as usize), n, stream, include_usage, stop, sampling: s, logprobs: None, json_object, kv_budget, notes })
+}
+
+/// The `kv_budget` / `kv_policy` extension fields (pagellm's, like llama-server's own extras).
+fn kv_budget(f: &Fields) -> Result<Option<KvBudget>, ApiError> {
+    let tokens = f.uint("kv_budget", 0, u32::MAX as u64)?;
+    let policy = match f.string("kv_policy")? {
+        None => None,
+        Some(p) => Some(p.parse::<KvPolicy>().map_err(|e| ApiError::invalid(Some("kv_policy"), e))?),
+    };
+    let budget = match (tokens, policy) {
+        (None, None) => return Ok(None),
+        (Some(0), _) | (_, Some(KvPolicy::None)) => KvBudget { tokens: 0, policy: KvPolicy::None },
+        (Some(t), p) => KvBudget { tokens: t as usize, policy: p.unwrap_or(KvPolicy::H2o { recent: DEFAULT_RECENT }) },
+        (None, Some(_)) => return Err(ApiError::invalid(Some("kv_policy"), "'kv_policy' needs 'kv_budget' (the tokens to keep)")),
+    };
+    budget.check(DEFAULT_BLOCK_SIZE).map_err(|e| ApiError::invalid(Some("kv_budget"), e))?;
+    Ok(Some(budget))
 }
 
 impl ChatRequest {
@@ -362,6 +384,22 @@ mod tests {
 
     fn chat(v: Value) -> Result<ChatRequest, ApiError> {
         ChatRequest::parse(v.as_object().unwrap(), &SamplingParams::default(), 8, 20)
+    }
+
+    #[test]
+    fn kv_budget_fields() {
+        let with = |extra: Value| {
+            let mut v = json!({"messages": [{"role": "user", "content": "x"}]});
+            v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            chat(v).map(|r| r.params.kv_budget)
+        };
+        assert_eq!(with(json!({})).unwrap(), None);
+        assert_eq!(with(json!({"kv_budget": 64})).unwrap(), Some(KvBudget { tokens: 64, policy: KvPolicy::H2o { recent: DEFAULT_RECENT } }));
+        assert_eq!(with(json!({"kv_budget": 64, "kv_policy": "sinks"})).unwrap().unwrap().policy, KvPolicy::Sinks { sinks: 4 });
+        assert_eq!(with(json!({"kv_budget": 0})).unwrap().unwrap().policy, KvPolicy::None);
+        assert_eq!(with(json!({"kv_budget": 8})).unwrap_err().param.as_deref(), Some("kv_budget"));
+        assert_eq!(with(json!({"kv_policy": "h2o"})).unwrap_err().param.as_deref(), Some("kv_policy"));
+        assert_eq!(with(json!({"kv_budget": "64"})).unwrap_err().param.as_deref(), Some("kv_budget"));
     }
 
     #[test]

@@ -23,6 +23,10 @@
 //!   so no expression is contracted where Rust's is not. Why it matters: Q8 and f16 rounding steps turn
 //!   a last-bit difference into a 1e-3..1e-1 difference in the logits (bench/GPU_NOTES.md).
 //!
+//! - **KV budget views** (`KvView`): dead entries are skipped, each split's live keys compacted in entry
+//!   order, so views give the CPU's result bit for bit too; the probabilities (`score_offset`) come from
+//!   the same pass (kernels/attention.cu: weights kept per row, summed by `attn_scores` in the CPU's order).
+//!
 //! Not yet: batch invariance across the two product paths (above [`INT_PATH_MAX_TOK`] tokens the f16
 //! GEMM path gives a token different logits, up to 4e-2 relative L2 on the tiny models), CUDA graphs,
 //! `--gpu-layers`.
@@ -131,9 +135,12 @@ enum Tag {
     Rows,
     AttnRows,
     AttnBt,
+    AttnLive,
+    AttnScoreSeqs,
     FreqFactors,
+    Moves,
 }
-const N_TAGS: usize = 7;
+const N_TAGS: usize = 10;
 
 /// Scratch arrays, behind one lock (ops take `&self`).
 struct Scratch {
@@ -145,6 +152,10 @@ struct Scratch {
     xf16: Grow<u16>,
     part_o: Grow<f32>,
     part_ml: Grow<f32>,
+    /// `[n_heads x ctx_len]` per query row that wants its probabilities: its within-split weights.
+    weights: Grow<f32>,
+    /// `[2 x moves x token_width]` the K and V rows of `kv_move_slots`' sources.
+    moved: Grow<u16>,
     up: [Upload; N_TAGS],
 }
 
@@ -242,6 +253,88 @@ fn repack_q4_0(bytes: &[u8], nb: usize) -> Vec<u8> {
     out
 }
 
+/// Fields per query row in [`AttnMeta::rows`] (`ATT_ROW`, `AR_*` in kernels/attention.cu).
+const ATT_ROW: usize = 8;
+
+/// The host lists of one attention call (kernels/attention.cu's layouts).
+struct AttnMeta {
+    /// `[n_rows x ATT_ROW]`: block table offset (-1: no sequence), entry, first entry in the window,
+    /// live mask offset (-1: no view), ctx_len, weights offset (2 words), wants probabilities.
+    rows: Vec<u32>,
+    /// The sequences' block tables, concatenated.
+    bt: Vec<u32>,
+    /// The live masks of the sequences under a view, as u64 (low word first).
+    live: Vec<u32>,
+    /// `[5]` per sequence that wants probabilities: first row, rows, ctx_len, offset in scores (2 words).
+    score_seqs: Vec<u32>,
+    /// f32 of within-split weights the rows that want probabilities need.
+    weights_len: usize,
+    max_score_ctx: usize,
+    /// Splits of the row with the most.
+    n_splits: usize,
+}
+
+/// Each query row's entry and visible range, cut as the CPU cuts them (src/backend/cpu/attention.rs,
+/// `Job::splits`): entries `lo ..= entry`, `lo` the first inside the window by original position.
+/// `scores`: (base, buffer length) when the call has a scores output.
+fn attn_meta(seqs: &[AttnSeq], p: &AttnParams, bs: usize, scores: Option<(usize, usize)>) -> AttnMeta {
+    let n_rows = seqs.iter().map(|s| s.q_start + s.n_q).max().unwrap_or(0);
+    let mut m = AttnMeta {
+        rows: vec![u32::MAX; ATT_ROW * n_rows],
+        bt: Vec::new(),
+        live: Vec::new(),
+        score_seqs: Vec::new(),
+        weights_len: 0,
+        max_score_ctx: 0,
+        n_splits: 1,
+    };
+    for s in seqs {
+        assert!(s.n_q <= s.ctx_len && s.block_table.len() * bs >= s.ctx_len, "attention: block table too short");
+        let nb = s.ctx_len.div_ceil(bs);
+        let bt_off = m.bt.len() as u32;
+        m.bt.extend_from_slice(&s.block_table[..nb]);
+        let live_off = match s.view {
+            Some(v) => {
+                assert!(bs <= 64 && v.live.len() >= nb && v.positions.len() >= s.ctx_len, "attention: view too short");
+                debug_assert!(v.positions[..s.ctx_len].windows(2).all(|w| w[0] < w[1]), "attention: view positions must increase");
+                let off = m.live.len() / 2;
+                m.live.extend(v.live[..nb].iter().flat_map(|&x| [x as u32, (x >> 32) as u32]));
+                u32::try_from(off).expect("live masks over u32")
+            }
+            None => u32::MAX,
+        };
+        let want = match (s.view.and_then(|v| v.score_offset), scores) {
+            (Some(off), Some((base, len))) => {
+                let dst = base + off;
+                assert!(dst + p.n_kv_heads * s.ctx_len <= len, "attention: scores buffer too small");
+                m.score_seqs.extend([s.q_start as u32, s.n_q as u32, s.ctx_len as u32, dst as u32, (dst >> 32) as u32]);
+                m.max_score_ctx = m.max_score_ctx.max(s.ctx_len);
+                true
+            }
+            _ => false,
+        };
+        for i in 0..s.n_q {
+            let entry = s.ctx_len - s.n_q + i;
+            let lo = match (p.window, s.view) {
+                (None, _) => 0,
+                (Some(w), None) => (entry + 1).saturating_sub(w),
+                (Some(w), Some(v)) => {
+                    let pos = v.positions[entry] as usize;
+                    v.positions[..=entry].partition_point(|&q| pos - q as usize >= w)
+                }
+            };
+            m.n_splits = m.n_splits.max((entry + 1).saturating_sub(lo).div_ceil(ATTN_SPLIT));
+            let w_off = if want { m.weights_len } else { 0 };
+            let r = &mut m.rows[ATT_ROW * (s.q_start + i)..][..ATT_ROW];
+            r.copy_from_slice(&[bt_off, entry as u32, lo as u32, live_off, s.ctx_len as u32, w_off as u32, (w_off >> 32) as u32, want as u32]);
+            if want {
+                m.weights_len += p.n_heads * s.ctx_len;
+            }
+        }
+    }
+    m
+}
+
 thread_local! {
     /// The context last made current on this thread (binding costs two driver calls per launch).
     static BOUND: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
@@ -275,7 +368,9 @@ impl CudaBackend {
             xf16: Grow(None),
             part_o: Grow(None),
             part_ml: Grow(None),
-            up: [up(), up(), up(), up(), up(), up(), up()],
+            weights: Grow(None),
+            moved: Grow(None),
+            up: std::array::from_fn(|_| up()),
         };
         Ok(CudaBackend { ctx, stream, blas, k, sms, name, copied: AtomicUsize::new(0), scratch: Mutex::new(scratch), quantized: Mutex::new(None) })
     }
@@ -653,12 +748,37 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn kv_move_slots(&self, _kv: &mut KvStore, moves: &[(u32, u32)]) {
-        assert!(moves.is_empty(), "cuda kv_move_slots: not supported yet");
+    fn kv_move_slots(&self, kv: &mut KvStore, moves: &[(u32, u32)]) {
+        let shape = kv.shape();
+        let width = shape.token_width();
+        if let Some(&(a, b)) = moves.iter().find(|&&(a, b)| a.max(b) as usize >= shape.num_slots()) {
+            panic!("kv_move_slots: move {a} -> {b} outside a pool of {} slots", shape.num_slots());
+        }
+        // the last move to each destination wins, as in the CPU's writes in order (the scatter below
+        // writes every destination once, in parallel)
+        let mut seen = std::collections::HashSet::new();
+        let mut flat: Vec<u32> = Vec::with_capacity(2 * moves.len());
+        for &(src, dst) in moves.iter().rev() {
+            if seen.insert(dst) {
+                flat.extend([src, dst]);
+            }
+        }
+        let n = flat.len() / 2;
+        if n == 0 {
+            return;
+        }
+        let c = kv_ref(kv);
+        let (kp, vp) = (dptr(&c.k, &self.stream), dptr(&c.v, &self.stream));
+        let mut s = self.lock();
+        let mv = self.upload(&mut s, Tag::Moves, &flat);
+        let tmp = s.moved.ensure(&self.stream, 2 * n * width);
+        let args = [A::P(kp), A::P(vp), A::P(mv), A::I(n as i32), A::I(width as i32), A::P(tmp)];
+        // gather every source, then scatter: all sources read before any destination is written
+        self.launch("kv_gather", (blocks(n * width, 256), 1, 1), 256, &args);
+        self.launch("kv_scatter", (blocks(n * width, 256), 1, 1), 256, &args);
     }
 
     fn attention(&self, q: &Buffer, kv: &KvStore, seqs: &[AttnSeq], p: &AttnParams, out: &mut Buffer, scores: Option<(&mut Buffer, usize)>) {
-        assert!(scores.is_none() && seqs.iter().all(|s| s.view.is_none()), "cuda attention: KV budget views are not supported yet");
         let shape = kv.shape();
         let (hd, n_heads, n_kv) = (p.head_dim, p.n_heads, p.n_kv_heads);
         assert!(shape.head_dim == hd && shape.n_kv_heads == n_kv && n_heads % n_kv == 0);
@@ -668,62 +788,71 @@ impl Backend for CudaBackend {
             return;
         }
         assert!(q.len() >= n_rows * n_heads * hd && out.len() >= n_rows * n_heads * hd, "attention: buffers too small");
-        // per query row: (offset of its block table in `bt`, position); -1 where no sequence owns the row
-        let mut rows = vec![u32::MAX; 2 * n_rows];
-        let mut bt: Vec<u32> = Vec::new();
-        for s in seqs {
-            assert!(s.n_q <= s.ctx_len && s.block_table.len() * bs >= s.ctx_len, "attention: block table too short");
-            let off = bt.len() as u32;
-            bt.extend_from_slice(&s.block_table[..s.ctx_len.div_ceil(bs)]);
-            for i in 0..s.n_q {
-                rows[2 * (s.q_start + i)] = off;
-                rows[2 * (s.q_start + i) + 1] = (s.ctx_len - s.n_q + i) as u32;
-            }
-        }
-        if let Some(&b) = bt.iter().find(|&&b| b as usize >= shape.num_blocks) {
+        let (scores_p, scores_out) = match &scores {
+            Some((b, base)) => (self.p(b), Some((*base, b.len()))),
+            None => (0, None),
+        };
+        let meta = attn_meta(seqs, p, bs, scores_out);
+        if let Some(&b) = meta.bt.iter().find(|&&b| b as usize >= shape.num_blocks) {
             panic!("attention: block {b} outside a pool of {} blocks", shape.num_blocks);
         }
-        // Splits of ATTN_SPLIT keys counted from the first visible key, as the CPU backend cuts them
-        // (kernels/attention.cu): the grid covers the row with the most.
-        let visible = |s: &AttnSeq| p.window.map_or(s.ctx_len, |w| s.ctx_len.min(w));
-        let max_keys = seqs.iter().filter(|s| s.n_q > 0).map(visible).max().unwrap_or(1).max(1);
-        let n_splits = max_keys.div_ceil(ATTN_SPLIT);
+        let n_splits = meta.n_splits;
         let group = n_heads / n_kv;
 
         let c = kv_ref(kv);
         let (kp, vp) = (dptr(&c.k, &self.stream), dptr(&c.v, &self.stream));
         let (qp, op) = (self.p(q), self.p(out));
         let mut s = self.lock();
-        let rows_p = self.upload(&mut s, Tag::AttnRows, &rows);
-        let bt_p = self.upload(&mut s, Tag::AttnBt, &bt);
+        let rows_p = self.upload(&mut s, Tag::AttnRows, &meta.rows);
+        let bt_p = self.upload(&mut s, Tag::AttnBt, &meta.bt);
+        let live_p = if meta.live.is_empty() { 0 } else { self.upload(&mut s, Tag::AttnLive, &meta.live) };
         let (po, pml) = if n_splits > 1 {
             let po = s.part_o.ensure(&self.stream, n_rows * n_heads * n_splits * hd);
             (po, s.part_ml.ensure(&self.stream, n_rows * n_heads * n_splits * 4))
         } else {
             (0, 0)
         };
-        let window = p.window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
+        let wp = if meta.weights_len > 0 { s.weights.ensure(&self.stream, meta.weights_len) } else { 0 };
         let args = [
             A::P(qp),
             A::P(kp),
             A::P(vp),
             A::P(rows_p),
             A::P(bt_p),
+            A::P(live_p),
             A::I(n_heads as i32),
             A::I(n_kv as i32),
             A::I(bs as i32),
             A::F(p.scale),
-            A::I(window),
             A::I(n_splits as i32),
             A::P(op),
             A::P(po),
             A::P(pml),
+            A::P(wp),
         ];
         let grid = (n_rows as u32, (n_kv * group.div_ceil(4)) as u32, n_splits as u32);
         self.launch(&format!("attn_hd{hd}"), grid, 128, &args);
         if n_splits > 1 {
-            let args = [A::P(po), A::P(pml), A::P(rows_p), A::I(n_heads as i32), A::I(hd as i32), A::I(n_splits as i32), A::I(window), A::P(op)];
+            let args = [A::P(po), A::P(pml), A::P(rows_p), A::I(n_heads as i32), A::I(hd as i32), A::I(n_splits as i32), A::P(op)];
             self.launch("attn_merge", ((n_rows * n_heads) as u32, 1, 1), hd as u32, &args);
+        }
+        // the probabilities, summed over heads and rows in the CPU's order (every element written)
+        if !meta.score_seqs.is_empty() {
+            let seqs_p = self.upload(&mut s, Tag::AttnScoreSeqs, &meta.score_seqs);
+            let args = [
+                A::P(rows_p),
+                A::P(seqs_p),
+                A::P(live_p),
+                A::P(wp),
+                A::P(pml),
+                A::I(n_heads as i32),
+                A::I(n_kv as i32),
+                A::I(bs as i32),
+                A::I(n_splits as i32),
+                A::P(scores_p),
+            ];
+            let grid = (blocks(meta.max_score_ctx, 128), n_kv as u32, (meta.score_seqs.len() / 5) as u32);
+            self.launch("attn_scores", grid, 128, &args);
         }
     }
 

@@ -61,10 +61,13 @@ const NAMES: &[&str] = &[
     "get_rows",
     "kv_write",
     "kv_copy_blocks",
+    "kv_gather",
+    "kv_scatter",
     "attn_hd64",
     "attn_hd128",
     "attn_hd256",
     "attn_merge",
+    "attn_scores",
 ];
 
 /// The loaded kernels by name.
