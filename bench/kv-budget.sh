@@ -2,7 +2,8 @@
 # KV budget quality and speed: perplexity at ctx 2048 (GPL-3, fed 16 tokens per step so eviction happens
 # as in generation) and decode tokens/s of a 1024-token greedy generation, for none / sinks / h2o at
 # several budgets, on both real models. Prints a markdown table for bench/RESULTS.md.
-# Usage: bench/kv-budget.sh [budgets...]   (default: 64 128 256 512; env CHUNKS=3 CTX=2048 GEN=1024)
+# Usage: bench/kv-budget.sh [budgets...]   (default: 64 128 256 512; env CHUNKS=3 CTX=2048 GEN=1024;
+#        SKIP_PPL=1 measures decode speed only, SKIP_TG=1 perplexity only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=target/release/pagellm
@@ -22,8 +23,9 @@ for m in models/SmolLM2-135M-Instruct.Q4_1.gguf models/gemma-3-270m-q4_k_m.gguf;
     local flags=()
     [ "$1" != none ] && flags=(--kv-budget "$2" --kv-policy "$1")
     local ppl tg
-    ppl=$($BIN perplexity "$m" -f "$TEXT" -c "$CTX" --chunks "$CHUNKS" --kv-step "$STEP" --device cpu "${flags[@]}" 2>/dev/null | sed -n 's/.*PPL = \([0-9.]*\) +\/- \([0-9.]*\).*/\1 ± \2/p')
-    tg=$($BIN run "$m" --raw -p "$PROMPT" -n "$GEN" --ignore-eos --temp 0 --ctx "$CTX" --device cpu "${flags[@]}" 2>&1 >/dev/null | sed -n 's/.*generation [0-9]* tokens, \([0-9.]*\) tok\/s.*/\1/p')
+    ppl=-; tg=-
+    [ -z "${SKIP_PPL:-}" ] && ppl=$($BIN perplexity "$m" -f "$TEXT" -c "$CTX" --chunks "$CHUNKS" --kv-step "$STEP" --device cpu "${flags[@]}" 2>/dev/null | sed -n 's/.*PPL = \([0-9.]*\) +\/- \([0-9.]*\).*/\1 ± \2/p')
+    [ -z "${SKIP_TG:-}" ] && tg=$($BIN run "$m" --raw -p "$PROMPT" -n "$GEN" --ignore-eos --temp 0 --ctx "$CTX" --device cpu "${flags[@]}" 2>&1 >/dev/null | sed -n 's/.*generation [0-9]* tokens, \([0-9.]*\) tok\/s.*/\1/p')
     echo "| $name | $1 | ${3:-$2} | $ppl | $tg |"
   }
   run_one none "$CTX" "all ($CTX)"
