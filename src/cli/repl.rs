@@ -371,7 +371,10 @@ impl Repl {
             s.cached_blocks,
             s.hit_tokens,
             s.queried_tokens,
-        )
+        ) + &match self.engine.options().budget {
+            Some(b) => format!("\nKV budget: {} tokens per sequence ({}), {} tokens evicted so far", b.tokens, b.policy, s.evicted_tokens),
+            None => String::new(),
+        }
     }
 }
 
