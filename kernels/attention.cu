@@ -2,9 +2,16 @@
 // CPU backend's function (src/backend/cpu/attention.rs) up to f32 summation order:
 //
 // pool (K, and V alike)  [num_slots x n_kv_heads x head_dim] f16,  slot = block_id * block_size + offset
-// rows[2t], rows[2t+1]   query row t: offset of its sequence's block table in bt (-1: no sequence), and
-//                        its position pos; it sees keys j in lo ..= pos (lo = pos + 1 - window, or 0)
-// splits                 [lo, lo + S) [lo + S, lo + 2S) ... [.., pos], S = ATT_SPLIT (the CPU's SPLIT_TOKENS)
+// rows[ATT_ROW t ..]     query row t (fields AR_*, filled by the host): its entry e in its sequence's table;
+//                        it sees the live entries j in lo ..= e (lo: the first entry inside the window,
+//                        by original position under a KV budget view; the host computes it as the CPU does)
+// splits                 [lo, lo + S) [lo + S, lo + 2S) ... [.., e], S = ATT_SPLIT (the CPU's SPLIT_TOKENS),
+//                        counted over entries, live or not
+// live                   u64 masks, one per table block of a sequence under a view: bit o = entry
+//                        block * block_size + o is live. A split's live entries are compacted in entry
+//                        order (the CPU's kv_rows), so its sums run over exactly the CPU's keys in its
+//                        order; a split with no live entry writes (m, l) = (-inf, 0) and is skipped by the
+//                        merge. Without a view every entry is live.
 //
 // grid (query row, kv head x chunk of up to ATT_G query heads of its group, split). A CTA reads each K/V
 // row once for all its query heads (GQA), in three phases over its split (at most ATT_SPLIT keys):
@@ -15,6 +22,21 @@
 // with the CPU's log-sum-exp weights (part_ml per split: m as f32, then l as f64 at float offset 2).
 // Every float operation follows the CPU's order: q . k one warp per key in dot_f16's order
 // (cpu_tree_sum), o one thread per (head, dim) accumulating keys in order by FMA (axpy_f16).
+//
+// Probabilities (rows with AR_WANT, KvView::score_offset): each split also stores its weights normalized
+// within the split, before their f16 rounding, at wsc[AR_W + h * ctx + e]; attn_merge stores each split's
+// share frac = l_s exp(m_s - M) / L of the merged softmax at part_ml float offset 1, and attn_scores sums
+// frac * w over the group's heads and the sequence's rows in the CPU's order (add_probs).
+
+// Fields of a query row in `rows` (ints).
+#define ATT_ROW 8
+#define AR_BT 0     // offset of its sequence's block table in bt; -1: the row belongs to no sequence
+#define AR_ENTRY 1  // its entry e (the last key it may see)
+#define AR_LO 2     // the first entry inside its window
+#define AR_LIVE 3   // offset of its sequence's masks in live; -1: no view, every entry live
+#define AR_CTX 4    // its sequence's ctx_len (the layout of its weights in wsc)
+#define AR_W 5      // with AR_WANT: offset of its weights [n_heads x ctx] in wsc, low and high 32 bits
+#define AR_WANT 7   // 1: its sequence wants its probabilities
 
 #define ATT_WARPS 4
 #define ATT_G 4
@@ -34,9 +56,10 @@ __device__ __forceinline__ void load16_f16(const u16* __restrict__ p, float f[16
 template <int HD>
 __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16* __restrict__ kc,
                                           const u16* __restrict__ vc, const int* __restrict__ rows,
-                                          const u32* __restrict__ bt, int n_heads, int n_kv, int block_size,
-                                          float scale, int window, int n_splits, float* __restrict__ out,
-                                          float* __restrict__ part_o, float* __restrict__ part_ml) {
+                                          const u32* __restrict__ bt, const u64* __restrict__ live, int n_heads,
+                                          int n_kv, int block_size, float scale, int n_splits, float* __restrict__ out,
+                                          float* __restrict__ part_o, float* __restrict__ part_ml,
+                                          float* __restrict__ wsc) {
     const int t = blockIdx.x;
     const int group = n_heads / n_kv;
     const int n_hc = (group + ATT_G - 1) / ATT_G;
@@ -44,13 +67,13 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
     const int h0 = g * group + hc * ATT_G;
     const int nh = min(ATT_G, group - hc * ATT_G);
     const int split = blockIdx.z;
-    const int bt_off = rows[2 * t], pos = rows[2 * t + 1];
+    const int* row = rows + ATT_ROW * t;
+    const int bt_off = row[AR_BT];
     if (bt_off < 0) return;
-    const int lo = window > 0 ? max(0, pos + 1 - window) : 0;
-    const int row_splits = (pos + 1 - lo + ATT_SPLIT - 1) / ATT_SPLIT;
+    const int entry = row[AR_ENTRY], lo = row[AR_LO], live_off = row[AR_LIVE];
+    const int row_splits = (entry + 1 - lo + ATT_SPLIT - 1) / ATT_SPLIT;
     if (split >= row_splits) return;
-    const int k_begin = lo + split * ATT_SPLIT, k_end = min(pos + 1, k_begin + ATT_SPLIT);
-    const int n = k_end - k_begin;
+    const int k_begin = lo + split * ATT_SPLIT, k_end = min(entry + 1, k_begin + ATT_SPLIT);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 
     __shared__ float sc[ATT_G][ATT_SPLIT];
@@ -58,10 +81,47 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
     __shared__ double sm_sum[ATT_WARPS][ATT_G];
 
     constexpr int QPL = HD / 32;  // q . k terms per lane
+    // the slots of the split's live keys in entry order (and, under a view, their entries)
     __shared__ u32 sslot[ATT_SPLIT];
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const int j = k_begin + i;
-        sslot[i] = bt[bt_off + j / block_size] * (u32)block_size + (u32)(j % block_size);
+    __shared__ u32 sent[ATT_SPLIT];
+    int n = k_end - k_begin;
+    if (live_off < 0) {
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const int j = k_begin + i;
+            sslot[i] = bt[bt_off + j / block_size] * (u32)block_size + (u32)(j % block_size);
+        }
+    } else {
+        __shared__ int s_cnt[ATT_WARPS];
+        int base = 0;
+        for (int i0 = 0; i0 < n; i0 += blockDim.x) {
+            const int i = i0 + threadIdx.x, j = k_begin + i;
+            const bool on = i < n && ((live[live_off + j / block_size] >> (j % block_size)) & 1ull);
+            const u32 ballot = __ballot_sync(0xffffffffu, on);
+            if (lane == 0) s_cnt[warp] = __popc(ballot);
+            __syncthreads();
+            int before = base + __popc(ballot & ((1u << lane) - 1u)), total = base;
+#pragma unroll
+            for (int w = 0; w < ATT_WARPS; w++) {
+                before += w < warp ? s_cnt[w] : 0;
+                total += s_cnt[w];
+            }
+            if (on) {
+                sslot[before] = bt[bt_off + j / block_size] * (u32)block_size + (u32)(j % block_size);
+                sent[before] = (u32)j;
+            }
+            base = total;
+            __syncthreads();
+        }
+        n = base;
+    }
+    if (n == 0) {  // an entirely dead split: nothing to add (the CPU's partial returns false)
+        if (row_splits > 1 && (int)threadIdx.x < nh) {
+            float* ml = part_ml + (((long long)t * n_heads + h0 + threadIdx.x) * n_splits + split) * 4;
+            ml[0] = NEG_INF;
+            ml[1] = 0.0f;
+            *(double*)(ml + 2) = 0.0;
+        }
+        return;
     }
     // lane c holds q elements c, c + 32, ... of each head, rounded to f16
     float qr[ATT_G][QPL];
@@ -127,7 +187,10 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
         m[hh] = M;
     }
 
-    // 2. exp, the f64 sum, the f16 weights
+    // 2. exp, the f64 sum, the f16 weights (kept unrounded in wsc when the row wants its probabilities)
+    const bool want = row[AR_WANT] == 1;
+    const int ctx = row[AR_CTX];
+    float* wrow = want ? wsc + ((long long)(u32)row[AR_W] | ((long long)row[AR_W + 1] << 32)) : wsc;
     double l[ATT_G];
 #pragma unroll
     for (int hh = 0; hh < ATT_G; hh++) {
@@ -149,6 +212,10 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
         for (int w = 0; w < ATT_WARPS; w++) s += sm_sum[w][hh];
         l[hh] = s;
         const float inv = (float)(1.0 / s);
+        if (want && hh < nh) {
+            float* wh = wrow + (long long)(h0 + hh) * ctx;
+            for (int i = threadIdx.x; i < n; i += blockDim.x) wh[sent[i]] = sc[hh][i] * inv;
+        }
         for (int i = threadIdx.x; i < n; i += blockDim.x) sc[hh][i] = f16_round(sc[hh][i] * inv);
     }
     __syncthreads();
@@ -193,6 +260,7 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
                 if (d == 0) {
                     float* ml = part_ml + (th * n_splits + split) * 4;
                     ml[0] = m[hh];
+                    ml[1] = 0.0f;
                     *(double*)(ml + 2) = l[hh];
                 }
             }
@@ -202,41 +270,93 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
 
 #define ATTN(HD)                                                                                                   \
     extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attn_hd##HD(                                       \
-        const float* q, const u16* kc, const u16* vc, const int* rows, const u32* bt, int n_heads, int n_kv,       \
-        int block_size, float scale, int window, int n_splits, float* out, float* part_o, float* part_ml) {        \
-        attn_body<HD>(q, kc, vc, rows, bt, n_heads, n_kv, block_size, scale, window, n_splits, out, part_o,        \
-                      part_ml);                                                                                    \
+        const float* q, const u16* kc, const u16* vc, const int* rows, const u32* bt, const u64* live,             \
+        int n_heads, int n_kv, int block_size, float scale, int n_splits, float* out, float* part_o, float* part_ml, \
+        float* wsc) {                                                                                              \
+        attn_body<HD>(q, kc, vc, rows, bt, live, n_heads, n_kv, block_size, scale, n_splits, out, part_o, part_ml, \
+                      wsc);                                                                                        \
     }
 ATTN(64)
 ATTN(128)
 ATTN(256)
 
 // The splits of a row folded left in order, as the CPU's `merge`: one block of head_dim threads per
-// (query row, head); rows with one split were written by the attention kernel.
-extern "C" __global__ void attn_merge(const float* __restrict__ part_o, const float* __restrict__ part_ml,
+// (query row, head); rows with one split were written by the attention kernel. Splits with no live key
+// (l = 0) are skipped; a row with none at all is left alone, as the CPU leaves it. For a row that wants
+// its probabilities, thread 0 then stores each split's share of the merged softmax at part_ml offset 1.
+extern "C" __global__ void attn_merge(const float* __restrict__ part_o, float* __restrict__ part_ml,
                                       const int* __restrict__ rows, int n_heads, int head_dim, int n_splits,
-                                      int window, float* __restrict__ out) {
+                                      float* __restrict__ out) {
     const long long th = blockIdx.x;
     const int t = (int)(th / n_heads), d = threadIdx.x;
-    if (rows[2 * t] < 0 || d >= head_dim) return;
-    const int pos = rows[2 * t + 1];
-    const int lo = window > 0 ? max(0, pos + 1 - window) : 0;
-    const int row_splits = (pos + 1 - lo + ATT_SPLIT - 1) / ATT_SPLIT;
-    if (row_splits == 1) return;
-    const float* ml = part_ml + th * n_splits * 4;
+    const int* row = rows + ATT_ROW * t;
+    if (row[AR_BT] < 0 || d >= head_dim) return;
+    const int row_splits = (row[AR_ENTRY] + 1 - row[AR_LO] + ATT_SPLIT - 1) / ATT_SPLIT;
+    if (row_splits <= 1) return;
+    float* ml = part_ml + th * n_splits * 4;
     const float* po = part_o + th * n_splits * head_dim;
-    float o = po[d], M = ml[0];
-    double L = *(const double*)(ml + 2);
-    for (int s = 1; s < row_splits; s++) {
+    float o = 0.0f, M = NEG_INF;
+    double L = 0.0;
+    bool started = false;
+    for (int s = 0; s < row_splits; s++) {
+        const double lb = *(const double*)(ml + 4 * s + 2);
+        if (lb == 0.0) continue;
         const float mb = ml[4 * s];
+        if (!started) {
+            o = po[s * head_dim + d];
+            M = mb;
+            L = lb;
+            started = true;
+            continue;
+        }
         const float mx = fmaxf(M, mb);
         const double wa = L * exp((double)(M - mx));
-        const double wb = *(const double*)(ml + 4 * s + 2) * exp((double)(mb - mx));
+        const double wb = lb * exp((double)(mb - mx));
         const double sum = wa + wb;
         const float fa = (float)(wa / sum), fb = (float)(wb / sum);
         o = o * fa + po[s * head_dim + d] * fb;
         M = mx;
         L = sum;
     }
+    if (!started) return;
     out[th * head_dim + d] = o;
+    if (d == 0 && row[AR_WANT] == 1) {
+        for (int s = 0; s < row_splits; s++) {
+            const double ls = *(const double*)(ml + 4 * s + 2);
+            if (ls > 0.0) ml[4 * s + 1] = (float)(ls * exp((double)(ml[4 * s] - M)) / L);
+        }
+    }
+}
+
+// The probabilities of a sequence under a view with a score offset (KvView::score_offset): one thread per
+// (entry e, KV head g, such sequence z); dst[g * ctx + e] = sum over the sequence's rows in order of
+// (sum over g's query heads in order of frac * w), 0 where no row sees e: the CPU's add_probs and its
+// sum over rows, in the same order. Every element of dst is written (no zeroing needed).
+// seqs[5 z ..]: first row, rows, ctx_len, offset of dst in scores (low and high 32 bits).
+extern "C" __global__ void attn_scores(const int* __restrict__ rows, const int* __restrict__ seqs,
+                                       const u64* __restrict__ live, const float* __restrict__ wsc,
+                                       const float* __restrict__ part_ml, int n_heads, int n_kv, int block_size,
+                                       int n_splits, float* __restrict__ scores) {
+    const int* sq = seqs + 5 * blockIdx.z;
+    const int q_start = sq[0], n_q = sq[1], ctx = sq[2];
+    const int e = blockIdx.x * blockDim.x + threadIdx.x, g = blockIdx.y;
+    if (e >= ctx) return;
+    const int group = n_heads / n_kv;
+    float acc = 0.0f;
+    for (int t = q_start; t < q_start + n_q; t++) {
+        const int* row = rows + ATT_ROW * t;
+        const int lo = row[AR_LO];
+        if (e < lo || e > row[AR_ENTRY]) continue;
+        if (!((live[row[AR_LIVE] + e / block_size] >> (e % block_size)) & 1ull)) continue;
+        const int row_splits = (row[AR_ENTRY] + 1 - lo + ATT_SPLIT - 1) / ATT_SPLIT, s = (e - lo) / ATT_SPLIT;
+        const float* w = wsc + ((long long)(u32)row[AR_W] | ((long long)row[AR_W + 1] << 32)) + e;
+        float pr = 0.0f;
+        for (int hh = 0; hh < group; hh++) {
+            const int h = g * group + hh;
+            const float frac = row_splits == 1 ? 1.0f : part_ml[(((long long)t * n_heads + h) * n_splits + s) * 4 + 1];
+            pr += frac * w[(long long)h * ctx];
+        }
+        acc += pr;
+    }
+    scores[((long long)(u32)sq[3] | ((long long)sq[4] << 32)) + (long long)g * ctx + e] = acc;
 }

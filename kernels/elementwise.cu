@@ -122,3 +122,27 @@ extern "C" __global__ void kv_copy_blocks(u16* __restrict__ kc, u16* __restrict_
     kc[(long long)dst * n + i] = kc[(long long)src * n + i];
     vc[(long long)dst * n + i] = vc[(long long)src * n + i];
 }
+
+// Slot moves (a sequence's compaction under a KV budget), every source read before any destination is
+// written: kv_gather copies the K and V rows of the n sources to tmp [2 x n x width], then kv_scatter
+// (the next launch on the stream) writes them to the destinations. moves[2m], moves[2m + 1]: source and
+// destination slot of move m (destinations distinct: the host keeps the last move to each).
+extern "C" __global__ void kv_gather(const u16* __restrict__ kc, const u16* __restrict__ vc, const u32* __restrict__ moves,
+                                     int n, int width, u16* __restrict__ tmp) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)n * width) return;
+    const int m = (int)(i / width), c = (int)(i % width);
+    const long long src = (long long)moves[2 * m] * width + c;
+    tmp[i] = kc[src];
+    tmp[(long long)n * width + i] = vc[src];
+}
+
+extern "C" __global__ void kv_scatter(u16* __restrict__ kc, u16* __restrict__ vc, const u32* __restrict__ moves, int n,
+                                      int width, const u16* __restrict__ tmp) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)n * width) return;
+    const int m = (int)(i / width), c = (int)(i % width);
+    const long long dst = (long long)moves[2 * m + 1] * width + c;
+    kc[dst] = tmp[i];
+    vc[dst] = tmp[(long long)n * width + i];
+}

@@ -11,6 +11,9 @@
 //! - larger products (the same rounded activations and the weights as f16, cuBLAS): < 2e-3;
 //! - elementwise ops against the CPU backend < 1e-5 (GELU, which goes through f16, < 2e-3);
 //! - paged attention (f16 K/V) against a naive f64 attention, < 2e-3;
+//! - attention under KV budget views (holes, dead splits, windows on original positions) against the CPU
+//!   backend, < 1e-6 relative L2 (expected bit-identical: the bits that differ are printed), probabilities
+//!   within 1e-5; `kv_move_slots` against the CPU;
 //! - whole synthetic models: teacher-forced on the CPU's greedy tokens, 32 steps, the same greedy token
 //!   at every step (a top-2 probability margin below [`MARGIN_OK`] excused, printed) and logits within
 //!   DESIGN.md's [`LOGITS_BOUND`], with a 20-token prompt (the integer-dot path); a prompt of
@@ -26,10 +29,11 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use pagellm::backend::cpu::{quantize_q8_0, quantize_q8_k};
 use pagellm::backend::cuda::{CudaBackend, INT_PATH_MAX_TOK};
-use pagellm::backend::{AttnParams, AttnSeq, Backend, Buffer, Glu, HostWeight, KvShape, RopeMode, RopeParams, Weight};
+use pagellm::backend::{AttnParams, AttnSeq, Backend, Buffer, Glu, HostWeight, KvShape, KvView, RopeMode, RopeParams, Weight};
 use pagellm::dtype::GgmlType;
 use pagellm::gguf::GgufFile;
 use pagellm::model::{Logits, Model, ModelOptions};
+use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
 
@@ -366,6 +370,196 @@ fn kv_copy_blocks_copies_k_and_v() {
     b.attention(&qb, &kv, &[AttnSeq { q_start: 0, n_q: 1, ctx_len: ctx, block_table: &[3, 6], view: None }], &p, &mut o1, None);
     b.attention(&qb, &kv, &[AttnSeq { q_start: 0, n_q: 1, ctx_len: ctx, block_table: &[3, 1], view: None }], &p, &mut o2, None);
     assert_eq!(read(b, &o1, 256), read(b, &o2, 256), "the copied block differs");
+}
+
+// ---- KV budget views and slot moves: against the CPU backend ----
+
+/// Block size of the budget tests.
+const VBS: usize = 16;
+
+/// One sequence of a budget batch: `n` entries, the last `n_q` of them the queries; `view` = (live masks,
+/// original positions, score offset), `None` for a plain sequence.
+struct BudgetSeq {
+    n: usize,
+    n_q: usize,
+    table: Vec<u32>,
+    view: Option<(Vec<u64>, Vec<u32>, Option<usize>)>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    q: Vec<f32>,
+}
+
+/// Random holes at `holes` rate plus the whole run `dead` evicted (never the queries), positions with gaps.
+#[allow(clippy::too_many_arguments)]
+fn budget_seq(r: &mut StdRng, ids: &mut dyn Iterator<Item = u32>, p: &AttnParams, n: usize, n_q: usize, holes: f64, dead: std::ops::Range<usize>, view: Option<Option<usize>>) -> BudgetSeq {
+    let table: Vec<u32> = (0..n.div_ceil(VBS)).map(|_| ids.next().expect("enough blocks")).collect();
+    let mut live = vec![0u64; n.div_ceil(VBS)];
+    for e in 0..n {
+        if e >= n - n_q || (!dead.contains(&e) && !r.gen_bool(holes)) {
+            live[e / VBS] |= 1 << (e % VBS);
+        }
+    }
+    let mut positions = Vec::with_capacity(n);
+    let mut pos = r.gen_range(0..5u32);
+    for _ in 0..n {
+        positions.push(pos);
+        pos += 1 + if r.gen_bool(0.3) { r.gen_range(0..6) } else { 0 };
+    }
+    let width = p.n_kv_heads * p.head_dim;
+    let (k, v, q) = (randn(r, n * width), randn(r, n * width), randn(r, n_q * p.n_heads * p.head_dim));
+    BudgetSeq { n, n_q, table, view: view.map(|off| (live, positions, off)), k, v, q }
+}
+
+/// The batch through `kv_write` + `attention` on `b`: (out, scores buffer of `scores_len` from base 3,
+/// with the 3 floats before it).
+fn run_budget(b: &dyn Backend, p: &AttnParams, seqs: &[BudgetSeq], num_blocks: usize, scores_len: usize) -> (Vec<f32>, Vec<f32>) {
+    let shape = KvShape { num_blocks, block_size: VBS, n_kv_heads: p.n_kv_heads, head_dim: p.head_dim };
+    let mut kv = b.alloc_kv(shape).unwrap();
+    for s in seqs {
+        let slots: Vec<u32> = (0..s.n).map(|e| s.table[e / VBS] * VBS as u32 + (e % VBS) as u32).collect();
+        b.kv_write(&mut kv, &buffer(b, &s.k), &buffer(b, &s.v), &slots);
+    }
+    let views: Vec<Option<KvView>> =
+        seqs.iter().map(|s| s.view.as_ref().map(|(live, positions, score_offset)| KvView { live, positions, score_offset: *score_offset })).collect();
+    let qw = p.n_heads * p.head_dim;
+    let (mut q_all, mut attn) = (Vec::new(), Vec::new());
+    for (s, v) in seqs.iter().zip(&views) {
+        attn.push(AttnSeq { q_start: q_all.len() / qw, n_q: s.n_q, ctx_len: s.n, block_table: &s.table, view: v.as_ref() });
+        q_all.extend_from_slice(&s.q);
+    }
+    let mut out = poisoned(b, q_all.len());
+    let mut scores = poisoned(b, 3 + scores_len);
+    b.attention(&buffer(b, &q_all), &kv, &attn, p, &mut out, Some((&mut scores, 3)));
+    (read(b, &out, q_all.len()), read(b, &scores, 3 + scores_len))
+}
+
+/// (largest absolute difference, elements whose bits differ); NaN must face NaN.
+fn diff(got: &[f32], want: &[f32]) -> (f64, usize) {
+    assert_eq!(got.len(), want.len());
+    let mut worst = 0.0f64;
+    let mut differ = 0;
+    for (&g, &w) in got.iter().zip(want) {
+        assert_eq!(g.is_nan(), w.is_nan(), "NaN against a number ({g} vs {w})");
+        if g.to_bits() != w.to_bits() && !g.is_nan() {
+            differ += 1;
+            worst = worst.max((g as f64 - w as f64).abs());
+        }
+    }
+    (worst, differ)
+}
+
+/// Attention under budget views against the CPU backend: holes, an entirely dead split (first or middle),
+/// windows on original positions, GQA 1/4/8, head_dim 64/128/256, one and several query rows, sequences
+/// with and without a view and with and without probabilities in one batch. Outputs expected bit-identical
+/// (asserted within 1e-6 relative L2, bit differences printed), probabilities within 1e-5.
+#[test]
+fn budget_views_match_cpu() {
+    let Some((_g, gpu)) = gpu() else { return };
+    let cpu = cpu();
+    let mut r = rng(18);
+    let (mut worst_out, mut worst_p, mut out_bits, mut p_bits) = (0.0f64, 0.0f64, 0usize, 0usize);
+    for (hd, ratio) in [(64, 1), (64, 4), (128, 8), (128, 1), (256, 4), (256, 8)] {
+        for window in [None, Some(300), Some(1100)] {
+            let p = AttnParams { n_heads: 2 * ratio, n_kv_heads: 2, head_dim: hd, scale: 2.0 / (hd as f32).sqrt(), window };
+            let num_blocks = 200;
+            let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+            ids.shuffle(&mut r);
+            let mut ids = ids.into_iter();
+            let sp = pagellm::backend::cuda::ATTN_SPLIT;
+            // scores: A at 0, B after it (n_kv x n each)
+            let (na, nb) = (2 * sp + 300, sp + 188);
+            let seqs = vec![
+                // A: the middle split [512, 1024) entirely dead (without a window)
+                budget_seq(&mut r, &mut ids, &p, na, 1, 0.3, sp - 10..2 * sp + 76, Some(Some(0))),
+                // B: the first split dead, several rows
+                budget_seq(&mut r, &mut ids, &p, nb, 7, 0.5, 0..sp + 88, Some(Some(2 * na))),
+                // C: no view
+                budget_seq(&mut r, &mut ids, &p, 90, 1, 0.0, 0..0, None),
+                // D: a view without probabilities, many holes
+                budget_seq(&mut r, &mut ids, &p, 300, 4, 0.9, 0..0, Some(None)),
+                // E: a short view with probabilities
+                budget_seq(&mut r, &mut ids, &p, 40, 3, 0.5, 0..0, Some(Some(2 * (na + nb)))),
+            ];
+            let scores_len = 2 * (na + nb + 40) + 5;
+            let (go, gs) = run_budget(gpu.as_ref(), &p, &seqs, num_blocks, scores_len);
+            let (co, cs) = run_budget(cpu.as_ref(), &p, &seqs, num_blocks, scores_len);
+            let (od, ob) = diff(&go, &co);
+            let (sd, sb) = diff(&gs, &cs);
+            let rel = rel_l2(&go, &as_f64(&co));
+            println!("budget hd {hd} ratio {ratio} window {window:?}: out max |d| {od:.2e} ({ob} bits differ), rel {rel:.2e}; scores max |d| {sd:.2e} ({sb} differ)");
+            assert!(rel < 1e-6, "hd {hd} ratio {ratio} window {window:?}: output {rel:e} from the CPU");
+            assert!(sd < 1e-5, "hd {hd} ratio {ratio} window {window:?}: probabilities {sd:e} from the CPU");
+            assert!(gs[..3].iter().chain(&gs[3 + scores_len - 5..]).all(|x| x.is_nan()), "scores written outside their regions");
+            (worst_out, worst_p, out_bits, p_bits) = (worst_out.max(od), worst_p.max(sd), out_bits + ob, p_bits + sb);
+        }
+    }
+    println!("budget views: out max |d| {worst_out:.2e} ({out_bits} elements differ in bits), scores max |d| {worst_p:.2e} ({p_bits} differ)");
+
+    // an all-live view with positions 0..n changes no bit (with and without probabilities)
+    for (n, n_q, window) in [(1300, 1, None), (1300, 5, Some(700)), (200, 9, None)] {
+        let p = AttnParams { n_heads: 8, n_kv_heads: 2, head_dim: 128, scale: 0.1, window };
+        let mut ids = 0..200u32;
+        let mut s = budget_seq(&mut r, &mut ids, &p, n, n_q, 0.0, 0..0, None);
+        let (plain, _) = run_budget(gpu.as_ref(), &p, std::slice::from_ref(&s), 200, 2 * n);
+        for off in [None, Some(0)] {
+            s.view = Some((vec![u64::MAX; n.div_ceil(VBS)], (0..n as u32).collect(), off));
+            let (viewed, _) = run_budget(gpu.as_ref(), &p, std::slice::from_ref(&s), 200, 2 * n);
+            assert!(plain == viewed, "n {n} n_q {n_q} window {window:?} scores {off:?}: an all-live view changed the output");
+        }
+    }
+}
+
+/// `kv_move_slots` reads every source before writing (a chain 3 -> 1, 5 -> 3, 7 -> 5, as the CPU test),
+/// and random moves with chains leave the pool as the CPU's (compared through attention over every slot).
+#[test]
+fn kv_move_slots_match_cpu() {
+    let Some((_g, gpu)) = gpu() else { return };
+    let cpu = cpu();
+    let b = gpu.as_ref();
+    // the chain, read back through one-hot attention: a zero query over one live key gives its V row
+    let shape = KvShape { num_blocks: 2, block_size: 4, n_kv_heads: 1, head_dim: 64 };
+    let mut kv = b.alloc_kv(shape).unwrap();
+    let k: Vec<f32> = (0..8 * 64).map(|i| (i % 1000) as f32).collect();
+    let v: Vec<f32> = k.iter().map(|x| -x).collect();
+    b.kv_write(&mut kv, &buffer(b, &k), &buffer(b, &v), &(0..8).collect::<Vec<u32>>());
+    b.kv_move_slots(&mut kv, &[(3, 1), (5, 3), (7, 5)]);
+    let p = AttnParams { n_heads: 1, n_kv_heads: 1, head_dim: 64, scale: 1.0, window: None };
+    for (slot, want) in [(0u32, 0usize), (1, 3), (2, 2), (3, 5), (5, 7), (6, 6), (7, 7)] {
+        let table = [slot / 4];
+        let live = [1u64 << (slot % 4)];
+        let positions: Vec<u32> = (0..4).collect();
+        let view = KvView { live: &live, positions: &positions, score_offset: None };
+        let seqs = [AttnSeq { q_start: 0, n_q: 1, ctx_len: (slot % 4 + 1) as usize, block_table: &table, view: Some(&view) }];
+        let mut out = poisoned(b, 64);
+        b.attention(&buffer(b, &[0.0; 64]), &kv, &seqs, &p, &mut out, None);
+        let expect: Vec<f32> = (0..64).map(|i| -(((want * 64 + i) % 1000) as f32)).collect();
+        assert_eq!(read(b, &out, 64), expect, "slot {slot} should hold what slot {want} held");
+    }
+
+    // random moves with chains and a repeated destination, on both backends
+    let mut r = rng(19);
+    let p = AttnParams { n_heads: 8, n_kv_heads: 2, head_dim: 128, scale: 0.09, window: None };
+    let shape = KvShape { num_blocks: 8, block_size: 16, n_kv_heads: 2, head_dim: 128 };
+    let n = shape.num_slots();
+    let (k, v, q) = (randn(&mut r, n * 256), randn(&mut r, n * 256), randn(&mut r, 4 * 8 * 128));
+    let mut dsts: Vec<u32> = (0..n as u32).collect();
+    dsts.shuffle(&mut r);
+    let mut moves: Vec<(u32, u32)> = dsts[..40].iter().map(|&d| (r.gen_range(0..n as u32), d)).collect();
+    moves.extend([(10, 9), (11, 10), (12, 11), (50, 9)]);
+    let table: Vec<u32> = (0..8).collect();
+    let mut outs = Vec::new();
+    for be in [gpu.as_ref(), cpu.as_ref()] {
+        let mut kv = be.alloc_kv(shape).unwrap();
+        be.kv_write(&mut kv, &buffer(be, &k), &buffer(be, &v), &(0..n as u32).collect::<Vec<u32>>());
+        be.kv_move_slots(&mut kv, &moves);
+        let seqs = [AttnSeq { q_start: 0, n_q: 4, ctx_len: n, block_table: &table, view: None }];
+        let mut out = poisoned(be, q.len());
+        be.attention(&buffer(be, &q), &kv, &seqs, &p, &mut out, None);
+        outs.push(read(be, &out, q.len()));
+    }
+    let (d, bits) = diff(&outs[0], &outs[1]);
+    println!("kv_move_slots: random moves, attention over the pool: max |d| {d:.2e} ({bits} differ)");
+    assert!(rel_l2(&outs[0], &as_f64(&outs[1])) < 1e-6, "the pools differ after the moves");
 }
 
 // ---- whole models ----
