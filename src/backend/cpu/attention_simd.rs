@@ -57,6 +57,7 @@ pub(super) fn simd(isa: Isa) -> Option<&'static SimdAttn> {
         Isa::Scalar => None,
         Isa::Avx2 => avx2.as_ref(),
         Isa::Avx512 => avx512.as_ref().or(avx2.as_ref()),
+        Isa::Neon => None,
     }
 }
 

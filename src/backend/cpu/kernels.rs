@@ -49,6 +49,7 @@ pub enum Isa {
     Scalar,
     Avx2,
     Avx512,
+    Neon,
 }
 
 /// A batch of activation rows quantized for a tile kernel.
@@ -231,25 +232,31 @@ impl Kernels {
         super::avx512::kernels()
     }
 
-    /// Every table this machine can run, scalar first (for tests).
-    pub fn all() -> Vec<Kernels> {
-        [Some(Kernels::scalar()), Kernels::avx2(), Kernels::avx512()].into_iter().flatten().collect()
+    /// The NEON kernels: on every aarch64 CPU (NEON is baseline there), on no other architecture.
+    pub fn neon() -> Option<Kernels> {
+        super::neon::kernels()
     }
 
-    /// The best table for this machine. `PAGELLM_CPU=scalar|avx2|avx512` forces one (tests, debugging);
+    /// Every table this machine can run, scalar first (for tests).
+    pub fn all() -> Vec<Kernels> {
+        [Some(Kernels::scalar()), Kernels::avx2(), Kernels::avx512(), Kernels::neon()].into_iter().flatten().collect()
+    }
+
+    /// The best table for this machine. `PAGELLM_CPU=scalar|avx2|avx512|neon` forces one (tests, debugging);
     /// one the CPU lacks falls back to the best it has, with a notice.
     pub fn detect() -> Kernels {
-        let best = || Kernels::avx512().or_else(Kernels::avx2).unwrap_or_else(Kernels::scalar);
+        let best = || Kernels::avx512().or_else(Kernels::avx2).or_else(Kernels::neon).unwrap_or_else(Kernels::scalar);
         let Ok(want) = std::env::var("PAGELLM_CPU") else { return best() };
         let forced = match want.to_ascii_lowercase().as_str() {
             "scalar" => Some(Kernels::scalar()),
             "avx2" => Kernels::avx2(),
             "avx512" => Kernels::avx512(),
+            "neon" => Kernels::neon(),
             _ => None,
         };
         forced.unwrap_or_else(|| {
             let k = best();
-            eprintln!("PAGELLM_CPU={want}: not available here (scalar|avx2|avx512), using {}", k.name());
+            eprintln!("PAGELLM_CPU={want}: not available here (scalar|avx2|avx512|neon), using {}", k.name());
             k
         })
     }
@@ -259,6 +266,7 @@ impl Kernels {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Neon => "neon",
         }
     }
 }

@@ -12,6 +12,7 @@ mod avx2_tiles;
 mod avx512;
 mod kernels;
 mod matmul;
+mod neon;
 
 use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
