@@ -43,6 +43,7 @@ use rayon::prelude::*;
 
 use super::attention_simd::{self, SimdAttn};
 use super::kernels::Kernels;
+use super::elementwise::expf;
 use crate::backend::{AttnParams, AttnSeq, KvShape};
 
 /// Keys per split. Fixed, so a token's result never depends on how its batch was formed.
@@ -250,7 +251,7 @@ impl Job<'_> {
             }
         } else {
             for (hh, m) in ml.iter().enumerate() {
-                scores[hh * n..(hh + 1) * n].iter_mut().for_each(|s| *s = (*s - m.max).exp());
+                scores[hh * n..(hh + 1) * n].iter_mut().for_each(|s| *s = expf(*s - m.max));
             }
         }
         for i in 0..n {

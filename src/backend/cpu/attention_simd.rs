@@ -9,14 +9,13 @@
 //!     score in the kernel tables' `dot_f16` order: 4 x 8 lane sums by FMA over 32-element steps,
 //!     `(a0 + a1) + (a2 + a3)`, avx2's `hsum_ps` tree, times scale (AVX-512 holds a0|a1 and a2|a3 in two
 //!     16-lane registers: the same bits).
-//! exp: through f64, rounded once: the correctly rounded expf (the CUDA kernels' `exp_cr`; glibc's
-//!     `expf`, which the scalar loops call, but for its rare misroundings). A row's last few go
-//!     through the same lanes, padded.
+//! exp: `elementwise`'s f64 exp, rounded once: the correctly rounded expf (the CUDA kernels' `exp_cr`),
+//!     the same bits as the scalar loops' `elementwise::expf`. A row's last few go through the same
+//!     lanes, padded.
 //! PV: 16 (AVX-512: 32) outputs x up to 4 (8) heads in registers; keys in position order, one FMA per
 //!     key per output (`axpy_f16`'s order); each V row chunk converted once for the heads of the pass.
 //! ```
-//! So these loops compute what the per-key `dot_f16`/`axpy_f16` loops did, bit for bit (up to glibc's
-//! expf misroundings), on both tables: avx2 and avx512 agree, and so do the CUDA kernels, which follow
+//! So these loops compute what the per-key `dot_f16`/`axpy_f16` loops did, bit for bit, on both tables: avx2 and avx512 agree, and so do the CUDA kernels, which follow
 //! this order. Every output element's reduction order depends only on head_dim and the split's keys,
 //! never on the batch, chunking or thread (DESIGN.md, "Batch invariance"). The scalar loops in
 //! `attention.rs` stay the oracle (`PAGELLM_CPU=scalar` forces them) and the path for a head_dim that is
@@ -79,6 +78,8 @@ fn detect() -> [Option<SimdAttn>; 2] {
 #[cfg(target_arch = "x86_64")]
 mod imp {
     use core::arch::x86_64::*;
+
+    use super::super::elementwise::x86::exp8;
 
     /// Every row `r..r + hd` inside `pool`, and head_dim a positive multiple of the step.
     pub(super) fn check(pool: &[u16], rows: &[usize], hd: usize) {
@@ -147,38 +148,6 @@ mod imp {
         // SAFETY: 8 floats of pad.
         unsafe { _mm256_storeu_ps(pad.as_mut_ptr(), exp8(_mm256_sub_ps(_mm256_loadu_ps(pad.as_ptr()), mv))) };
         rest.copy_from_slice(&pad[..rest.len()]);
-    }
-
-    /// `exp` of 8 lanes, through f64 like the CUDA kernels' `exp_cr`: `x = n ln2 + r`, |r| <= ln2/2 (ln2
-    /// in two parts), `exp(r)` by its degree-12 Taylor polynomial (relative error ~2e-16), times `2^n` in
-    /// the exponent bits, rounded once to f32: the correctly rounded expf, as glibc's is in all but rare
-    /// cases. x is clamped to [-105, 89] (0 and inf in f32 beyond); NaN stays NaN.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn exp8(x: __m256) -> __m256 {
-        let lo = exp4d(_mm256_cvtps_pd(_mm256_castps256_ps128(x)));
-        let hi = exp4d(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(x)));
-        _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn exp4d(x: __m256d) -> __m256d {
-        // max/min return their second operand when either is NaN: x's NaN goes through
-        let x = _mm256_min_pd(_mm256_set1_pd(89.0), _mm256_max_pd(_mm256_set1_pd(-105.0), x));
-        let n = _mm256_round_pd::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm256_mul_pd(x, _mm256_set1_pd(std::f64::consts::LOG2_E)),
-        );
-        // ln 2 = hi + lo, hi with 21 trailing zero bits (n hi exact): fdlibm's split
-        let (ln2_hi, ln2_lo) = (f64::from_bits(0x3fe6_2e42_fee0_0000), f64::from_bits(0x3dea_39ef_3579_3c76));
-        let r = _mm256_fnmadd_pd(n, _mm256_set1_pd(ln2_hi), x);
-        let r = _mm256_fnmadd_pd(n, _mm256_set1_pd(ln2_lo), r);
-        let mut p = _mm256_set1_pd(1.0 / 479_001_600.0);
-        for c in [39_916_800.0, 3_628_800.0, 362_880.0, 40_320.0, 5_040.0, 720.0, 120.0, 24.0, 6.0, 2.0, 1.0, 1.0] {
-            p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(1.0 / c));
-        }
-        let e = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(n)), _mm256_set1_epi64x(1023));
-        _mm256_mul_pd(p, _mm256_castsi256_pd(_mm256_slli_epi64::<52>(e)))
     }
 
     /// avx2.rs's `hsum_ps` tree: `((v0+v4) + (v2+v6)) + ((v1+v5) + (v3+v7))`.

@@ -1,7 +1,7 @@
 //! The CPU backend: weights read in place from the mapped file, activations in `Vec<f32>`, K/V in f16
 //! pools, ops on a rayon pool of its own, kernels from one table chosen at start-up ([`Kernels`]).
 //!
-//! Elementwise ops follow ggml's CPU code where its rounding is visible in the logits: RMS norm sums
+//! Elementwise ops (SIMD tables in `elementwise`) follow ggml's CPU code where its rounding is visible in the logits: RMS norm sums
 //! squares in f64 and multiplies by the weight after scaling; GELU goes through an f16 table
 //! (`GGML_GELU_FP16`); RoPE angles come from ggml's running product `theta *= base^(-2/n_rot)`.
 
@@ -10,6 +10,7 @@ mod attention_simd;
 mod avx2;
 mod avx2_tiles;
 mod avx512;
+mod elementwise;
 mod kernels;
 mod matmul;
 mod neon;
@@ -52,6 +53,8 @@ pub struct CpuBackend {
     pool: rayon::ThreadPool,
     threads: usize,
     k: Kernels,
+    /// Norms, RoPE and activations for `k`'s ISA.
+    e: &'static elementwise::Elementwise,
 }
 
 impl CpuBackend {
@@ -63,7 +66,8 @@ impl CpuBackend {
             .thread_name(|i| format!("pagellm-cpu-{i}"))
             .build()
             .map_err(|e| BackendError::Init { backend: "cpu".into(), problem: e.to_string() })?;
-        Ok(CpuBackend { pool, threads, k: kernels })
+        let e = elementwise::table(kernels.isa);
+        Ok(CpuBackend { pool, threads, k: kernels, e })
     }
 
     pub fn kernels(&self) -> &Kernels {
@@ -131,15 +135,17 @@ fn gelu_mul(x: f32, g: f32, table: &[u16]) -> f32 {
     }
 }
 
-/// `(cos, sin)` of every rotated pair at `pos`, as ggml's `ggml_rope_cache_init` computes them.
-fn rope_cache(pos: u32, p: &RopeParams, cache: &mut Vec<(f32, f32)>) {
+/// `cos` and `sin` of every rotated pair's angle at `pos`, as ggml's `ggml_rope_cache_init` computes them.
+fn rope_cache(pos: u32, p: &RopeParams, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
     let theta_scale = p.freq_base.powf(-2.0 / p.n_rot as f32);
     let mut theta = pos as f32;
-    cache.clear();
+    cos.clear();
+    sin.clear();
     for i in 0..p.n_rot / 2 {
         let ff = p.freq_factors.map_or(1.0, |f| f[i]);
         let t = p.freq_scale * (theta / ff);
-        cache.push((t.cos(), t.sin()));
+        cos.push(t.cos());
+        sin.push(t.sin());
         theta *= theta_scale;
     }
 }
@@ -239,17 +245,14 @@ impl Backend for CpuBackend {
             assert_eq!(wv.len(), row_len, "rms_norm: weight length");
         }
         let (x, out) = (&buf(x)[..n_rows * row_len], &mut buf_mut(out)[..n_rows * row_len]);
+        let e = self.e;
         let rows_per_task = (ELEMS_PER_TASK / row_len).max(1);
         self.pool.install(|| {
             out.par_chunks_mut(rows_per_task * row_len).zip(x.par_chunks(rows_per_task * row_len)).for_each(|(o, xs)| {
                 for (orow, xrow) in o.chunks_exact_mut(row_len).zip(xs.chunks_exact(row_len)) {
-                    let sum: f64 = xrow.iter().map(|&v| (v * v) as f64).sum();
-                    let mean = (sum / row_len as f64) as f32;
+                    let mean = ((e.sum_sq)(xrow) / row_len as f64) as f32;
                     let scale = 1.0 / (mean + eps).sqrt();
-                    match &wv {
-                        Some(wv) => orow.iter_mut().zip(xrow).zip(wv.iter()).for_each(|((o, &v), &g)| *o = (v * scale) * g),
-                        None => orow.iter_mut().zip(xrow).for_each(|(o, &v)| *o = v * scale),
-                    }
+                    (e.scale_mul)(orow, xrow, scale, wv.as_deref());
                 }
             })
         });
@@ -259,22 +262,23 @@ impl Backend for CpuBackend {
         assert!(p.n_rot <= head_dim && p.n_rot.is_multiple_of(2));
         let width = n_heads * head_dim;
         let x = &mut buf_mut(x)[..positions.len() * width];
-        let half = p.n_rot / 2;
+        let (half, e) = (p.n_rot / 2, self.e);
         self.pool.install(|| {
-            x.par_chunks_mut(width).zip(positions.par_iter()).for_each_init(Vec::new, |cache, (row, &pos)| {
-                rope_cache(pos, p, cache);
-                for head in row.chunks_exact_mut(head_dim) {
-                    for (i, &(c, s)) in cache.iter().enumerate() {
-                        let (a, b) = match p.mode {
-                            RopeMode::Norm => (2 * i, 2 * i + 1),
-                            RopeMode::Neox => (i, i + half),
-                        };
-                        let (x0, x1) = (head[a], head[b]);
-                        head[a] = x0 * c - x1 * s;
-                        head[b] = x0 * s + x1 * c;
+            x.par_chunks_mut(width).zip(positions.par_iter()).for_each_init(
+                || (Vec::new(), Vec::new()),
+                |(cos, sin), (row, &pos)| {
+                    rope_cache(pos, p, cos, sin);
+                    for head in row.chunks_exact_mut(head_dim) {
+                        match p.mode {
+                            RopeMode::Norm => (e.rotate_pairs)(&mut head[..p.n_rot], cos, sin),
+                            RopeMode::Neox => {
+                                let (a, b) = head[..p.n_rot].split_at_mut(half);
+                                (e.rotate_halves)(a, b, cos, sin)
+                            }
+                        }
                     }
-                }
-            })
+                },
+            )
         });
     }
 
@@ -312,10 +316,10 @@ impl Backend for CpuBackend {
 
     fn glu(&self, gate: &mut Buffer, up: &Buffer, len: usize, act: Glu) {
         let (g, u) = (&mut buf_mut(gate)[..len], &buf(up)[..len]);
-        let table = gelu_table();
+        let (table, e) = (gelu_table(), self.e);
         self.pool.install(|| {
             g.par_chunks_mut(ELEMS_PER_TASK).zip(u.par_chunks(ELEMS_PER_TASK)).for_each(|(g, u)| match act {
-                Glu::Silu => g.iter_mut().zip(u).for_each(|(x, &y)| *x = *x / (1.0 + (-*x).exp()) * y),
+                Glu::Silu => (e.silu_mul)(g, u),
                 Glu::GeluTanh => g.iter_mut().zip(u).for_each(|(x, &y)| *x = gelu_mul(*x, y, table)),
             })
         });
