@@ -35,6 +35,7 @@
 //! from the table's ISA); otherwise, and always under `PAGELLM_CPU=scalar`, the per-key loops here, the
 //! oracle. Either way each output element's order of operations depends only on the split's keys.
 
+use std::cell::RefCell;
 use std::ops::Range;
 
 use half::slice::HalfFloatSliceExt;
@@ -117,6 +118,20 @@ struct Work {
     ents: Vec<u32>,
 }
 
+impl Work {
+    /// Capacity for any split of `group` query heads, taken at once: buffers that grew with the context
+    /// would allocate again whenever it passed their size (decode makes no allocation once warm).
+    fn reserve(&mut self, group: usize) {
+        fn at_least<T>(v: &mut Vec<T>, n: usize) {
+            v.reserve(n.saturating_sub(v.len()));
+        }
+        at_least(&mut self.scores, group * SPLIT_TOKENS);
+        at_least(&mut self.half, SPLIT_TOKENS.max(group * 256));
+        at_least(&mut self.rows, SPLIT_TOKENS);
+        at_least(&mut self.ents, SPLIT_TOKENS);
+    }
+}
+
 /// One split's softmax weights, normalized within the split, kept for the probabilities a KV budget
 /// policy asks for (`KvView::score_offset`): `w` `[group x ents.len()]`, `ml` `[group]`.
 #[derive(Clone, Default)]
@@ -143,7 +158,7 @@ struct Job<'a> {
     q: &'a [f32],
     seqs: &'a [AttnSeq<'a>],
     /// Per query row, `None` for rows outside every sequence.
-    rows: Vec<Option<Row>>,
+    rows: &'a [Option<Row>],
     bs: usize,
     n_heads: usize,
     n_kv_heads: usize,
@@ -167,6 +182,39 @@ struct Tmp {
     acc: Vec<Ml>,
     /// The row's splits, when its sequence wants probabilities.
     recs: Vec<SplitRec>,
+}
+
+/// Buffers of [`Job::run_splits`], kept between calls.
+#[derive(Default)]
+struct SplitScratch {
+    /// `(row, span)` of every split; those of (row, KV head) `idx` are `items[first[idx]..first[idx + 1]]`.
+    items: Vec<(usize, Span)>,
+    first: Vec<usize>,
+    /// Per item: its partial output `[group x hd]` and state `[group]`, whether it has a live key,
+    /// its weights (when its row wants probabilities) and whether it does.
+    parts: Vec<f32>,
+    mls: Vec<Ml>,
+    found: Vec<bool>,
+    recs: Vec<SplitRec>,
+    keep: Vec<bool>,
+}
+
+/// Buffers of one [`attention`] call, kept for the next.
+#[derive(Default)]
+struct CallScratch {
+    /// `[rows]` each query row's sequence, entry and position.
+    rows: Vec<Option<Row>>,
+    /// `[rows x n_kv_heads]` probabilities, when wanted (else empty).
+    probs: Vec<Vec<f32>>,
+    splits: SplitScratch,
+}
+
+// Why thread-locals: after the first steps, a decode step allocates nothing (issue: no allocation on
+// the hot path). The rayon workers keep their task scratch (`TMP`); the calling thread keeps the call's
+// (`CALL`, taken out for the call, so a nested call could never see it borrowed).
+thread_local! {
+    static TMP: RefCell<Tmp> = RefCell::default();
+    static CALL: RefCell<CallScratch> = RefCell::default();
 }
 
 impl Job<'_> {
@@ -328,51 +376,59 @@ impl Job<'_> {
     /// One task per (row, KV head): every split of the row in order, merged as it goes. `probs[idx]`:
     /// the task's probabilities, when its sequence wants them (module doc of `KvView`).
     fn run_rows(&self, out: &mut [f32], probs: &mut [Vec<f32>]) {
-        let (group, hd, n_kv) = (self.group, self.hd, self.n_kv_heads);
-        out.par_chunks_mut(group * hd).zip(probs.par_iter_mut()).enumerate().for_each_init(Tmp::default, |tmp, (idx, (o, probs))| {
-            let (t, g) = (idx / n_kv, idx % n_kv);
-            let Some(row) = self.rows[t] else { return };
-            let keep = !probs.is_empty();
-            self.load_q(t, g, &mut tmp.qv, &mut tmp.work.half);
-            tmp.acc.resize(group, Ml::default());
-            let mut kept = 0;
-            let mut started = false;
-            for keys in self.splits(row) {
-                let span = Span { seq: row.seq, g, keys };
-                let rec = keep.then(|| {
-                    if tmp.recs.len() <= kept {
-                        tmp.recs.push(SplitRec::default());
-                    }
-                    self.new_rec(&mut tmp.recs[kept]);
-                    &mut tmp.recs[kept]
-                });
-                let found = if !started {
-                    started = self.partial(&span, &tmp.qv, &mut tmp.work, o, &mut tmp.acc, rec);
-                    started
-                } else {
-                    tmp.o.resize(group * hd, 0.0);
-                    tmp.ml.resize(group, Ml::default());
-                    let found = self.partial(&span, &tmp.qv, &mut tmp.work, &mut tmp.o, &mut tmp.ml, rec);
-                    if found {
-                        self.merge(o, &mut tmp.acc, &tmp.o, &tmp.ml);
-                    }
-                    found
-                };
-                kept += (keep && found) as usize;
-            }
-            if keep {
-                self.add_probs(&tmp.recs[..kept], &tmp.acc, probs);
-            }
+        let (group, hd) = (self.group, self.hd);
+        out.par_chunks_mut(group * hd).zip(probs.par_iter_mut()).enumerate().for_each(|(idx, (o, probs))| {
+            TMP.with_borrow_mut(|tmp| self.row_task(idx, o, probs, tmp))
         });
+    }
+
+    /// Task `idx` = (row, KV head) of [`Job::run_rows`].
+    fn row_task(&self, idx: usize, o: &mut [f32], probs: &mut [f32], tmp: &mut Tmp) {
+        let (group, hd, n_kv) = (self.group, self.hd, self.n_kv_heads);
+        let (t, g) = (idx / n_kv, idx % n_kv);
+        let Some(row) = self.rows[t] else { return };
+        let keep = !probs.is_empty();
+        tmp.work.reserve(group);
+        self.load_q(t, g, &mut tmp.qv, &mut tmp.work.half);
+        tmp.acc.resize(group, Ml::default());
+        let mut kept = 0;
+        let mut started = false;
+        for keys in self.splits(row) {
+            let span = Span { seq: row.seq, g, keys };
+            let rec = keep.then(|| {
+                if tmp.recs.len() <= kept {
+                    tmp.recs.push(SplitRec::default());
+                }
+                self.new_rec(&mut tmp.recs[kept]);
+                &mut tmp.recs[kept]
+            });
+            let found = if !started {
+                started = self.partial(&span, &tmp.qv, &mut tmp.work, o, &mut tmp.acc, rec);
+                started
+            } else {
+                tmp.o.resize(group * hd, 0.0);
+                tmp.ml.resize(group, Ml::default());
+                let found = self.partial(&span, &tmp.qv, &mut tmp.work, &mut tmp.o, &mut tmp.ml, rec);
+                if found {
+                    self.merge(o, &mut tmp.acc, &tmp.o, &tmp.ml);
+                }
+                found
+            };
+            kept += (keep && found) as usize;
+        }
+        if keep {
+            self.add_probs(&tmp.recs[..kept], &tmp.acc, probs);
+        }
     }
 
     /// One task per (row, KV head, split), then one per (row, KV head) merging its splits in order:
     /// the same arithmetic as [`Job::run_rows`], with more parallelism when rows are few.
-    fn run_splits(&self, out: &mut [f32], probs: &mut [Vec<f32>]) {
+    fn run_splits(&self, out: &mut [f32], probs: &mut [Vec<f32>], sc: &mut SplitScratch) {
         let (group, hd, n_kv) = (self.group, self.hd, self.n_kv_heads);
-        // items of (row, KV head) idx are items[first[idx]..first[idx + 1]]
-        let mut items: Vec<(usize, Span)> = Vec::new();
-        let mut first = vec![0usize];
+        let SplitScratch { items, first, parts, mls, found, recs, keep } = sc;
+        items.clear();
+        first.clear();
+        first.push(0);
         for (t, row) in self.rows.iter().enumerate() {
             for g in 0..n_kv {
                 if let Some(row) = *row {
@@ -381,40 +437,48 @@ impl Job<'_> {
                 first.push(items.len());
             }
         }
-        let mut parts = vec![0.0f32; items.len() * group * hd];
-        let mut mls = vec![Ml::default(); items.len() * group];
+        let n = items.len();
+        parts.resize(n * group * hd, 0.0);
+        mls.resize(n * group, Ml::default());
         // (a split with no live key: found = false, and the merge below skips it)
-        let mut found = vec![false; items.len()];
-        let mut recs: Vec<SplitRec> = vec![SplitRec::default(); items.len()];
-        let keep: Vec<bool> = items.iter().map(|(t, _)| self.wants_scores(self.rows[*t])).collect();
-        parts
+        found.clear();
+        found.resize(n, false);
+        recs.resize_with(n, SplitRec::default);
+        keep.clear();
+        keep.extend(items.iter().map(|(t, _)| self.wants_scores(self.rows[*t])));
+        parts[..n * group * hd]
             .par_chunks_mut(group * hd)
-            .zip(mls.par_chunks_mut(group))
-            .zip(found.par_iter_mut().zip(recs.par_iter_mut()))
+            .zip(mls[..n * group].par_chunks_mut(group))
+            .zip(found.par_iter_mut().zip(recs[..n].par_iter_mut()))
             .zip(items.par_iter().zip(keep.par_iter()))
-            .for_each_init(Tmp::default, |tmp, (((o, ml), (found, rec)), ((t, span), &keep))| {
-                self.load_q(*t, span.g, &mut tmp.qv, &mut tmp.work.half);
-                let rec = keep.then(|| {
-                    self.new_rec(rec);
-                    rec
-                });
-                *found = self.partial(span, &tmp.qv, &mut tmp.work, o, ml, rec);
+            .for_each(|(((o, ml), (found, rec)), ((t, span), &keep))| {
+                TMP.with_borrow_mut(|tmp| {
+                    tmp.work.reserve(group);
+                    self.load_q(*t, span.g, &mut tmp.qv, &mut tmp.work.half);
+                    let rec = keep.then(|| {
+                        self.new_rec(rec);
+                        rec
+                    });
+                    *found = self.partial(span, &tmp.qv, &mut tmp.work, o, ml, rec);
+                })
             });
+        let (parts, mls, recs) = (&parts[..], &mls[..], &recs[..]);
         out.par_chunks_mut(group * hd).zip(probs.par_iter_mut()).enumerate().for_each(|(idx, (o, probs))| {
-            let mut range = (first[idx]..first[idx + 1]).filter(|&i| found[i]);
-            let Some(i0) = range.next() else { return };
-            o.copy_from_slice(&parts[i0 * group * hd..(i0 + 1) * group * hd]);
-            let mut acc = mls[i0 * group..(i0 + 1) * group].to_vec();
-            let mut kept = vec![i0];
-            for i in range {
-                self.merge(o, &mut acc, &parts[i * group * hd..(i + 1) * group * hd], &mls[i * group..(i + 1) * group]);
-                kept.push(i);
-            }
-            if !probs.is_empty() {
-                for i in kept {
-                    self.add_probs(std::slice::from_ref(&recs[i]), &acc, probs);
+            let found_in = || (first[idx]..first[idx + 1]).filter(|&i| found[i]);
+            let Some(i0) = found_in().next() else { return };
+            TMP.with_borrow_mut(|tmp| {
+                o.copy_from_slice(&parts[i0 * group * hd..(i0 + 1) * group * hd]);
+                tmp.acc.clear();
+                tmp.acc.extend_from_slice(&mls[i0 * group..(i0 + 1) * group]);
+                for i in found_in().skip(1) {
+                    self.merge(o, &mut tmp.acc, &parts[i * group * hd..(i + 1) * group * hd], &mls[i * group..(i + 1) * group]);
                 }
-            }
+                if !probs.is_empty() {
+                    for i in found_in() {
+                        self.add_probs(std::slice::from_ref(&recs[i]), &tmp.acc, probs);
+                    }
+                }
+            })
         });
     }
 }
@@ -436,9 +500,12 @@ pub(super) fn attention(
     assert!(shape.head_dim == hd && shape.n_kv_heads == n_kv && n_heads % n_kv == 0);
     let bs = shape.block_size;
 
+    let mut sc = CALL.take();
     // sequence, entry and position of every query row
     let n_rows = seqs.iter().map(|s| s.q_start + s.n_q).max().unwrap_or(0);
-    let mut rows: Vec<Option<Row>> = vec![None; n_rows];
+    let CallScratch { rows, probs, splits } = &mut sc;
+    rows.clear();
+    rows.resize(n_rows, None);
     for (si, s) in seqs.iter().enumerate() {
         assert!(s.n_q <= s.ctx_len && s.block_table.len() * bs >= s.ctx_len, "attention: block table too short");
         assert!(s.block_table.iter().all(|&b| (b as usize) < shape.num_blocks), "attention: block id outside the pool");
@@ -460,7 +527,7 @@ pub(super) fn attention(
         kv,
         q,
         seqs,
-        rows,
+        rows: &rows[..],
         bs,
         n_heads,
         n_kv_heads: n_kv,
@@ -471,32 +538,36 @@ pub(super) fn attention(
     };
     // per (row, KV head): the probabilities of its sequence's entries, when wanted (else empty)
     let want = scores.is_some();
-    let mut probs: Vec<Vec<f32>> = (0..n_rows * n_kv)
-        .map(|idx| match job.rows[idx / n_kv] {
-            Some(r) if want && job.wants_scores(Some(r)) => vec![0.0; seqs[r.seq].ctx_len],
-            _ => Vec::new(),
-        })
-        .collect();
+    probs.resize_with(n_rows * n_kv, Vec::new);
+    for (idx, p) in probs.iter_mut().enumerate() {
+        p.clear();
+        if let Some(r) = job.rows[idx / n_kv].filter(|&r| want && job.wants_scores(Some(r))) {
+            p.resize(seqs[r.seq].ctx_len, 0.0);
+        }
+    }
+    let probs = &mut probs[..n_rows * n_kv];
     let out = &mut out[..n_rows * n_heads * hd];
     // Few (row, KV head) tasks, as in decode: spread the splits of a long context over the threads too.
     if n_rows * n_kv < 2 * rayon::current_num_threads() {
-        job.run_splits(out, &mut probs);
+        job.run_splits(out, probs, splits);
     } else {
-        job.run_rows(out, &mut probs);
+        job.run_rows(out, probs);
     }
     // each sequence's probabilities, summed over its query rows in row order
-    let Some(scores) = scores else { return };
-    for s in seqs {
-        let (Some(v), ctx) = (s.view, s.ctx_len) else { continue };
-        let Some(off) = v.score_offset else { continue };
-        let dst = &mut scores[off..off + n_kv * ctx];
-        dst.fill(0.0);
-        for t in s.q_start..s.q_start + s.n_q {
-            for (g, d) in dst.chunks_mut(ctx).enumerate() {
-                d.iter_mut().zip(&probs[t * n_kv + g]).for_each(|(d, &p)| *d += p);
+    if let Some(scores) = scores {
+        for s in seqs {
+            let (Some(v), ctx) = (s.view, s.ctx_len) else { continue };
+            let Some(off) = v.score_offset else { continue };
+            let dst = &mut scores[off..off + n_kv * ctx];
+            dst.fill(0.0);
+            for t in s.q_start..s.q_start + s.n_q {
+                for (g, d) in dst.chunks_mut(ctx).enumerate() {
+                    d.iter_mut().zip(&probs[t * n_kv + g]).for_each(|(d, &p)| *d += p);
+                }
             }
         }
     }
+    CALL.set(sc);
 }
 
 /// Moves K and V of slot `src` to slot `dst` for each `(src, dst)`, every source read first.

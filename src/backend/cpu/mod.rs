@@ -135,6 +135,11 @@ fn gelu_mul(x: f32, g: f32, table: &[u16]) -> f32 {
     }
 }
 
+thread_local! {
+    /// Each worker's `cos` and `sin` of [`rope_cache`], kept so that RoPE allocates nothing per call.
+    static ROPE_CACHE: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = std::cell::RefCell::default();
+}
+
 /// `cos` and `sin` of every rotated pair's angle at `pos`, as ggml's `ggml_rope_cache_init` computes them.
 fn rope_cache(pos: u32, p: &RopeParams, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
     let theta_scale = p.freq_base.powf(-2.0 / p.n_rot as f32);
@@ -264,9 +269,8 @@ impl Backend for CpuBackend {
         let x = &mut buf_mut(x)[..positions.len() * width];
         let (half, e) = (p.n_rot / 2, self.e);
         self.pool.install(|| {
-            x.par_chunks_mut(width).zip(positions.par_iter()).for_each_init(
-                || (Vec::new(), Vec::new()),
-                |(cos, sin), (row, &pos)| {
+            x.par_chunks_mut(width).zip(positions.par_iter()).for_each(|(row, &pos)| {
+                ROPE_CACHE.with_borrow_mut(|(cos, sin)| {
                     rope_cache(pos, p, cos, sin);
                     for head in row.chunks_exact_mut(head_dim) {
                         match p.mode {
@@ -277,8 +281,8 @@ impl Backend for CpuBackend {
                             }
                         }
                     }
-                },
-            )
+                })
+            })
         });
     }
 
