@@ -17,7 +17,7 @@ use crate::sampling::SamplingParams;
 use crate::synth;
 
 fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    crate::backend::cpu::physical_cores()
 }
 
 #[derive(Parser, Debug)]
@@ -54,7 +54,7 @@ pub enum Command {
         /// A Jinja chat template file that replaces the model's.
         #[arg(long)]
         chat_template: Option<String>,
-        /// Worker threads (default: all cores).
+        /// Worker threads (default: one per physical core).
         #[arg(short = 't', long, default_value_t = default_threads())]
         threads: usize,
         /// Compute device: auto (CUDA when a GPU is usable, else the CPU), cpu or cuda.
@@ -87,7 +87,7 @@ pub enum Command {
         /// Score at most this many chunks (0: all).
         #[arg(long, default_value_t = 0)]
         chunks: usize,
-        /// Worker threads (default: all cores).
+        /// Worker threads (default: one per physical core).
         #[arg(short = 't', long, default_value_t = default_threads())]
         threads: usize,
         /// Print the result as JSON.
@@ -116,7 +116,7 @@ pub enum Command {
         /// Timed repetitions of each test (after one warm-up run).
         #[arg(short = 'r', long, default_value_t = 3)]
         reps: usize,
-        /// Worker threads (default: all cores).
+        /// Worker threads (default: one per physical core).
         #[arg(short = 't', long, default_value_t = default_threads())]
         threads: usize,
         /// Print JSON instead of a table.

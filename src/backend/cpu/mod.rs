@@ -14,6 +14,7 @@ mod elementwise;
 mod kernels;
 mod matmul;
 mod neon;
+mod topology;
 
 use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
@@ -22,6 +23,7 @@ use half::f16;
 use rayon::prelude::*;
 
 pub use attention::SPLIT_TOKENS as ATTN_SPLIT_TOKENS;
+pub use topology::physical_cores;
 pub use kernels::{
     act_side, aux_per_block, quantize_q8_0, quantize_q8_1, quantize_q8_k, FDotFn, GemmFn, GemmKernels, Isa, Kernels,
     QActs, QDotFn, QuantizeFn, Scratch,
@@ -58,9 +60,9 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
-    /// `threads` workers (0: one per available core) running `kernels`.
+    /// `threads` workers (0: one per physical core) running `kernels`.
     pub fn new(threads: usize, kernels: Kernels) -> Result<CpuBackend, BackendError> {
-        let threads = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
+        let threads = if threads == 0 { physical_cores() } else { threads };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("pagellm-cpu-{i}"))
