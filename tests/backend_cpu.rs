@@ -71,7 +71,8 @@ fn backends() -> Vec<(&'static str, CpuBackend)> {
 /// Every SIMD table this machine runs (printing which ones are skipped).
 fn simd_tables() -> Vec<Kernels> {
     let v: Vec<Kernels> = Kernels::all().into_iter().skip(1).collect();
-    for (name, k) in [("avx2", Kernels::avx2()), ("avx512", Kernels::avx512())] {
+    println!("SIMD tables checked against scalar: {:?}", v.iter().map(|k| k.name()).collect::<Vec<_>>());
+    for (name, k) in [("avx2", Kernels::avx2()), ("avx512", Kernels::avx512()), ("neon", Kernels::neon())] {
         if k.is_none() {
             println!("{name}: not on this machine, skipped");
         }

@@ -266,7 +266,7 @@ impl Kernels {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
-            Isa::Neon => "neon",
+            Isa::Neon => super::neon::name(),
         }
     }
 }
@@ -339,7 +339,7 @@ pub fn quantize_q8_k(x: &[f32], out: &mut [u8]) {
 
 /// Runs `block(w_block, a_block) -> t_b` over the blocks and reduces as the module doc says.
 #[inline]
-fn legacy_dot(w: &[u8], a: &[u8], wb: usize, ab: usize, block: impl Fn(&[u8], &[u8]) -> f32) -> f32 {
+pub(super) fn legacy_dot(w: &[u8], a: &[u8], wb: usize, ab: usize, block: impl Fn(&[u8], &[u8]) -> f32) -> f32 {
     let mut acc = [0.0f32; 4];
     for (i, (wblk, ablk)) in w.chunks_exact(wb).zip(a.chunks_exact(ab)).enumerate() {
         acc[i % 4] += block(wblk, ablk);
