@@ -184,6 +184,21 @@ struct Tmp {
     recs: Vec<SplitRec>,
 }
 
+/// The largest of `x` (`-inf` when empty), in 16 independent lanes so the loop vectorizes instead of
+/// waiting on one chain of `max`: the maximum of a set does not depend on the order it is taken in
+/// (NaNs are skipped either way), so the bits are those of a left fold.
+fn max_of(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in chunks.by_ref() {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = l.max(v);
+        }
+    }
+    let m = chunks.remainder().iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    lanes.iter().fold(m, |a, &v| a.max(v))
+}
+
 /// Buffers of [`Job::run_splits`], kept between calls.
 #[derive(Default)]
 struct SplitScratch {
@@ -289,22 +304,22 @@ impl Job<'_> {
             }
         }
         for (hh, m) in ml.iter_mut().enumerate() {
-            m.max = scores[hh * n..(hh + 1) * n].iter().fold(m.max, |a, &s| a.max(s));
+            m.max = max_of(&scores[hh * n..(hh + 1) * n]);
         }
         // softmax, summed in f64 like ggml; weights rounded to f16 (in bulk: F16C where the CPU has it)
-        // (the heads' sums interleaved, so their f64 add chains overlap; each head's order is unchanged)
         if let Some(simd) = self.simd {
-            for (hh, m) in ml.iter().enumerate() {
-                (simd.exp)(&mut scores[hh * n..(hh + 1) * n], m.max);
+            for (hh, m) in ml.iter_mut().enumerate() {
+                m.sum = (simd.exp)(&mut scores[hh * n..(hh + 1) * n], m.max);
             }
         } else {
             for (hh, m) in ml.iter().enumerate() {
                 scores[hh * n..(hh + 1) * n].iter_mut().for_each(|s| *s = expf(*s - m.max));
             }
-        }
-        for i in 0..n {
-            for (hh, m) in ml.iter_mut().enumerate() {
-                m.sum += scores[hh * n + i] as f64;
+            // (the heads' sums interleaved, so their f64 add chains overlap; each head's order is unchanged)
+            for i in 0..n {
+                for (hh, m) in ml.iter_mut().enumerate() {
+                    m.sum += scores[hh * n + i] as f64;
+                }
             }
         }
         half.resize(n, f16::ZERO);

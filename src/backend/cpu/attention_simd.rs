@@ -11,7 +11,9 @@
 //!     16-lane registers: the same bits).
 //! exp: `elementwise`'s f64 exp, rounded once: the correctly rounded expf (the CUDA kernels' `exp_cr`),
 //!     the same bits as the scalar loops' `elementwise::expf`. A row's last few go through the same
-//!     lanes, padded.
+//!     lanes, padded. The same pass sums the weights in f64, in 8 lanes (element i into lane i % 8)
+//!     reduced by a fixed tree: off the one dependent chain of the scalar loops' sum, and still exact
+//!     for all but the last bits of an f64 (so the f32 `1 / sum` is the same but in ~2^-26 of rows).
 //! PV: 16 (AVX-512: 32) outputs x up to 4 (8) heads in registers; keys in position order, one FMA per
 //!     key per output (`axpy_f16`'s order); each V row chunk converted once for the heads of the pass.
 //! ```
@@ -32,8 +34,9 @@ pub(super) type QkFn = fn(k: &[u16], rows: &[usize], hd: usize, q: &[f32], heads
 /// `o[h * hd..][..hd] = sum_i w[h * n + i] v[rows[i]..]` for `h < heads`, keys in order.
 pub(super) type PvFn = fn(v: &[u16], rows: &[usize], hd: usize, w: &[f32], heads: usize, o: &mut [f32]);
 
-/// `x[i] = exp(x[i] - m)` for every `i`, correctly rounded.
-pub(super) type ExpFn = fn(x: &mut [f32], m: f32);
+/// `x[i] = exp(x[i] - m)` for every `i`, correctly rounded; returns their sum in f64 (8 lanes, element
+/// `i` into lane `i % 8`, then a fixed tree).
+pub(super) type ExpFn = fn(x: &mut [f32], m: f32) -> f64;
 
 /// The vector attention loops, for head dims that are a multiple of [`SimdAttn::HD_STEP`].
 pub(super) struct SimdAttn {
@@ -128,18 +131,26 @@ mod imp {
         }
     }
 
-    pub(super) fn exp(x: &mut [f32], m: f32) {
+    pub(super) fn exp(x: &mut [f32], m: f32) -> f64 {
         // SAFETY: as in qk.
         unsafe { exp_row(x, m) }
     }
 
+    /// `x = exp(x - m)`, and the sum of the new values in f64: element `i` into lane `i % 8` of two
+    /// 4-lane accumulators, the lanes reduced by `elementwise::reduce8`'s tree.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn exp_row(x: &mut [f32], m: f32) {
+    unsafe fn exp_row(x: &mut [f32], m: f32) -> f64 {
         let mv = _mm256_set1_ps(m);
+        let (mut lo, mut hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
         let mut chunks = x.chunks_exact_mut(8);
         for c in chunks.by_ref() {
             // SAFETY: 8 floats of a chunk.
-            unsafe { _mm256_storeu_ps(c.as_mut_ptr(), exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), mv))) };
+            unsafe {
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), mv));
+                _mm256_storeu_ps(c.as_mut_ptr(), e);
+                lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+                hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(e)));
+            }
         }
         // the last few through the same lanes, so every element takes the same arithmetic
         let rest = chunks.into_remainder();
@@ -148,6 +159,16 @@ mod imp {
         // SAFETY: 8 floats of pad.
         unsafe { _mm256_storeu_ps(pad.as_mut_ptr(), exp8(_mm256_sub_ps(_mm256_loadu_ps(pad.as_ptr()), mv))) };
         rest.copy_from_slice(&pad[..rest.len()]);
+        let mut acc = [0.0f64; 8];
+        // SAFETY: 8 doubles of acc.
+        unsafe {
+            _mm256_storeu_pd(acc.as_mut_ptr(), lo);
+            _mm256_storeu_pd(acc.as_mut_ptr().add(4), hi);
+        }
+        for (l, &e) in acc.iter_mut().zip(rest.iter()) {
+            *l += e as f64;
+        }
+        super::super::elementwise::reduce8(acc)
     }
 
     /// avx2.rs's `hsum_ps` tree: `((v0+v4) + (v2+v6)) + ((v1+v5) + (v3+v7))`.

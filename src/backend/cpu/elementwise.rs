@@ -150,9 +150,9 @@ pub(super) fn expf(x: f32) -> f32 {
     exp_f64(x as f64) as f32
 }
 
-/// The fixed reduction of the 8 accumulators of [`SumSqFn`].
+/// The fixed reduction of the 8 accumulators of [`SumSqFn`] (and of the attention's exp-sums).
 #[inline]
-fn reduce8(a: [f64; 8]) -> f64 {
+pub(super) fn reduce8(a: [f64; 8]) -> f64 {
     ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
 }
 
