@@ -91,10 +91,13 @@ __device__ __forceinline__ void decode(const u8* __restrict__ row, int b, int nb
         }
         d0 = d1 = d * (float)sc;
         m = -(dmin * (float)mn);
-        const u8* qs = x + 16 + 32 * (j >> 1);
+        // rows are whole 144-byte super-blocks, so the 32 quant bytes are 16-byte aligned
+        const uint4* qs = (const uint4*)(x + 16 + 32 * (j >> 1));
+        const uint4 u0 = qs[0], u1 = qs[1];
+        const int v[8] = {(int)u0.x, (int)u0.y, (int)u0.z, (int)u0.w, (int)u1.x, (int)u1.y, (int)u1.z, (int)u1.w};
         const int shift = (j & 1) * 4;
 #pragma unroll
-        for (int i = 0; i < 8; i++) q[i] = (ld_i32_b4(qs + 4 * i) >> shift) & 0x0F0F0F0F;
+        for (int i = 0; i < 8; i++) q[i] = (v[i] >> shift) & 0x0F0F0F0F;
     } else if constexpr (T == T_Q6_K) {
         const u8* x = row + (b >> 3) * 210;
         const int j = b & 7, n = j >> 2, k = j & 3;
@@ -268,11 +271,11 @@ __device__ __forceinline__ void kscales(const u8* __restrict__ row, int b, int& 
 // Lane l decodes blocks l, l + 32, ...; each round of 32 blocks is folded into the ordered sums by
 // shuffles (lanes 0..3 hold acc[0..3]; every lane holds sumf).
 template <int T>
-__device__ __forceinline__ void mmv_q(const u8* __restrict__ w, int K, int n_rows, const i8* __restrict__ qa,
+__device__ __forceinline__ void mmv_q(const u8* __restrict__ w, int K, int n_rows, int row, const i8* __restrict__ qa,
                                       const float* __restrict__ da, const int* __restrict__ sa,
                                       const float* __restrict__ ss, int n_tok, float* __restrict__ out) {
     constexpr bool KQ = T == T_Q4_K || T == T_Q6_K;
-    const int row = blockIdx.x * MMV_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    const int lane = threadIdx.x & 31;
     if (row >= n_rows) return;
     const int nb = K / 32;
     const u8* wrow = w + (long long)row * row_bytes_of(T, K);
@@ -383,19 +386,149 @@ __device__ __forceinline__ void mmv_f(const u8* __restrict__ w, int K, int n_row
     }
 }
 
-#define MMV_Q(name, T)                                                                                        \
-    extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32) name(                                          \
-        const u8* w, int K, int n_rows, const i8* qa, const float* da, const int* sa, const float* ss,         \
-        int n_tok, float* out) {                                                                              \
-        mmv_q<T>(w, K, n_rows, qa, da, sa, ss, n_tok, out);                                                   \
+// One token (decode): the same float steps as mmv_q for n_tok = 1, but each lane first issues the
+// loads of MMV1_U rounds of 32 blocks (more bytes in flight per warp), then folds the rounds in block
+// order exactly as mmv_q does.
+#define MMV1_U 4
+template <int T>
+__device__ __forceinline__ void mmv1_q(const u8* __restrict__ w, int K, int n_rows, int row, const i8* __restrict__ qa,
+                                       const float* __restrict__ da, const int* __restrict__ sa,
+                                       const float* __restrict__ ss, float* __restrict__ out) {
+    constexpr bool KQ = T == T_Q4_K || T == T_Q6_K;
+    const int lane = threadIdx.x & 31;
+    if (row >= n_rows) return;
+    const int nb = K / 32;
+    const u8* wrow = w + (long long)row * row_bytes_of(T, K);
+    float acc = 0.0f;
+    for (int b0 = 0; b0 < nb; b0 += 32 * MMV1_U) {
+        int q[MMV1_U][8];
+        float d0[MMV1_U], m[MMV1_U], dw[MMV1_U], dminw[MMV1_U];
+        int sc[MMV1_U], mn[MMV1_U];
+#pragma unroll
+        for (int u = 0; u < MMV1_U; u++) {
+            const int b = b0 + 32 * u + lane;
+#pragma unroll
+            for (int i = 0; i < 8; i++) q[u][i] = 0;
+            d0[u] = m[u] = dw[u] = dminw[u] = 0.0f;
+            sc[u] = mn[u] = 0;
+            if (b < nb) {
+                float d1;
+                decode<T>(wrow, b, nb, q[u], d0[u], d1, m[u]);
+                if constexpr (KQ) {
+                    kscales<T>(wrow, b, sc[u], mn[u]);
+                    const u8* x = wrow + (b >> 3) * (T == T_Q4_K ? 144 : 210);
+                    dw[u] = h2f(ld_u16(x + (T == T_Q4_K ? 0 : 208)));
+                    if (T == T_Q4_K) dminw[u] = h2f(ld_u16(x + 2));
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < MMV1_U; u++) {
+            const int bb = b0 + 32 * u;  // first block of this round (warp-uniform)
+            if (bb >= nb) break;
+            const int b = bb + lane;
+            const bool have = b < nb;
+            int lo = 0, hi = 0;
+            float dab = 0.0f;
+            if (have) {
+                const int4* ap = (const int4*)(qa + b * 32);
+                const int4 a0 = ap[0], a1 = ap[1];
+                lo = __dp4a(q[u][0], a0.x, lo);
+                lo = __dp4a(q[u][1], a0.y, lo);
+                lo = __dp4a(q[u][2], a0.z, lo);
+                lo = __dp4a(q[u][3], a0.w, lo);
+                hi = __dp4a(q[u][4], a1.x, hi);
+                hi = __dp4a(q[u][5], a1.y, hi);
+                hi = __dp4a(q[u][6], a1.z, hi);
+                hi = __dp4a(q[u][7], a1.w, hi);
+                dab = da[b];
+            }
+            if constexpr (KQ) {
+                int isum = T == T_Q4_K ? sc[u] * (lo + hi) : sc[u] * lo + mn[u] * hi;
+                int msum = T == T_Q4_K && have ? mn[u] * sa[b] : 0;
+#pragma unroll
+                for (int o = 1; o < 8; o <<= 1) {
+                    isum += __shfl_xor_sync(0xffffffffu, isum, o);
+                    msum += __shfl_xor_sync(0xffffffffu, msum, o);
+                }
+                float v;
+                if (T == T_Q4_K) v = (dw[u] * dab) * (float)isum - (dminw[u] * dab) * (float)msum;
+                else v = (dw[u] * dab) * (float)isum;
+#pragma unroll
+                for (int g = 0; g < 4; g++) {
+                    const float x = __shfl_sync(0xffffffffu, v, 8 * g);
+                    if (bb + 8 * g < nb) acc = acc + x;
+                }
+            } else {
+                float v = (d0[u] * dab) * (float)(lo + hi);
+                if (T == T_Q4_1) v = v + m[u] * (have ? ss[b] : 0.0f);
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    const float x = __shfl_sync(0xffffffffu, v, (lane & 3) + 4 * i);
+                    if (bb + (lane & 3) + 4 * i < nb) acc = acc + x;
+                }
+            }
+        }
     }
-MMV_Q(mmv_q4_0, T_Q4_0)
-MMV_Q(mmv_q4_0r, T_Q4_0R)
-MMV_Q(mmv_q4_1, T_Q4_1)
-MMV_Q(mmv_q5_0, T_Q5_0)
-MMV_Q(mmv_q8_0, T_Q8_0)
-MMV_Q(mmv_q4_k, T_Q4_K)
-MMV_Q(mmv_q6_k, T_Q6_K)
+    float s;
+    if constexpr (KQ) {
+        s = acc;
+    } else {
+        const float a1 = __shfl_sync(0xffffffffu, acc, 1), a2 = __shfl_sync(0xffffffffu, acc, 2);
+        const float a3 = __shfl_sync(0xffffffffu, acc, 3);
+        s = (acc + a2) + (a1 + a3);
+    }
+    if (lane == 0) out[row] = s;
+}
+
+// A launch takes up to 3 products of the same activations (Q, K, V; gate, up): part p has its weight
+// w_p, rows r_p and output o_p (r_p = 0: absent). Blocks are handed out part after part, MMV_WARPS rows
+// each. Returns this warp's part and sets its row.
+__device__ __forceinline__ int mmv_part(int r0, int r1, int& row) {
+    int blk = blockIdx.x;
+    const int n0 = (r0 + MMV_WARPS - 1) / MMV_WARPS, n1 = (r1 + MMV_WARPS - 1) / MMV_WARPS;
+    int p = 0;
+    if (blk >= n0) {
+        blk -= n0;
+        p = 1;
+        if (blk >= n1) {
+            blk -= n1;
+            p = 2;
+        }
+    }
+    row = blk * MMV_WARPS + (threadIdx.x >> 5);
+    return p;
+}
+
+#define MMV_ARGS                                                                                              \
+    const i8 *qa, const float *da, const int *sa, const float *ss, int K, int n_tok, const u8 *w0, int r0,     \
+        float *o0, const u8 *w1, int r1, float *o1, const u8 *w2, int r2, float *o2
+#define MMV_PICK                                                                                              \
+    int row;                                                                                                  \
+    const int p = mmv_part(r0, r1, row);                                                                      \
+    const u8* w = p == 0 ? w0 : p == 1 ? w1 : w2;                                                             \
+    const int n_rows = p == 0 ? r0 : p == 1 ? r1 : r2;                                                        \
+    float* out = p == 0 ? o0 : p == 1 ? o1 : o2;
+#define MMV_Q(suffix, T)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32) mmv_##suffix(MMV_ARGS) {                      \
+        MMV_PICK                                                                                              \
+        mmv_q<T>(w, K, n_rows, row, qa, da, sa, ss, n_tok, out);                                              \
+    }
+// One-token kernels for the 32-weight types only: for Q4_K and Q6_K mmv1 measured slower than mmv on
+// the H200 (94 / 72 registers; Q4_K_M tg128 211 vs 230 tok/s, bench/GPU_NOTES.md session 3).
+#define MMV_Q1(suffix, T)                                                                                     \
+    MMV_Q(suffix, T)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32) mmv1_##suffix(MMV_ARGS) {                     \
+        MMV_PICK                                                                                              \
+        mmv1_q<T>(w, K, n_rows, row, qa, da, sa, ss, out);                                                    \
+    }
+MMV_Q1(q4_0, T_Q4_0)
+MMV_Q1(q4_0r, T_Q4_0R)
+MMV_Q1(q4_1, T_Q4_1)
+MMV_Q1(q5_0, T_Q5_0)
+MMV_Q1(q8_0, T_Q8_0)
+MMV_Q(q4_k, T_Q4_K)
+MMV_Q(q6_k, T_Q6_K)
 
 extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32) mmv_f32(const u8* w, int K, int n_rows, const float* x, int n_tok, float* out) {
     mmv_f<T_F32>(w, K, n_rows, x, n_tok, out);

@@ -27,10 +27,16 @@
 //!   order, so views give the CPU's result bit for bit too; the probabilities (`score_offset`) come from
 //!   the same pass (kernels/attention.cu: weights kept per row, summed by `attn_scores` in the CPU's order).
 //!
+//! - **Few launches** (graph.rs): inside [`Backend::run`] launches are deferred and issued at the next
+//!   flush; a step whose launch list repeats the last one (decode) is captured once into a CUDA graph and
+//!   then replayed with one driver call per step. Products of one input (Q, K, V; gate, up) share one
+//!   launch. One-token products of the 32-weight types use `mmv1_*` (more loads in flight per warp).
+//!   `PAGELLM_CUDA_GRAPH=0`, `PAGELLM_CUDA_FUSE=0`, `PAGELLM_CUDA_MMV1=0` turn each off (comparisons).
+//!
 //! Not yet: batch invariance across the two product paths (above [`INT_PATH_MAX_TOK`] tokens the f16
-//! GEMM path gives a token different logits, up to 4e-2 relative L2 on the tiny models), CUDA graphs,
-//! `--gpu-layers`.
+//! GEMM path gives a token different logits, up to 4e-2 relative L2 on the tiny models), `--gpu-layers`.
 
+mod graph;
 mod module;
 
 use std::ffi::c_void;
@@ -78,7 +84,7 @@ fn init_err(problem: impl Into<String>) -> BackendError {
 }
 
 /// A kernel argument, passed by value.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Debug)]
 enum A {
     /// A device pointer (0 for null).
     P(u64),
@@ -92,8 +98,13 @@ enum A {
 struct Grow<T>(Option<CudaSlice<T>>);
 
 impl<T: DeviceRepr + ValidAsZeroBits> Grow<T> {
-    fn ensure(&mut self, stream: &Arc<CudaStream>, len: usize) -> u64 {
+    /// The array, at least `len` long; `before_free` runs before an old array is freed (queued
+    /// launches may still read it: the caller flushes them).
+    fn ensure(&mut self, stream: &Arc<CudaStream>, len: usize, before_free: &dyn Fn()) -> u64 {
         if self.0.as_ref().is_none_or(|s| s.len() < len) {
+            if self.0.is_some() {
+                before_free();
+            }
             self.0 = None;
             let s = stream.alloc_zeros::<T>(len.max(1)).unwrap_or_else(|e| panic!("cuda scratch of {len} elements: {e}"));
             self.0 = Some(s);
@@ -106,16 +117,22 @@ impl<T: DeviceRepr + ValidAsZeroBits> Grow<T> {
 struct Upload {
     host: Vec<u32>,
     dev: Grow<u32>,
+    /// The queue epoch in which the device copy was last handed out (graph.rs).
+    epoch: u64,
 }
 
 impl Upload {
-    fn put(&mut self, stream: &Arc<CudaStream>, data: &[u32]) -> u64 {
+    fn current(&self, data: &[u32]) -> bool {
+        self.dev.0.is_some() && self.host == data
+    }
+
+    fn put(&mut self, stream: &Arc<CudaStream>, data: &[u32], before_free: &dyn Fn()) -> u64 {
         if let Some(d) = &self.dev.0 {
             if self.host == data {
                 return dptr(d, stream);
             }
         }
-        let ptr = self.dev.ensure(stream, data.len().next_power_of_two());
+        let ptr = self.dev.ensure(stream, data.len().next_power_of_two(), before_free);
         if !data.is_empty() {
             let dev = self.dev.0.as_mut().expect("ensured");
             stream.memcpy_htod(data, &mut dev.slice_mut(..data.len())).unwrap_or_else(|e| panic!("cuda upload: {e}"));
@@ -167,6 +184,8 @@ struct CudaWeight {
     vector: Option<CudaSlice<f32>>,
     /// `mmv_*`, and how it takes its activations.
     mmv: Option<(CudaFunction, Act)>,
+    /// `mmv1_*`: one token (quantized types).
+    mmv1: Option<CudaFunction>,
     dequant: Option<CudaFunction>,
     embed: Option<CudaFunction>,
 }
@@ -201,6 +220,10 @@ pub struct CudaBackend {
     /// one input (Q, K, V; gate, up) quantize it once. Cleared by every launch other than a product's,
     /// by writes and allocations, and by a product that writes over x.
     quantized: Mutex<Option<(u64, usize, usize, u8)>>,
+    /// Launches deferred inside `run`, and the graphs that replay them (graph.rs).
+    queue: Mutex<graph::Queue>,
+    /// Whether one-token products use `mmv1_*`.
+    mmv1: bool,
 }
 
 fn dptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
@@ -358,7 +381,7 @@ impl CudaBackend {
         let gpu = ctx.name().unwrap_or_else(|_| "GPU".into());
         let mem = ctx.total_mem().unwrap_or(0) as f64 / (1u64 << 30) as f64;
         let name = format!("cuda ({gpu}, sm_{major}{minor}, {sms} SMs, {mem:.0} GiB)");
-        let up = || Upload { host: Vec::new(), dev: Grow(None) };
+        let up = || Upload { host: Vec::new(), dev: Grow(None), epoch: u64::MAX };
         let scratch = Scratch {
             qa: Grow(None),
             da: Grow(None),
@@ -372,12 +395,37 @@ impl CudaBackend {
             moved: Grow(None),
             up: std::array::from_fn(|_| up()),
         };
-        Ok(CudaBackend { ctx, stream, blas, k, sms, name, copied: AtomicUsize::new(0), scratch: Mutex::new(scratch), quantized: Mutex::new(None) })
+        // dispatch once; for comparisons: PAGELLM_CUDA_GRAPH=0 (no graphs), PAGELLM_CUDA_FUSE=0 (no merged
+        // products), both: every launch issued at once as before; PAGELLM_CUDA_MMV1=0 (no one-token kernels)
+        let off = |v: &str| std::env::var(v).as_deref() == Ok("0");
+        let queue = Mutex::new(graph::Queue::new(!off("PAGELLM_CUDA_GRAPH"), !off("PAGELLM_CUDA_FUSE")));
+        let mmv1 = !off("PAGELLM_CUDA_MMV1");
+        Ok(CudaBackend { ctx, stream, blas, k, sms, name, copied: AtomicUsize::new(0), scratch: Mutex::new(scratch), quantized: Mutex::new(None), queue, mmv1 })
     }
 
     /// Waits until every queued op has finished (timings, tests).
     pub fn synchronize(&self) {
+        self.flush();
         self.stream.synchronize().unwrap_or_else(|e| panic!("cuda: {e}"));
+    }
+
+    /// (flushes replayed from a CUDA graph, graphs captured) so far.
+    pub fn graph_stats(&self) -> (u64, u64) {
+        let q = self.queue();
+        (q.replays, q.captures)
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, graph::Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Issues the launches deferred so far (graph.rs).
+    fn flush(&self) {
+        let mut q = self.queue();
+        if q.has_pending() {
+            self.bind();
+            q.flush(&self.stream);
+        }
     }
 
     fn bind(&self) {
@@ -403,32 +451,41 @@ impl CudaBackend {
 
     /// A launch that leaves the Q8 scratch's record alone (the products' own).
     fn launch_keep(&self, f: &CudaFunction, grid: (u32, u32, u32), block: u32, args: &[A]) {
-        self.bind();
-        let mut vals: Vec<A> = args.to_vec();
-        let mut ptrs: Vec<*mut c_void> = vals
-            .iter_mut()
-            .map(|a| match a {
-                A::P(v) => v as *mut u64 as *mut c_void,
-                A::I(v) => v as *mut i32 as *mut c_void,
-                A::U(v) => v as *mut u32 as *mut c_void,
-                A::F(v) => v as *mut f32 as *mut c_void,
-                A::L(v) => v as *mut i64 as *mut c_void,
-            })
-            .collect();
-        // SAFETY: the argument list matches the kernel's signature (each call site mirrors its .cu
-        // declaration) and every pointer is a live device allocation of the size the kernel reads.
-        unsafe {
-            cudarc::driver::result::launch_kernel(f.cu_function(), grid, (block, 1, 1), 0, self.stream.cu_stream(), &mut ptrs)
+        self.enqueue(graph::Op::new(f.cu_function(), grid, block, args));
+    }
+
+    /// Queues `op` inside `run`, else issues it.
+    fn enqueue(&self, op: graph::Op) {
+        let mut q = self.queue();
+        if q.recording {
+            q.push(op);
+        } else {
+            drop(q);
+            self.bind();
+            op.issue(&self.stream);
         }
-        .unwrap_or_else(|e| panic!("cuda launch failed: {e}"));
     }
 
     fn p(&self, b: &Buffer) -> u64 {
         dptr(slice(b), &self.stream)
     }
 
+    /// The device copy of a host list. A queued launch may read the current copy: a different list
+    /// flushes the queue before overwriting it.
     fn upload(&self, s: &mut Scratch, tag: Tag, data: &[u32]) -> u64 {
-        s.up[tag as usize].put(&self.stream, data)
+        let u = &mut s.up[tag as usize];
+        let epoch = self.queue().epoch;
+        if u.epoch == epoch && !u.current(data) {
+            self.flush();
+        }
+        let p = u.put(&self.stream, data, &|| self.flush());
+        u.epoch = self.queue().epoch;
+        p
+    }
+
+    /// `Grow::ensure`'s flush before a reallocation.
+    fn flusher(&self) -> impl Fn() + '_ {
+        || self.flush()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Scratch> {
@@ -501,7 +558,7 @@ impl Backend for CudaBackend {
             return match vector {
                 Some(vector) => {
                     let data = self.stream.alloc_zeros::<u8>(1).map_err(|_| self.alloc_err(&w.name, 1))?;
-                    let inner = CudaWeight { data, vector: Some(vector), mmv: None, dequant: None, embed: None };
+                    let inner = CudaWeight { data, vector: Some(vector), mmv: None, mmv1: None, dequant: None, embed: None };
                     Ok(Weight::new(w.ty, w.row_len, w.n_rows, Box::new(inner)))
                 }
                 None => Err(unsupported()),
@@ -524,6 +581,8 @@ impl Backend for CudaBackend {
             data,
             vector,
             mmv: Some((self.k.get(&format!("mmv_{suffix}")).clone(), act)),
+            // one-token kernels for the 32-weight types (for the k-quants mmv is faster: kernels/quant.cu)
+            mmv1: (act == Act::Q8 && self.mmv1).then(|| self.k.get(&format!("mmv1_{suffix}")).clone()),
             dequant: Some(self.k.get(&format!("dequant_f16_{suffix}")).clone()),
             embed: Some(self.k.get(&format!("embed_{suffix}")).clone()),
         };
@@ -535,6 +594,7 @@ impl Backend for CudaBackend {
     }
 
     fn alloc(&self, len: usize) -> Result<Buffer, BackendError> {
+        self.flush();
         self.forget_quantized();
         let s = self.stream.alloc_zeros::<f32>(len.max(1)).map_err(|_| self.alloc_err("activations", len * 4))?;
         Ok(Buffer::new(len, Box::new(s)))
@@ -544,6 +604,7 @@ impl Backend for CudaBackend {
         if !HEAD_DIMS.contains(&shape.head_dim) {
             return Err(init_err(format!("head_dim {} is not supported by the attention kernels (only {HEAD_DIMS:?}): use --device cpu", shape.head_dim)));
         }
+        self.flush();
         let n = shape.num_slots() * shape.token_width();
         let err = || self.alloc_err("the KV cache", n * 4);
         let k = self.stream.alloc_zeros::<u16>(n).map_err(|_| err())?;
@@ -552,6 +613,7 @@ impl Backend for CudaBackend {
     }
 
     fn write_buffer(&self, dst: &mut Buffer, offset: usize, src: &[f32]) {
+        self.flush();
         self.forget_quantized();
         let d = dst.inner_mut().downcast_mut::<CudaSlice<f32>>().expect("buffer from another backend");
         let mut view = d.slice_mut(offset..offset + src.len());
@@ -559,9 +621,33 @@ impl Backend for CudaBackend {
     }
 
     fn read_buffer(&self, src: &Buffer, offset: usize, dst: &mut [f32]) {
+        self.flush();
         let view = slice(src).slice(offset..offset + dst.len());
         self.stream.memcpy_dtoh(&view, dst).unwrap_or_else(|e| panic!("cuda read_buffer: {e}"));
         self.synchronize();
+    }
+
+    /// The ops of `f` are queued and issued at the flushes (graph.rs): a decode step whose launch list
+    /// repeats the last one runs as one CUDA graph.
+    fn run(&self, f: &mut (dyn FnMut() + Send)) {
+        /// Ends the recording however `f` ends (a panic inside a test's `catch_unwind` included).
+        struct Stop<'a>(&'a CudaBackend);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.flush();
+                self.0.queue().recording = false;
+            }
+        }
+        {
+            let mut q = self.queue();
+            if q.recording || !q.defers() {
+                drop(q);
+                return f(); // nested (the outer run flushes), or nothing to gain from deferring
+            }
+            q.recording = true;
+        }
+        let _stop = Stop(self);
+        f();
     }
 
     fn embed(&self, table: &Weight, tokens: &[u32], out: &mut Buffer) {
@@ -601,10 +687,10 @@ impl Backend for CudaBackend {
                 if !fits {
                     self.forget_quantized();
                 }
-                let qa = s.qa.ensure(&self.stream, n * k);
-                let da = s.da.ensure(&self.stream, nblk);
-                let sa = s.sa.ensure(&self.stream, nblk);
-                let ss = s.ss.ensure(&self.stream, nblk);
+                let qa = s.qa.ensure(&self.stream, n * k, &self.flusher());
+                let da = s.da.ensure(&self.stream, nblk, &self.flusher());
+                let sa = s.sa.ensure(&self.stream, nblk, &self.flusher());
+                let ss = s.ss.ensure(&self.stream, nblk, &self.flusher());
                 let (name, groups) = if *act == Act::Q8K { ("quantize_q8k", nblk / 8) } else { ("quantize_q8", nblk) };
                 let key = Some((xp, n, k, *act as u8));
                 let mut q = self.quantized.lock().unwrap_or_else(|e| e.into_inner());
@@ -618,21 +704,33 @@ impl Backend for CudaBackend {
                 }
                 drop(q);
                 // per launch of up to MMV_MAX_TOK tokens: offsets of its first token's activation blocks
+                // (kernels/quant.cu MMV_ARGS: activations, then up to three (weight, rows, output) parts;
+                // inside `run` the queue merges products of the same activations into one launch)
                 for t0 in (0..n).step_by(MMV_MAX_TOK) {
                     let nt = (n - t0).min(MMV_MAX_TOK);
                     let b0 = (t0 * k / 32) as u64;
                     let args = [
-                        A::P(wp),
-                        A::I(k as i32),
-                        A::I(n_rows as i32),
                         A::P(qa + t0 as u64 * k as u64),
                         A::P(da + 4 * b0),
                         A::P(sa + 4 * b0),
                         A::P(ss + 4 * b0),
+                        A::I(k as i32),
                         A::I(nt as i32),
+                        A::P(wp),
+                        A::I(n_rows as i32),
                         A::P(op + 4 * (t0 * n_rows) as u64),
+                        A::P(0),
+                        A::I(0),
+                        A::P(0),
+                        A::P(0),
+                        A::I(0),
+                        A::P(0),
                     ];
-                    self.launch_keep(mmv, grid, 128, &args);
+                    let f = match (&cw.mmv1, nt) {
+                        (Some(f1), 1) => f1,
+                        _ => mmv,
+                    };
+                    self.enqueue(graph::Op::mmv(f.cu_function(), grid, 128, &args, 4));
                 }
             } else {
                 for t0 in (0..n).step_by(MMV_MAX_TOK) {
@@ -642,8 +740,8 @@ impl Backend for CudaBackend {
                 }
             }
         } else {
-            let w16 = s.wf16.ensure(&self.stream, n_rows * k);
-            let x16 = s.xf16.ensure(&self.stream, n * k);
+            let w16 = s.wf16.ensure(&self.stream, n_rows * k, &self.flusher());
+            let x16 = s.xf16.ensure(&self.stream, n * k, &self.flusher());
             let deq = cw.dequant.as_ref().expect("matrix of a supported type");
             self.launch_fn(deq, (blocks(n_rows * k / 32, 256), 1, 1), 256, &[A::P(wp), A::I(k as i32), A::I(n_rows as i32), A::P(w16)]);
             match act {
@@ -651,6 +749,7 @@ impl Backend for CudaBackend {
                 Act::Q8 => self.launch("q8_to_f16", (blocks(n * k, 256), 1, 1), 256, &[A::P(xp), A::P(x16), A::I((n * k / 32) as i32)]),
                 Act::Q8K => self.launch("q8k_to_f16", (blocks(n * k / 8, 256), 1, 1), 256, &[A::P(xp), A::P(x16), A::I((n * k / 256) as i32)]),
             }
+            self.flush();
             self.bind();
             self.gemm_f16(w16, x16, n_rows, n, k, op);
         }
@@ -771,7 +870,7 @@ impl Backend for CudaBackend {
         let (kp, vp) = (dptr(&c.k, &self.stream), dptr(&c.v, &self.stream));
         let mut s = self.lock();
         let mv = self.upload(&mut s, Tag::Moves, &flat);
-        let tmp = s.moved.ensure(&self.stream, 2 * n * width);
+        let tmp = s.moved.ensure(&self.stream, 2 * n * width, &self.flusher());
         let args = [A::P(kp), A::P(vp), A::P(mv), A::I(n as i32), A::I(width as i32), A::P(tmp)];
         // gather every source, then scatter: all sources read before any destination is written
         self.launch("kv_gather", (blocks(n * width, 256), 1, 1), 256, &args);
@@ -807,12 +906,12 @@ impl Backend for CudaBackend {
         let bt_p = self.upload(&mut s, Tag::AttnBt, &meta.bt);
         let live_p = if meta.live.is_empty() { 0 } else { self.upload(&mut s, Tag::AttnLive, &meta.live) };
         let (po, pml) = if n_splits > 1 {
-            let po = s.part_o.ensure(&self.stream, n_rows * n_heads * n_splits * hd);
-            (po, s.part_ml.ensure(&self.stream, n_rows * n_heads * n_splits * 4))
+            let po = s.part_o.ensure(&self.stream, n_rows * n_heads * n_splits * hd, &self.flusher());
+            (po, s.part_ml.ensure(&self.stream, n_rows * n_heads * n_splits * 4, &self.flusher()))
         } else {
             (0, 0)
         };
-        let wp = if meta.weights_len > 0 { s.weights.ensure(&self.stream, meta.weights_len) } else { 0 };
+        let wp = if meta.weights_len > 0 { s.weights.ensure(&self.stream, meta.weights_len, &self.flusher()) } else { 0 };
         let args = [
             A::P(qp),
             A::P(kp),
