@@ -38,7 +38,7 @@
 #define AR_W 5      // with AR_WANT: offset of its weights [n_heads x ctx] in wsc, low and high 32 bits
 #define AR_WANT 7   // 1: its sequence wants its probabilities
 
-#define ATT_WARPS 4
+#define ATT_WARPS 8  // 256 threads (CudaBackend's ATTN_THREADS)
 #define ATT_G 4
 #define ATT_SPLIT 512
 #define ATT_CH 64  // keys staged in shared memory at a time
@@ -132,21 +132,27 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
             qr[hh][e] = hh < nh ? f16_round(q[((long long)t * n_heads + h0 + hh) * HD + lane + 32 * e]) : 0.0f;
     __syncthreads();
 
-    // K (then V) rows of the split staged through shared memory ATT_CH keys at a time: every thread's
-    // 16-byte loads issued before the first store (memory parallelism for the few CTAs of a decode step)
-    constexpr int VPR = HD / 8;                           // 16-byte pieces per row
-    constexpr int PER = ATT_CH * VPR / (ATT_WARPS * 32);  // pieces per thread per chunk
+    // K (then V) rows of the split staged through shared memory ATT_CH keys at a time, double-buffered
+    // through registers: the 16-byte loads of the next chunk are in flight while this one is computed
+    // (memory parallelism for the few CTAs of a one-sequence decode step)
+    constexpr int NT = ATT_WARPS * 32;
+    constexpr int VPR = HD / 8;              // 16-byte pieces per row
+    constexpr int PER = ATT_CH * VPR / NT;  // pieces per thread per chunk
     __shared__ __align__(16) u16 kvs[ATT_CH * HD];
-    auto stage = [&](const u16* __restrict__ pool, int c0, int nk) {
-        uint4 tmp[PER];
+    uint4 tmp[PER];
+    auto fetch = [&](const u16* __restrict__ pool, int c0) {
+        const int nk = min(ATT_CH, n - c0);
 #pragma unroll
         for (int j = 0; j < PER; j++) {
-            const int idx = threadIdx.x + j * ATT_WARPS * 32, r = idx / VPR;
+            const int idx = threadIdx.x + j * NT, r = idx / VPR;
             if (r < nk) tmp[j] = *(const uint4*)(pool + ((long long)sslot[c0 + r] * n_kv + g) * HD + 8 * (idx % VPR));
         }
+    };
+    // the fetched chunk into kvs (the caller syncs before: kvs is free; and after: kvs is complete)
+    auto put = [&](int nk) {
 #pragma unroll
         for (int j = 0; j < PER; j++) {
-            const int idx = threadIdx.x + j * ATT_WARPS * 32;
+            const int idx = threadIdx.x + j * NT;
             if (idx / VPR < nk) ((uint4*)kvs)[idx] = tmp[j];
         }
     };
@@ -155,11 +161,13 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
     float m[ATT_G];
 #pragma unroll
     for (int hh = 0; hh < ATT_G; hh++) m[hh] = NEG_INF;
+    fetch(kc, 0);
     for (int c0 = 0; c0 < n; c0 += ATT_CH) {
         const int nk = min(ATT_CH, n - c0);
         __syncthreads();
-        stage(kc, c0, nk);
+        put(nk);
         __syncthreads();
+        if (c0 + ATT_CH < n) fetch(kc, c0 + ATT_CH);
         for (int u = warp; u < nk; u += ATT_WARPS) {
             float kf[QPL];
 #pragma unroll
@@ -175,6 +183,8 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
             }
         }
     }
+    // the first V chunk's loads in flight during the softmax
+    fetch(vc, 0);
     if (lane == 0)
 #pragma unroll
         for (int hh = 0; hh < ATT_G; hh++) sm_red[warp][hh] = m[hh];
@@ -220,48 +230,43 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
     }
     __syncthreads();
 
-    // 3. o = sum_j w_j v_j: one thread per dim for every head of the chunk (ATT_G independent chains),
-    //    keys in order by FMA (the CPU's axpy_f16)
-    constexpr int DPT = (HD + ATT_WARPS * 32 - 1) / (ATT_WARPS * 32);  // dims per thread
-    float o[DPT][ATT_G];
+    // 3. o = sum_j w_j v_j: one thread per (dim, HPT heads of the chunk): HPT independent chains, keys
+    //    in order by FMA (the CPU's axpy_f16)
+    constexpr int HPT = ATT_G * HD / NT;  // hd64: 1, hd128: 2, hd256: 4
+    static_assert(HPT >= 1 && ATT_G % HPT == 0 && NT % HD == 0, "attention: threads per (head, dim)");
+    const int d = threadIdx.x % HD, hb = (threadIdx.x / HD) * HPT;
+    float o[HPT];
 #pragma unroll
-    for (int k = 0; k < DPT; k++)
-#pragma unroll
-        for (int hh = 0; hh < ATT_G; hh++) o[k][hh] = 0.0f;
+    for (int k = 0; k < HPT; k++) o[k] = 0.0f;
     for (int c0 = 0; c0 < n; c0 += ATT_CH) {
         const int nk = min(ATT_CH, n - c0);
         __syncthreads();
-        stage(vc, c0, nk);
+        put(nk);
         __syncthreads();
+        if (c0 + ATT_CH < n) fetch(vc, c0 + ATT_CH);
+        for (int u = 0; u < nk; u++) {
+            const float v = h2f(kvs[u * HD + d]);
 #pragma unroll
-        for (int k = 0; k < DPT; k++) {
-            const int d = threadIdx.x + k * ATT_WARPS * 32;
-            if (d < HD) {
-                for (int u = 0; u < nk; u++) {
-                    const float v = h2f(kvs[u * HD + d]);
-#pragma unroll
-                    for (int hh = 0; hh < ATT_G; hh++) o[k][hh] = fmaf(sc[hh][c0 + u], v, o[k][hh]);
-                }
-            }
+            for (int k = 0; k < HPT; k++) o[k] = fmaf(sc[hb + k][c0 + u], v, o[k]);
         }
     }
 #pragma unroll
-    for (int k = 0; k < DPT; k++) {
-        const int d = threadIdx.x + k * ATT_WARPS * 32;
-        if (d >= HD) continue;
+    for (int k = 0; k < HPT; k++) {
+        const int hh = hb + k;
+        if (hh >= nh) break;
+        const long long th = (long long)t * n_heads + h0 + hh;
+        if (row_splits == 1) {
+            out[th * HD + d] = o[k];
+        } else {
+            part_o[(th * n_splits + split) * HD + d] = o[k];
+            if (d == 0) {
+                float* ml = part_ml + (th * n_splits + split) * 4;
 #pragma unroll
-        for (int hh = 0; hh < ATT_G; hh++) {
-            if (hh >= nh) break;
-            const long long th = (long long)t * n_heads + h0 + hh;
-            if (row_splits == 1) {
-                out[th * HD + d] = o[k][hh];
-            } else {
-                part_o[(th * n_splits + split) * HD + d] = o[k][hh];
-                if (d == 0) {
-                    float* ml = part_ml + (th * n_splits + split) * 4;
-                    ml[0] = m[hh];
+                for (int h2 = 0; h2 < ATT_G; h2++) {  // constant indices: m and l stay in registers
+                    if (h2 != hh) continue;
+                    ml[0] = m[h2];
                     ml[1] = 0.0f;
-                    *(double*)(ml + 2) = l[hh];
+                    *(double*)(ml + 2) = l[h2];
                 }
             }
         }

@@ -137,11 +137,10 @@ __device__ __forceinline__ long long row_bytes_of(int T, int K) {
 // ---- activations: x [n x K] f32 -> Q8 blocks of 32: qa [n x K] int8, da [n x K/32] (f16-rounded
 // scale, as the CPU's Q8_0 stores it), sa [n x K/32] = sum of the block's qa, ss = f16(d * sa) (the
 // CPU's Q8_1 sum, which Q4_1's dot uses). One warp per block.
-extern "C" __global__ void quantize_q8(const float* __restrict__ x, i8* __restrict__ qa, float* __restrict__ da,
-                                       int* __restrict__ sa, float* __restrict__ ss, int n_blocks) {
-    const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-    if (blk >= n_blocks) return;
-    const float v = x[(long long)blk * 32 + lane];
+// Q8 block blk from the warp's 32 values, v in lane order (also the epilogue of rms_norm_q and glu_q).
+__device__ __forceinline__ void q8_store(float v, long long blk, i8* __restrict__ qa, float* __restrict__ da,
+                                         int* __restrict__ sa, float* __restrict__ ss) {
+    const int lane = threadIdx.x & 31;
     const float amax = warp_max(fabsf(v));
     const float d = amax / 127.0f;
     const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
@@ -155,15 +154,20 @@ extern "C" __global__ void quantize_q8(const float* __restrict__ x, i8* __restri
     }
 }
 
+extern "C" __global__ void quantize_q8(const float* __restrict__ x, i8* __restrict__ qa, float* __restrict__ da,
+                                       int* __restrict__ sa, float* __restrict__ ss, int n_blocks) {
+    const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (blk >= n_blocks) return;
+    q8_store(x[(long long)blk * 32 + (threadIdx.x & 31)], blk, qa, da, sa, ss);
+}
+
 // Q8_K activations (for the k-quant weights, as the CPU's quantize_q8_k / ggml's quantize_row_q8_K_ref):
 // one scale per 256 values, d = max / -127 with max the first value of largest magnitude,
 // q = round_half_even(x * (-127 / max)) capped at 127. Written in the Q8-block layout above: da holds d
 // for each of the 8 blocks of 32 (not f16-rounded: Q8_K keeps d in f32). One warp per 256 values; lane l
 // takes values 8l..8l+8.
-__device__ __forceinline__ void q8k_block(const float* __restrict__ x, float v[8], int q[8], float& d) {
+__device__ __forceinline__ void q8k_vals(const float v[8], int q[8], float& d) {
     const int lane = threadIdx.x & 31;
-    const float4 a = ((const float4*)x)[2 * lane], b = ((const float4*)x)[2 * lane + 1];
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
     float amax = 0.0f, mx = 0.0f;
     int at = 1 << 30;
 #pragma unroll
@@ -187,13 +191,17 @@ __device__ __forceinline__ void q8k_block(const float* __restrict__ x, float v[8
     d = 1.0f / iscale;
 }
 
-extern "C" __global__ void quantize_q8k(const float* __restrict__ x, i8* __restrict__ qa, float* __restrict__ da,
-                                        int* __restrict__ sa, float* __restrict__ ss, int n_super) {
-    const int sb = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-    if (sb >= n_super) return;
-    float v[8], d;
-    int q[8];
-    q8k_block(x + (long long)sb * 256, v, q, d);
+__device__ __forceinline__ void q8k_block(const float* __restrict__ x, float v[8], int q[8], float& d) {
+    const int lane = threadIdx.x & 31;
+    const float4 a = ((const float4*)x)[2 * lane], b = ((const float4*)x)[2 * lane + 1];
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    q8k_vals(v, q, d);
+}
+
+// Super-block sb of Q8_K activations from the warp's q (lane l: values 8l..8l+8) and d.
+__device__ __forceinline__ void q8k_store(const int q[8], float d, long long sb, i8* __restrict__ qa,
+                                          float* __restrict__ da, int* __restrict__ sa, float* __restrict__ ss) {
+    const int lane = threadIdx.x & 31;
     int s = 0;
     u32 lo = 0, hi = 0;
 #pragma unroll
@@ -202,7 +210,7 @@ extern "C" __global__ void quantize_q8k(const float* __restrict__ x, i8* __restr
         hi |= (u32)(q[i + 4] & 0xff) << (8 * i);
         s += q[i] + q[i + 4];
     }
-    ((uint2*)(qa + (long long)sb * 256))[lane] = make_uint2(lo, hi);
+    ((uint2*)(qa + sb * 256))[lane] = make_uint2(lo, hi);
     s += __shfl_xor_sync(0xffffffffu, s, 1);
     s += __shfl_xor_sync(0xffffffffu, s, 2);
     if ((lane & 3) == 0) {
@@ -210,6 +218,16 @@ extern "C" __global__ void quantize_q8k(const float* __restrict__ x, i8* __restr
         sa[sb * 8 + lane / 4] = s;
         ss[sb * 8 + lane / 4] = d * (float)s;
     }
+}
+
+extern "C" __global__ void quantize_q8k(const float* __restrict__ x, i8* __restrict__ qa, float* __restrict__ da,
+                                        int* __restrict__ sa, float* __restrict__ ss, int n_super) {
+    const int sb = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (sb >= n_super) return;
+    float v[8], d;
+    int q[8];
+    q8k_block(x + (long long)sb * 256, v, q, d);
+    q8k_store(q, d, sb, qa, da, sa, ss);
 }
 
 // The large-batch path multiplies f16 activations; they are first rounded through the same Q8 blocks

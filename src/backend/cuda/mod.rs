@@ -59,6 +59,8 @@ const _: () = assert!(ATTN_SPLIT == 512, "kernels/attention.cu hard-codes ATT_SP
 /// exactly as the CPU does; larger batches go through dequantize + cuBLAS f16 (faster, not exact).
 /// 24: up to here the chunked integer kernels also beat dequantize + cuBLAS on an H100 (bench/GPU_NOTES.md).
 pub const INT_PATH_MAX_TOK: usize = 24;
+/// Threads per attention CTA (`ATT_WARPS` x 32 in kernels/attention.cu).
+const ATTN_THREADS: u32 = 256;
 /// Head sizes the attention kernel is instantiated for.
 pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
 
@@ -224,6 +226,12 @@ pub struct CudaBackend {
     queue: Mutex<graph::Queue>,
     /// Whether one-token products use `mmv1_*`.
     mmv1: bool,
+    /// Whether rms_norm and glu also quantize their output for the product that reads it next
+    /// (`rms_norm_q`, `glu_q`), as told by [`CudaBackend::quant_hints`].
+    fuse: bool,
+    /// (activations pointer, row length, rounding) of the last products that quantized their input:
+    /// an op writing that buffer next time quantizes it on the way out (one launch fewer).
+    quant_hints: Mutex<Vec<(u64, usize, Act)>>,
 }
 
 fn dptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
@@ -400,7 +408,22 @@ impl CudaBackend {
         let off = |v: &str| std::env::var(v).as_deref() == Ok("0");
         let queue = Mutex::new(graph::Queue::new(!off("PAGELLM_CUDA_GRAPH"), !off("PAGELLM_CUDA_FUSE")));
         let mmv1 = !off("PAGELLM_CUDA_MMV1");
-        Ok(CudaBackend { ctx, stream, blas, k, sms, name, copied: AtomicUsize::new(0), scratch: Mutex::new(scratch), quantized: Mutex::new(None), queue, mmv1 })
+        let fuse = !off("PAGELLM_CUDA_FUSE");
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            blas,
+            k,
+            sms,
+            name,
+            copied: AtomicUsize::new(0),
+            scratch: Mutex::new(scratch),
+            quantized: Mutex::new(None),
+            queue,
+            mmv1,
+            fuse,
+            quant_hints: Mutex::new(Vec::new()),
+        })
     }
 
     /// Waits until every queued op has finished (timings, tests).
@@ -468,6 +491,57 @@ impl CudaBackend {
 
     fn p(&self, b: &Buffer) -> u64 {
         dptr(slice(b), &self.stream)
+    }
+
+    /// How the next product of `x` (rows of `k`, or any row length when `k` is 0) will round it, if a
+    /// product read it last time: `(row length, 1 = Q8 | 2 = Q8K)`.
+    fn quant_hint(&self, x: u64, k: usize) -> Option<(usize, i32)> {
+        if !self.fuse {
+            return None;
+        }
+        let hints = self.quant_hints.lock().unwrap_or_else(|e| e.into_inner());
+        let &(_, len, act) = hints.iter().find(|h| h.0 == x && (k == 0 || h.1 == k))?;
+        match act {
+            Act::Q8 if len.is_multiple_of(32) => Some((len, 1)),
+            Act::Q8K if len.is_multiple_of(256) => Some((len, 2)),
+            _ => None,
+        }
+    }
+
+    fn note_quant_hint(&self, x: u64, k: usize, act: Act) {
+        let mut hints = self.quant_hints.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = hints.iter_mut().find(|h| h.0 == x && h.1 == k) {
+            h.2 = act;
+        } else {
+            if hints.len() == 8 {
+                hints.remove(0);
+            }
+            hints.push((x, k, act));
+        }
+    }
+
+    /// The Q8 scratch for `n` rows of `k` (qa, da, sa, ss), for an op that quantizes on the way out;
+    /// forgets the record if an array is reallocated.
+    fn quant_scratch(&self, s: &mut Scratch, n: usize, k: usize) -> [u64; 4] {
+        let nblk = n * k / 32;
+        let fits = s.qa.0.as_ref().is_some_and(|a| a.len() >= n * k)
+            && [&s.da.0, &s.ss.0].iter().all(|a| a.as_ref().is_some_and(|a| a.len() >= nblk))
+            && s.sa.0.as_ref().is_some_and(|a| a.len() >= nblk);
+        if !fits {
+            self.forget_quantized();
+        }
+        [
+            s.qa.ensure(&self.stream, n * k, &self.flusher()),
+            s.da.ensure(&self.stream, nblk, &self.flusher()),
+            s.sa.ensure(&self.stream, nblk, &self.flusher()),
+            s.ss.ensure(&self.stream, nblk, &self.flusher()),
+        ]
+    }
+
+    /// Records that the Q8 scratch now holds `x` (`n` rows of `k`) rounded as `qact`.
+    fn set_quantized(&self, x: u64, n: usize, k: usize, qact: i32) {
+        let act = if qact == 1 { Act::Q8 } else { Act::Q8K };
+        *self.quantized.lock().unwrap_or_else(|e| e.into_inner()) = Some((x, n, k, act as u8));
     }
 
     /// The device copy of a host list. A queued launch may read the current copy: a different list
@@ -681,16 +755,8 @@ impl Backend for CudaBackend {
             if *act != Act::F32 {
                 let nblk = n * k / 32;
                 // a scratch array about to be reallocated loses what the record says it holds
-                let fits = s.qa.0.as_ref().is_some_and(|a| a.len() >= n * k)
-                    && [&s.da.0, &s.ss.0].iter().all(|a| a.as_ref().is_some_and(|a| a.len() >= nblk))
-                    && s.sa.0.as_ref().is_some_and(|a| a.len() >= nblk);
-                if !fits {
-                    self.forget_quantized();
-                }
-                let qa = s.qa.ensure(&self.stream, n * k, &self.flusher());
-                let da = s.da.ensure(&self.stream, nblk, &self.flusher());
-                let sa = s.sa.ensure(&self.stream, nblk, &self.flusher());
-                let ss = s.ss.ensure(&self.stream, nblk, &self.flusher());
+                let [qa, da, sa, ss] = self.quant_scratch(&mut s, n, k);
+                self.note_quant_hint(xp, k, *act);
                 let (name, groups) = if *act == Act::Q8K { ("quantize_q8k", nblk / 8) } else { ("quantize_q8", nblk) };
                 let key = Some((xp, n, k, *act as u8));
                 let mut q = self.quantized.lock().unwrap_or_else(|e| e.into_inner());
@@ -775,7 +841,19 @@ impl Backend for CudaBackend {
             return;
         }
         let threads = (row_len.div_ceil(32) * 32).clamp(32, 1024) as u32;
-        self.launch("rms_norm", (n_rows as u32, 1, 1), threads, &[A::P(self.p(x)), A::P(wp), A::I(row_len as i32), A::F(eps), A::P(self.p(out))]);
+        let (xp, op) = (self.p(x), self.p(out));
+        let args = [A::P(xp), A::P(wp), A::I(row_len as i32), A::F(eps), A::P(op)];
+        match self.quant_hint(op, row_len) {
+            // the next product of out quantizes it: do it here (kernels/elementwise.cu, rms_norm_q)
+            Some((_, qact)) if n_rows <= INT_PATH_MAX_TOK && op != xp => {
+                let mut s = self.lock();
+                let [qa, da, sa, ss] = self.quant_scratch(&mut s, n_rows, row_len);
+                let q = [A::P(qa), A::P(da), A::P(sa), A::P(ss), A::I(qact)];
+                self.launch("rms_norm_q", (n_rows as u32, 1, 1), threads, &[&args[..], &q[..]].concat());
+                self.set_quantized(op, n_rows, row_len, qact);
+            }
+            _ => self.launch("rms_norm", (n_rows as u32, 1, 1), threads, &args),
+        }
     }
 
     fn rope(&self, x: &mut Buffer, positions: &[u32], n_heads: usize, head_dim: usize, p: &RopeParams) {
@@ -930,7 +1008,7 @@ impl Backend for CudaBackend {
             A::P(wp),
         ];
         let grid = (n_rows as u32, (n_kv * group.div_ceil(4)) as u32, n_splits as u32);
-        self.launch(&format!("attn_hd{hd}"), grid, 128, &args);
+        self.launch(&format!("attn_hd{hd}"), grid, ATTN_THREADS, &args);
         if n_splits > 1 {
             let args = [A::P(po), A::P(pml), A::P(rows_p), A::I(n_heads as i32), A::I(hd as i32), A::I(n_splits as i32), A::P(op)];
             self.launch("attn_merge", ((n_rows * n_heads) as u32, 1, 1), hd as u32, &args);
@@ -971,7 +1049,20 @@ impl Backend for CudaBackend {
             Glu::Silu => 0,
             Glu::GeluTanh => 1,
         };
-        self.launch("glu", (blocks(len, 256), 1, 1), 256, &[A::P(self.p(gate)), A::P(self.p(up)), A::L(len as i64), A::I(act)]);
+        let (gp, up) = (self.p(gate), self.p(up));
+        let args = [A::P(gp), A::P(up), A::L(len as i64), A::I(act)];
+        match self.quant_hint(gp, 0) {
+            // the next product of gate quantizes it: do it here (kernels/elementwise.cu, glu_q)
+            Some((k, qact)) if len.is_multiple_of(k) && len / k <= INT_PATH_MAX_TOK => {
+                let mut s = self.lock();
+                let [qa, da, sa, ss] = self.quant_scratch(&mut s, len / k, k);
+                let q = [A::P(qa), A::P(da), A::P(sa), A::P(ss), A::I(qact)];
+                let threads = if qact == 1 { len } else { len / 8 };
+                self.launch("glu_q", (blocks(threads, 256), 1, 1), 256, &[&args[..], &q[..]].concat());
+                self.set_quantized(gp, len / k, k, qact);
+            }
+            _ => self.launch("glu", (blocks(len, 256), 1, 1), 256, &args),
+        }
     }
 
     fn get_rows(&self, src: &Buffer, row_len: usize, rows: &[u32], out: &mut Buffer) {
