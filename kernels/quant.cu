@@ -499,6 +499,132 @@ __device__ __forceinline__ void mmv1_q(const u8* __restrict__ w, int K, int n_ro
     if (lane == 0) out[row] = s;
 }
 
+// One token, Q4_0 repacked (T_Q4_0R), persistent warps with software pipelining: warp w of the grid
+// (W warps in all) takes rows w, w + W, ... of the parts' rows concatenated, each row in batches of
+// MMV1_U rounds of 32 blocks. The raw weight bytes of the next batch (this row's next one, or the next
+// row's first) are loaded before this batch is unpacked and multiplied, so a warp always has a batch of
+// loads in flight, also across rows. Per row the float steps are mmv1_q's (and mmv_q's) exactly.
+struct Q4r_raw {
+    uint4 qs[MMV1_U];
+    u16 d[MMV1_U];
+};
+
+__device__ __forceinline__ void q4r_load(Q4r_raw& r, const u8* __restrict__ wrow, int nb, int b0) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int u = 0; u < MMV1_U; u++) {
+        const int b = b0 + 32 * u + lane;
+        if (b < nb) {
+            if ((nb & 7) == 0) {
+                r.qs[u] = *(const uint4*)(wrow + 16 * b);
+            } else {
+                r.qs[u] = make_uint4(ld_i32_b4(wrow + 16 * b), ld_i32_b4(wrow + 16 * b + 4), ld_i32_b4(wrow + 16 * b + 8),
+                                     ld_i32_b4(wrow + 16 * b + 12));
+            }
+            r.d[u] = ld_u16(wrow + 16 * nb + 2 * b);
+        } else {
+            r.qs[u] = make_uint4(0, 0, 0, 0);
+            r.d[u] = 0;
+        }
+    }
+}
+
+// The part of concatenated row R: its weight row and output element.
+__device__ __forceinline__ void mmvp_row(int R, int K, const u8* w0, int r0, float* o0, const u8* w1, int r1, float* o1,
+                                         const u8* w2, float* o2, const u8*& wrow, float*& out) {
+    const long long rb = row_bytes_of(T_Q4_0R, K);
+    if (R < r0) {
+        wrow = w0 + (long long)R * rb;
+        out = o0 + R;
+    } else if (R < r0 + r1) {
+        wrow = w1 + (long long)(R - r0) * rb;
+        out = o1 + (R - r0);
+    } else {
+        wrow = w2 + (long long)(R - r0 - r1) * rb;
+        out = o2 + (R - r0 - r1);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32, 6) mmvp_q4_0r(
+    const i8* __restrict__ qa, const float* __restrict__ da, const int* __restrict__ sa, const float* __restrict__ ss,
+    int K, int n_tok, const u8* w0, int r0, float* o0, const u8* w1, int r1, float* o1, const u8* w2, int r2, float* o2) {
+    const int lane = threadIdx.x & 31;
+    const int W = gridDim.x * MMV_WARPS, rows = r0 + r1 + r2;
+    int R = blockIdx.x * MMV_WARPS + (threadIdx.x >> 5);
+    if (R >= rows) return;
+    const int nb = K / 32, batch = 32 * MMV1_U;
+    const u8* wrow;
+    float* out;
+    mmvp_row(R, K, w0, r0, o0, w1, r1, o1, w2, o2, wrow, out);
+    int b0 = 0;
+    Q4r_raw cur, nxt;
+    q4r_load(cur, wrow, nb, b0);
+    float acc = 0.0f;
+    while (true) {
+        // the next batch's loads first
+        int R2 = R, nb0 = b0 + batch;
+        const u8* wrow2 = wrow;
+        float* out2 = out;
+        if (nb0 >= nb) {
+            R2 = R + W;
+            nb0 = 0;
+            if (R2 < rows) mmvp_row(R2, K, w0, r0, o0, w1, r1, o1, w2, o2, wrow2, out2);
+        }
+        const bool more = R2 < rows;
+        if (more) q4r_load(nxt, wrow2, nb, nb0);
+        // this batch: mmv1_q's steps for T_Q4_0R
+#pragma unroll
+        for (int u = 0; u < MMV1_U; u++) {
+            const int bb = b0 + 32 * u;
+            if (bb >= nb) break;
+            const int b = bb + lane;
+            const bool have = b < nb;
+            const int v4[4] = {(int)cur.qs[u].x, (int)cur.qs[u].y, (int)cur.qs[u].z, (int)cur.qs[u].w};
+            int q[8];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                q[i] = __vsub4(v4[i] & 0x0F0F0F0F, 0x08080808);
+                q[i + 4] = __vsub4((v4[i] >> 4) & 0x0F0F0F0F, 0x08080808);
+            }
+            const float d0 = h2f(cur.d[u]);
+            int lo = 0, hi = 0;
+            float dab = 0.0f;
+            if (have) {
+                const int4* ap = (const int4*)(qa + b * 32);
+                const int4 a0 = ap[0], a1 = ap[1];
+                lo = __dp4a(q[0], a0.x, lo);
+                lo = __dp4a(q[1], a0.y, lo);
+                lo = __dp4a(q[2], a0.z, lo);
+                lo = __dp4a(q[3], a0.w, lo);
+                hi = __dp4a(q[4], a1.x, hi);
+                hi = __dp4a(q[5], a1.y, hi);
+                hi = __dp4a(q[6], a1.z, hi);
+                hi = __dp4a(q[7], a1.w, hi);
+                dab = da[b];
+            }
+            const float v = (d0 * dab) * (float)(lo + hi);
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                const float x = __shfl_sync(0xffffffffu, v, (lane & 3) + 4 * i);
+                if (bb + (lane & 3) + 4 * i < nb) acc = acc + x;
+            }
+        }
+        if (b0 + batch >= nb) {  // the row's last batch: (acc0 + acc2) + (acc1 + acc3)
+            const float a1 = __shfl_sync(0xffffffffu, acc, 1), a2 = __shfl_sync(0xffffffffu, acc, 2);
+            const float a3 = __shfl_sync(0xffffffffu, acc, 3);
+            const float s = (acc + a2) + (a1 + a3);
+            if (lane == 0) *out = s;
+            acc = 0.0f;
+        }
+        if (!more) break;
+        cur = nxt;
+        R = R2;
+        b0 = nb0;
+        wrow = wrow2;
+        out = out2;
+    }
+}
+
 // A launch takes up to 3 products of the same activations (Q, K, V; gate, up): part p has its weight
 // w_p, rows r_p and output o_p (r_p = 0: absent). Blocks are handed out part after part, MMV_WARPS rows
 // each. Returns this warp's part and sets its row.

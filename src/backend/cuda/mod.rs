@@ -186,8 +186,9 @@ struct CudaWeight {
     vector: Option<CudaSlice<f32>>,
     /// `mmv_*`, and how it takes its activations.
     mmv: Option<(CudaFunction, Act)>,
-    /// `mmv1_*`: one token (quantized types).
-    mmv1: Option<CudaFunction>,
+    /// `mmv1_*` (or `mmvp_q4_0r`): one token (32-weight types), and the most blocks a launch needs
+    /// (0: one per 4 rows; the persistent `mmvp` fills the GPU once).
+    mmv1: Option<(CudaFunction, u32)>,
     dequant: Option<CudaFunction>,
     embed: Option<CudaFunction>,
 }
@@ -213,7 +214,7 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     k: module::Kernels,
-    #[allow(dead_code)] // grid sizing (the split-K attention no longer needs it)
+    #[allow(dead_code)] // grid sizing (mmvp's block count is computed from it at start)
     sms: usize,
     name: String,
     copied: AtomicUsize,
@@ -226,6 +227,8 @@ pub struct CudaBackend {
     queue: Mutex<graph::Queue>,
     /// Whether one-token products use `mmv1_*`.
     mmv1: bool,
+    /// Blocks of `mmvp_q4_0r` that fit the GPU at once (0: not used, `PAGELLM_CUDA_MMVP=0`).
+    mmvp_blocks: u32,
     /// Whether rms_norm and glu also quantize their output for the product that reads it next
     /// (`rms_norm_q`, `glu_q`), as told by [`CudaBackend::quant_hints`].
     fuse: bool,
@@ -404,11 +407,19 @@ impl CudaBackend {
             up: std::array::from_fn(|_| up()),
         };
         // dispatch once; for comparisons: PAGELLM_CUDA_GRAPH=0 (no graphs), PAGELLM_CUDA_FUSE=0 (no merged
-        // products), both: every launch issued at once as before; PAGELLM_CUDA_MMV1=0 (no one-token kernels)
+        // products, no quantizing epilogues), both: every launch issued at once as before;
+        // PAGELLM_CUDA_MMV1=0 (no one-token kernels), PAGELLM_CUDA_MMVP=0 (Q4_0 one-token products by mmv1
+        // instead of the persistent mmvp)
         let off = |v: &str| std::env::var(v).as_deref() == Ok("0");
         let queue = Mutex::new(graph::Queue::new(!off("PAGELLM_CUDA_GRAPH"), !off("PAGELLM_CUDA_FUSE")));
         let mmv1 = !off("PAGELLM_CUDA_MMV1");
         let fuse = !off("PAGELLM_CUDA_FUSE");
+        let mmvp_blocks = if off("PAGELLM_CUDA_MMVP") {
+            0
+        } else {
+            let per_sm = k.get("mmvp_q4_0r").occupancy_max_active_blocks_per_multiprocessor(128, 0, None).unwrap_or(0);
+            per_sm * sms as u32
+        };
         Ok(CudaBackend {
             ctx,
             stream,
@@ -421,6 +432,7 @@ impl CudaBackend {
             quantized: Mutex::new(None),
             queue,
             mmv1,
+            mmvp_blocks,
             fuse,
             quant_hints: Mutex::new(Vec::new()),
         })
@@ -656,7 +668,11 @@ impl Backend for CudaBackend {
             vector,
             mmv: Some((self.k.get(&format!("mmv_{suffix}")).clone(), act)),
             // one-token kernels for the 32-weight types (for the k-quants mmv is faster: kernels/quant.cu)
-            mmv1: (act == Act::Q8 && self.mmv1).then(|| self.k.get(&format!("mmv1_{suffix}")).clone()),
+            mmv1: match suffix {
+                _ if act != Act::Q8 || !self.mmv1 => None,
+                "q4_0r" if self.mmvp_blocks > 0 => Some((self.k.get("mmvp_q4_0r").clone(), self.mmvp_blocks)),
+                _ => Some((self.k.get(&format!("mmv1_{suffix}")).clone(), 0)),
+            },
             dequant: Some(self.k.get(&format!("dequant_f16_{suffix}")).clone()),
             embed: Some(self.k.get(&format!("embed_{suffix}")).clone()),
         };
@@ -792,9 +808,10 @@ impl Backend for CudaBackend {
                         A::I(0),
                         A::P(0),
                     ];
-                    let f = match (&cw.mmv1, nt) {
-                        (Some(f1), 1) => f1,
-                        _ => mmv,
+                    let (f, grid) = match (&cw.mmv1, nt) {
+                        (Some((f1, 0)), 1) => (f1, grid),
+                        (Some((f1, cap)), 1) => (f1, (grid.0.min(*cap), 1, 1)),
+                        _ => (mmv, grid),
                     };
                     self.enqueue(graph::Op::mmv(f.cu_function(), grid, 128, &args, 4));
                 }
@@ -1007,6 +1024,8 @@ impl Backend for CudaBackend {
             A::P(pml),
             A::P(wp),
         ];
+        // 4 query heads per CTA (one head per CTA, 4x the CTAs, measured slower for one sequence at
+        // depth 4096 on the H200: bench/GPU_NOTES.md session 3)
         let grid = (n_rows as u32, (n_kv * group.div_ceil(4)) as u32, n_splits as u32);
         self.launch(&format!("attn_hd{hd}"), grid, ATTN_THREADS, &args);
         if n_splits > 1 {

@@ -33,6 +33,7 @@ const NAMES: &[&str] = &[
     "mmv_q6_k",
     "mmv1_q4_0",
     "mmv1_q4_0r",
+    "mmvp_q4_0r",
     "mmv1_q4_1",
     "mmv1_q5_0",
     "mmv1_q8_0",
