@@ -30,8 +30,10 @@
 //! - **Few launches** (graph.rs): inside [`Backend::run`] launches are deferred and issued at the next
 //!   flush; a step whose launch list repeats the last one (decode) is captured once into a CUDA graph and
 //!   then replayed with one driver call per step. Products of one input (Q, K, V; gate, up) share one
-//!   launch. One-token products of the 32-weight types use `mmv1_*` (more loads in flight per warp).
-//!   `PAGELLM_CUDA_GRAPH=0`, `PAGELLM_CUDA_FUSE=0`, `PAGELLM_CUDA_MMV1=0` turn each off (comparisons).
+//!   launch, and rms_norm / glu quantize their output for the product that reads it (`rms_norm_q`,
+//!   `glu_q`). One-token products of the 32-weight types use `mmv1_*` (more loads in flight per warp),
+//!   Q4_0 the persistent, software-pipelined `mmvp_q4_0r`. `PAGELLM_CUDA_GRAPH=0`, `PAGELLM_CUDA_FUSE=0`,
+//!   `PAGELLM_CUDA_MMV1=0`, `PAGELLM_CUDA_MMVP=0` turn each off (comparisons, bench/GPU_NOTES.md).
 //!
 //! Not yet: batch invariance across the two product paths (above [`INT_PATH_MAX_TOK`] tokens the f16
 //! GEMM path gives a token different logits, up to 4e-2 relative L2 on the tiny models), `--gpu-layers`.
