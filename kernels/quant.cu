@@ -405,10 +405,10 @@ __device__ __forceinline__ void mmv_f(const u8* __restrict__ w, int K, int n_row
 }
 
 // One token (decode): the same float steps as mmv_q for n_tok = 1, but each lane first issues the
-// loads of MMV1_U rounds of 32 blocks (more bytes in flight per warp), then folds the rounds in block
+// loads of U (MMV1_U) rounds of 32 blocks (more bytes in flight per warp), then folds the rounds in block
 // order exactly as mmv_q does.
 #define MMV1_U 4
-template <int T>
+template <int T, int U = MMV1_U>
 __device__ __forceinline__ void mmv1_q(const u8* __restrict__ w, int K, int n_rows, int row, const i8* __restrict__ qa,
                                        const float* __restrict__ da, const int* __restrict__ sa,
                                        const float* __restrict__ ss, float* __restrict__ out) {
@@ -418,12 +418,12 @@ __device__ __forceinline__ void mmv1_q(const u8* __restrict__ w, int K, int n_ro
     const int nb = K / 32;
     const u8* wrow = w + (long long)row * row_bytes_of(T, K);
     float acc = 0.0f;
-    for (int b0 = 0; b0 < nb; b0 += 32 * MMV1_U) {
-        int q[MMV1_U][8];
-        float d0[MMV1_U], m[MMV1_U], dw[MMV1_U], dminw[MMV1_U];
-        int sc[MMV1_U], mn[MMV1_U];
+    for (int b0 = 0; b0 < nb; b0 += 32 * U) {
+        int q[U][8];
+        float d0[U], m[U], dw[U], dminw[U];
+        int sc[U], mn[U];
 #pragma unroll
-        for (int u = 0; u < MMV1_U; u++) {
+        for (int u = 0; u < U; u++) {
             const int b = b0 + 32 * u + lane;
 #pragma unroll
             for (int i = 0; i < 8; i++) q[u][i] = 0;
@@ -441,7 +441,7 @@ __device__ __forceinline__ void mmv1_q(const u8* __restrict__ w, int K, int n_ro
             }
         }
 #pragma unroll
-        for (int u = 0; u < MMV1_U; u++) {
+        for (int u = 0; u < U; u++) {
             const int bb = b0 + 32 * u;  // first block of this round (warp-uniform)
             if (bb >= nb) break;
             const int b = bb + lane;
@@ -501,7 +501,7 @@ __device__ __forceinline__ void mmv1_q(const u8* __restrict__ w, int K, int n_ro
 
 // One token, Q4_0 repacked (T_Q4_0R), persistent warps with software pipelining: warp w of the grid
 // (W warps in all) takes rows w, w + W, ... of the parts' rows concatenated, each row in batches of
-// MMV1_U rounds of 32 blocks. The raw weight bytes of the next batch (this row's next one, or the next
+// U rounds of 32 blocks. The raw weight bytes of the next batch (this row's next one, or the next
 // row's first) are loaded before this batch is unpacked and multiplied, so a warp always has a batch of
 // loads in flight, also across rows. Per row the float steps are mmv1_q's (and mmv_q's) exactly.
 struct Q4r_raw {
@@ -658,8 +658,9 @@ __device__ __forceinline__ int mmv_part(int r0, int r1, int& row) {
         MMV_PICK                                                                                              \
         mmv_q<T>(w, K, n_rows, row, qa, da, sa, ss, n_tok, out);                                              \
     }
-// One-token kernels for the 32-weight types only: for Q4_K and Q6_K mmv1 measured slower than mmv on
-// the H200 (94 / 72 registers; Q4_K_M tg128 211 vs 230 tok/s, bench/GPU_NOTES.md session 3).
+// One-token kernels, 4 rounds in flight per lane for the 32-weight types; for Q4_K and Q6_K 4 rounds
+// measured slower than mmv on the H200 (94 / 72 registers; Q4_K_M tg128 211 vs 230 tok/s) and 2 rounds
+// faster (56 / 48 registers; 248-252 vs 228-232), bench/GPU_NOTES.md session 3.
 #define MMV_Q1(suffix, T)                                                                                     \
     MMV_Q(suffix, T)                                                                                          \
     extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32) mmv1_##suffix(MMV_ARGS) {                     \
@@ -673,6 +674,14 @@ MMV_Q1(q5_0, T_Q5_0)
 MMV_Q1(q8_0, T_Q8_0)
 MMV_Q(q4_k, T_Q4_K)
 MMV_Q(q6_k, T_Q6_K)
+// k-quants, one token, 2 rounds in flight per lane
+#define MMV1K(suffix, T)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32) mmv1_##suffix(MMV_ARGS) {                     \
+        MMV_PICK                                                                                              \
+        mmv1_q<T, 2>(w, K, n_rows, row, qa, da, sa, ss, out);                                                 \
+    }
+MMV1K(q4_k, T_Q4_K)
+MMV1K(q6_k, T_Q6_K)
 
 extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32) mmv_f32(const u8* w, int K, int n_rows, const float* x, int n_tok, float* out) {
     mmv_f<T_F32>(w, K, n_rows, x, n_tok, out);

@@ -31,9 +31,10 @@
 //!   flush; a step whose launch list repeats the last one (decode) is captured once into a CUDA graph and
 //!   then replayed with one driver call per step. Products of one input (Q, K, V; gate, up) share one
 //!   launch, and rms_norm / glu quantize their output for the product that reads it (`rms_norm_q`,
-//!   `glu_q`). One-token products of the 32-weight types use `mmv1_*` (more loads in flight per warp),
-//!   Q4_0 the persistent, software-pipelined `mmvp_q4_0r`. `PAGELLM_CUDA_GRAPH=0`, `PAGELLM_CUDA_FUSE=0`,
-//!   `PAGELLM_CUDA_MMV1=0`, `PAGELLM_CUDA_MMVP=0` turn each off (comparisons, bench/GPU_NOTES.md).
+//!   `glu_q`). One-token products use `mmv1_*` (more loads in flight per warp: 4 rounds of 32 blocks,
+//!   2 for the k-quants), Q4_0 the persistent, software-pipelined `mmvp_q4_0r`. `PAGELLM_CUDA_GRAPH=0`,
+//!   `PAGELLM_CUDA_FUSE=0`, `PAGELLM_CUDA_MMV1=0`, `PAGELLM_CUDA_MMVP=0`, `PAGELLM_CUDA_MMV1K=0` turn each
+//!   off (comparisons, bench/GPU_NOTES.md).
 //!
 //! Not yet: batch invariance across the two product paths (above [`INT_PATH_MAX_TOK`] tokens the f16
 //! GEMM path gives a token different logits, up to 4e-2 relative L2 on the tiny models), `--gpu-layers`.
@@ -229,6 +230,9 @@ pub struct CudaBackend {
     queue: Mutex<graph::Queue>,
     /// Whether one-token products use `mmv1_*`.
     mmv1: bool,
+    /// Whether one-token k-quant products use `mmv1_q4_k` / `mmv1_q6_k` (2 rounds in flight) instead
+    /// of `mmv` (`PAGELLM_CUDA_MMV1K=0`: `mmv`).
+    mmv1k: bool,
     /// Blocks of `mmvp_q4_0r` that fit the GPU at once (0: not used, `PAGELLM_CUDA_MMVP=0`).
     mmvp_blocks: u32,
     /// Whether rms_norm and glu also quantize their output for the product that reads it next
@@ -411,7 +415,7 @@ impl CudaBackend {
         // dispatch once; for comparisons: PAGELLM_CUDA_GRAPH=0 (no graphs), PAGELLM_CUDA_FUSE=0 (no merged
         // products, no quantizing epilogues), both: every launch issued at once as before;
         // PAGELLM_CUDA_MMV1=0 (no one-token kernels), PAGELLM_CUDA_MMVP=0 (Q4_0 one-token products by mmv1
-        // instead of the persistent mmvp)
+        // instead of the persistent mmvp), PAGELLM_CUDA_MMV1K=0 (k-quant one-token products by mmv)
         let off = |v: &str| std::env::var(v).as_deref() == Ok("0");
         let queue = Mutex::new(graph::Queue::new(!off("PAGELLM_CUDA_GRAPH"), !off("PAGELLM_CUDA_FUSE")));
         let mmv1 = !off("PAGELLM_CUDA_MMV1");
@@ -434,6 +438,7 @@ impl CudaBackend {
             quantized: Mutex::new(None),
             queue,
             mmv1,
+            mmv1k: !off("PAGELLM_CUDA_MMV1K"),
             mmvp_blocks,
             fuse,
             quant_hints: Mutex::new(Vec::new()),
@@ -669,8 +674,8 @@ impl Backend for CudaBackend {
             data,
             vector,
             mmv: Some((self.k.get(&format!("mmv_{suffix}")).clone(), act)),
-            // one-token kernels for the 32-weight types (for the k-quants mmv is faster: kernels/quant.cu)
             mmv1: match suffix {
+                _ if act == Act::Q8K && self.mmv1 && self.mmv1k => Some((self.k.get(&format!("mmv1_{suffix}")).clone(), 0)),
                 _ if act != Act::Q8 || !self.mmv1 => None,
                 "q4_0r" if self.mmvp_blocks > 0 => Some((self.k.get("mmvp_q4_0r").clone(), self.mmvp_blocks)),
                 _ => Some((self.k.get(&format!("mmv1_{suffix}")).clone(), 0)),

@@ -34,6 +34,8 @@ const NAMES: &[&str] = &[
     "mmv1_q4_0",
     "mmv1_q4_0r",
     "mmvp_q4_0r",
+    "mmv1_q4_k",
+    "mmv1_q6_k",
     "mmv1_q4_1",
     "mmv1_q5_0",
     "mmv1_q8_0",
