@@ -13,7 +13,7 @@
 //                        order; a split with no live entry writes (m, l) = (-inf, 0) and is skipped by the
 //                        merge. Without a view every entry is live.
 //
-// grid (query row, kv head x chunk of up to ATT_G query heads of its group, split). A CTA reads each K/V
+// grid (query row, kv head x chunk of up to G query heads of its group, split). A CTA reads each K/V
 // row once for all its query heads (GQA), in three phases over its split (at most ATT_SPLIT keys):
 //   1. s_j = scale * (f16(q) . k_j), kept in shared memory; the split's max m;
 //   2. e_j = exp(s_j - m), l = sum e_j in f64; weights w_j = f16(e_j * f32(1/l)) (ggml's f16 weights);
@@ -38,7 +38,7 @@
 #define AR_W 5      // with AR_WANT: offset of its weights [n_heads x ctx] in wsc, low and high 32 bits
 #define AR_WANT 7   // 1: its sequence wants its probabilities
 
-#define ATT_WARPS 4
+#define ATT_WARPS 8  // 256 threads (CudaBackend's ATTN_THREADS)
 #define ATT_G 4
 #define ATT_SPLIT 512
 #define ATT_CH 64  // keys staged in shared memory at a time
@@ -53,7 +53,7 @@ __device__ __forceinline__ void load16_f16(const u16* __restrict__ p, float f[16
     }
 }
 
-template <int HD>
+template <int HD, int G, int WARPS>
 __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16* __restrict__ kc,
                                           const u16* __restrict__ vc, const int* __restrict__ rows,
                                           const u32* __restrict__ bt, const u64* __restrict__ live, int n_heads,
@@ -62,10 +62,10 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
                                           float* __restrict__ wsc) {
     const int t = blockIdx.x;
     const int group = n_heads / n_kv;
-    const int n_hc = (group + ATT_G - 1) / ATT_G;
+    const int n_hc = (group + G - 1) / G;
     const int g = blockIdx.y / n_hc, hc = blockIdx.y % n_hc;
-    const int h0 = g * group + hc * ATT_G;
-    const int nh = min(ATT_G, group - hc * ATT_G);
+    const int h0 = g * group + hc * G;
+    const int nh = min(G, group - hc * G);
     const int split = blockIdx.z;
     const int* row = rows + ATT_ROW * t;
     const int bt_off = row[AR_BT];
@@ -76,9 +76,9 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
     const int k_begin = lo + split * ATT_SPLIT, k_end = min(entry + 1, k_begin + ATT_SPLIT);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 
-    __shared__ float sc[ATT_G][ATT_SPLIT];
-    __shared__ float sm_red[ATT_WARPS][ATT_G];
-    __shared__ double sm_sum[ATT_WARPS][ATT_G];
+    __shared__ float sc[G][ATT_SPLIT];
+    __shared__ float sm_red[WARPS][G];
+    __shared__ double sm_sum[WARPS][G];
 
     constexpr int QPL = HD / 32;  // q . k terms per lane
     // the slots of the split's live keys in entry order (and, under a view, their entries)
@@ -91,7 +91,7 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
             sslot[i] = bt[bt_off + j / block_size] * (u32)block_size + (u32)(j % block_size);
         }
     } else {
-        __shared__ int s_cnt[ATT_WARPS];
+        __shared__ int s_cnt[WARPS];
         int base = 0;
         for (int i0 = 0; i0 < n; i0 += blockDim.x) {
             const int i = i0 + threadIdx.x, j = k_begin + i;
@@ -101,7 +101,7 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
             __syncthreads();
             int before = base + __popc(ballot & ((1u << lane) - 1u)), total = base;
 #pragma unroll
-            for (int w = 0; w < ATT_WARPS; w++) {
+            for (int w = 0; w < WARPS; w++) {
                 before += w < warp ? s_cnt[w] : 0;
                 total += s_cnt[w];
             }
@@ -124,48 +124,56 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
         return;
     }
     // lane c holds q elements c, c + 32, ... of each head, rounded to f16
-    float qr[ATT_G][QPL];
+    float qr[G][QPL];
 #pragma unroll
-    for (int hh = 0; hh < ATT_G; hh++)
+    for (int hh = 0; hh < G; hh++)
 #pragma unroll
         for (int e = 0; e < QPL; e++)
             qr[hh][e] = hh < nh ? f16_round(q[((long long)t * n_heads + h0 + hh) * HD + lane + 32 * e]) : 0.0f;
     __syncthreads();
 
-    // K (then V) rows of the split staged through shared memory ATT_CH keys at a time: every thread's
-    // 16-byte loads issued before the first store (memory parallelism for the few CTAs of a decode step)
-    constexpr int VPR = HD / 8;                           // 16-byte pieces per row
-    constexpr int PER = ATT_CH * VPR / (ATT_WARPS * 32);  // pieces per thread per chunk
+    // K (then V) rows of the split staged through shared memory ATT_CH keys at a time, double-buffered
+    // through registers: the 16-byte loads of the next chunk are in flight while this one is computed
+    // (memory parallelism for the few CTAs of a one-sequence decode step)
+    constexpr int NT = WARPS * 32;
+    constexpr int VPR = HD / 8;              // 16-byte pieces per row
+    constexpr int PER = ATT_CH * VPR / NT;  // pieces per thread per chunk
     __shared__ __align__(16) u16 kvs[ATT_CH * HD];
-    auto stage = [&](const u16* __restrict__ pool, int c0, int nk) {
-        uint4 tmp[PER];
+    uint4 tmp[PER];
+    auto fetch = [&](const u16* __restrict__ pool, int c0) {
+        const int nk = min(ATT_CH, n - c0);
 #pragma unroll
         for (int j = 0; j < PER; j++) {
-            const int idx = threadIdx.x + j * ATT_WARPS * 32, r = idx / VPR;
+            const int idx = threadIdx.x + j * NT, r = idx / VPR;
             if (r < nk) tmp[j] = *(const uint4*)(pool + ((long long)sslot[c0 + r] * n_kv + g) * HD + 8 * (idx % VPR));
         }
+    };
+    // the fetched chunk into kvs (the caller syncs before: kvs is free; and after: kvs is complete)
+    auto put = [&](int nk) {
 #pragma unroll
         for (int j = 0; j < PER; j++) {
-            const int idx = threadIdx.x + j * ATT_WARPS * 32;
+            const int idx = threadIdx.x + j * NT;
             if (idx / VPR < nk) ((uint4*)kvs)[idx] = tmp[j];
         }
     };
 
     // 1. s_j = scale * (q . k_j), one warp per key, in the CPU's dot_f16 order; the split's max
-    float m[ATT_G];
+    float m[G];
 #pragma unroll
-    for (int hh = 0; hh < ATT_G; hh++) m[hh] = NEG_INF;
+    for (int hh = 0; hh < G; hh++) m[hh] = NEG_INF;
+    fetch(kc, 0);
     for (int c0 = 0; c0 < n; c0 += ATT_CH) {
         const int nk = min(ATT_CH, n - c0);
         __syncthreads();
-        stage(kc, c0, nk);
+        put(nk);
         __syncthreads();
-        for (int u = warp; u < nk; u += ATT_WARPS) {
+        if (c0 + ATT_CH < n) fetch(kc, c0 + ATT_CH);
+        for (int u = warp; u < nk; u += WARPS) {
             float kf[QPL];
 #pragma unroll
             for (int e = 0; e < QPL; e++) kf[e] = h2f(kvs[u * HD + lane + 32 * e]);
 #pragma unroll
-            for (int hh = 0; hh < ATT_G; hh++) {
+            for (int hh = 0; hh < G; hh++) {
                 float a = 0.0f;
 #pragma unroll
                 for (int e = 0; e < QPL; e++) a = fmaf(kf[e], qr[hh][e], a);
@@ -175,15 +183,17 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
             }
         }
     }
+    // the first V chunk's loads in flight during the softmax
+    fetch(vc, 0);
     if (lane == 0)
 #pragma unroll
-        for (int hh = 0; hh < ATT_G; hh++) sm_red[warp][hh] = m[hh];
+        for (int hh = 0; hh < G; hh++) sm_red[warp][hh] = m[hh];
     __syncthreads();
 #pragma unroll
-    for (int hh = 0; hh < ATT_G; hh++) {
+    for (int hh = 0; hh < G; hh++) {
         float M = NEG_INF;
 #pragma unroll
-        for (int w = 0; w < ATT_WARPS; w++) M = fmaxf(M, sm_red[w][hh]);
+        for (int w = 0; w < WARPS; w++) M = fmaxf(M, sm_red[w][hh]);
         m[hh] = M;
     }
 
@@ -191,9 +201,9 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
     const bool want = row[AR_WANT] == 1;
     const int ctx = row[AR_CTX];
     float* wrow = want ? wsc + ((long long)(u32)row[AR_W] | ((long long)row[AR_W + 1] << 32)) : wsc;
-    double l[ATT_G];
+    double l[G];
 #pragma unroll
-    for (int hh = 0; hh < ATT_G; hh++) {
+    for (int hh = 0; hh < G; hh++) {
         double s = 0.0;
         for (int i = threadIdx.x; i < n; i += blockDim.x) {
             const float e = exp_cr(sc[hh][i] - m[hh]);
@@ -206,10 +216,10 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
     }
     __syncthreads();
 #pragma unroll
-    for (int hh = 0; hh < ATT_G; hh++) {
+    for (int hh = 0; hh < G; hh++) {
         double s = 0.0;
 #pragma unroll
-        for (int w = 0; w < ATT_WARPS; w++) s += sm_sum[w][hh];
+        for (int w = 0; w < WARPS; w++) s += sm_sum[w][hh];
         l[hh] = s;
         const float inv = (float)(1.0 / s);
         if (want && hh < nh) {
@@ -220,48 +230,43 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
     }
     __syncthreads();
 
-    // 3. o = sum_j w_j v_j: one thread per dim for every head of the chunk (ATT_G independent chains),
-    //    keys in order by FMA (the CPU's axpy_f16)
-    constexpr int DPT = (HD + ATT_WARPS * 32 - 1) / (ATT_WARPS * 32);  // dims per thread
-    float o[DPT][ATT_G];
+    // 3. o = sum_j w_j v_j: one thread per (dim, HPT heads of the chunk): HPT independent chains, keys
+    //    in order by FMA (the CPU's axpy_f16)
+    constexpr int HPT = G * HD / NT;  // hd64: 1, hd128: 2, hd256: 4
+    static_assert(HPT >= 1 && G % HPT == 0 && NT % HD == 0, "attention: threads per (head, dim)");
+    const int d = threadIdx.x % HD, hb = (threadIdx.x / HD) * HPT;
+    float o[HPT];
 #pragma unroll
-    for (int k = 0; k < DPT; k++)
-#pragma unroll
-        for (int hh = 0; hh < ATT_G; hh++) o[k][hh] = 0.0f;
+    for (int k = 0; k < HPT; k++) o[k] = 0.0f;
     for (int c0 = 0; c0 < n; c0 += ATT_CH) {
         const int nk = min(ATT_CH, n - c0);
         __syncthreads();
-        stage(vc, c0, nk);
+        put(nk);
         __syncthreads();
+        if (c0 + ATT_CH < n) fetch(vc, c0 + ATT_CH);
+        for (int u = 0; u < nk; u++) {
+            const float v = h2f(kvs[u * HD + d]);
 #pragma unroll
-        for (int k = 0; k < DPT; k++) {
-            const int d = threadIdx.x + k * ATT_WARPS * 32;
-            if (d < HD) {
-                for (int u = 0; u < nk; u++) {
-                    const float v = h2f(kvs[u * HD + d]);
-#pragma unroll
-                    for (int hh = 0; hh < ATT_G; hh++) o[k][hh] = fmaf(sc[hh][c0 + u], v, o[k][hh]);
-                }
-            }
+            for (int k = 0; k < HPT; k++) o[k] = fmaf(sc[hb + k][c0 + u], v, o[k]);
         }
     }
 #pragma unroll
-    for (int k = 0; k < DPT; k++) {
-        const int d = threadIdx.x + k * ATT_WARPS * 32;
-        if (d >= HD) continue;
+    for (int k = 0; k < HPT; k++) {
+        const int hh = hb + k;
+        if (hh >= nh) break;
+        const long long th = (long long)t * n_heads + h0 + hh;
+        if (row_splits == 1) {
+            out[th * HD + d] = o[k];
+        } else {
+            part_o[(th * n_splits + split) * HD + d] = o[k];
+            if (d == 0) {
+                float* ml = part_ml + (th * n_splits + split) * 4;
 #pragma unroll
-        for (int hh = 0; hh < ATT_G; hh++) {
-            if (hh >= nh) break;
-            const long long th = (long long)t * n_heads + h0 + hh;
-            if (row_splits == 1) {
-                out[th * HD + d] = o[k][hh];
-            } else {
-                part_o[(th * n_splits + split) * HD + d] = o[k][hh];
-                if (d == 0) {
-                    float* ml = part_ml + (th * n_splits + split) * 4;
-                    ml[0] = m[hh];
+                for (int h2 = 0; h2 < G; h2++) {  // constant indices: m and l stay in registers
+                    if (h2 != hh) continue;
+                    ml[0] = m[h2];
                     ml[1] = 0.0f;
-                    *(double*)(ml + 2) = l[hh];
+                    *(double*)(ml + 2) = l[h2];
                 }
             }
         }
@@ -273,8 +278,8 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
         const float* q, const u16* kc, const u16* vc, const int* rows, const u32* bt, const u64* live,             \
         int n_heads, int n_kv, int block_size, float scale, int n_splits, float* out, float* part_o, float* part_ml, \
         float* wsc) {                                                                                              \
-        attn_body<HD>(q, kc, vc, rows, bt, live, n_heads, n_kv, block_size, scale, n_splits, out, part_o, part_ml, \
-                      wsc);                                                                                        \
+        attn_body<HD, ATT_G, ATT_WARPS>(q, kc, vc, rows, bt, live, n_heads, n_kv, block_size, scale, n_splits, out, \
+                                        part_o, part_ml, wsc);                                                     \
     }
 ATTN(64)
 ATTN(128)

@@ -3,11 +3,8 @@
 // from ggml's running product; GELU goes through f16 like ggml's table.
 
 // RMS norm of n_rows rows of row_len; one block per row. w may be null.
-extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w, int row_len, float eps,
-                                    float* __restrict__ out) {
-    const long long r = blockIdx.x;
-    const float* xr = x + r * row_len;
-    float* o = out + r * row_len;
+// The row's 1 / sqrt(mean(x^2) + eps) (every thread gets it).
+__device__ __forceinline__ float rms_scale(const float* __restrict__ xr, int row_len, float eps) {
     double s = 0.0;
     for (int i = threadIdx.x; i < row_len; i += blockDim.x) {
         const float v = xr[i];
@@ -26,10 +23,54 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     }
     __syncthreads();
     const float mean = (float)(part[0] / (double)row_len);
-    const float scale = 1.0f / sqrtf(mean + eps);
+    return 1.0f / sqrtf(mean + eps);
+}
+
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w, int row_len, float eps,
+                                    float* __restrict__ out) {
+    const long long r = blockIdx.x;
+    const float* xr = x + r * row_len;
+    float* o = out + r * row_len;
+    const float scale = rms_scale(xr, row_len, eps);
     for (int i = threadIdx.x; i < row_len; i += blockDim.x) {
         const float v = xr[i] * scale;
         o[i] = w ? v * w[i] : v;
+    }
+}
+
+// rms_norm, then its output quantized for the next product as `quantize_q8` (qact 1; row_len a multiple
+// of 32: each warp holds whole blocks) or `quantize_q8k` (qact 2; row_len a multiple of 256: a warp per
+// super-block) would: one launch instead of two, the same values.
+extern "C" __global__ void rms_norm_q(const float* __restrict__ x, const float* __restrict__ w, int row_len, float eps,
+                                      float* __restrict__ out, i8* __restrict__ qa, float* __restrict__ da,
+                                      int* __restrict__ sa, float* __restrict__ ss, int qact) {
+    const long long r = blockIdx.x;
+    const float* xr = x + r * row_len;
+    float* o = out + r * row_len;
+    const float scale = rms_scale(xr, row_len, eps);
+    if (qact == 1) {
+        for (int i = threadIdx.x; i < row_len; i += blockDim.x) {
+            const float v = xr[i] * scale;
+            const float y = w ? v * w[i] : v;
+            o[i] = y;
+            q8_store(y, (r * row_len + i) / 32, qa, da, sa, ss);
+        }
+    } else {
+        const int lane = threadIdx.x & 31;
+        for (int sb = threadIdx.x >> 5; sb < row_len / 256; sb += blockDim.x >> 5) {
+            float y[8];
+            int q[8];
+            float d;
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                const int i = sb * 256 + 8 * lane + k;
+                const float v = xr[i] * scale;
+                y[k] = w ? v * w[i] : v;
+                o[i] = y[k];
+            }
+            q8k_vals(y, q, d);
+            q8k_store(q, d, r * (row_len / 256) + sb, qa, da, sa, ss);
+        }
     }
 }
 
@@ -63,19 +104,48 @@ __device__ __forceinline__ float gelu_tanh(float x) {
     return 0.5f * x * (1.0f + tanhf(SQRT_2_OVER_PI * x * (1.0f + GELU_COEF_A * x * x)));
 }
 
-// gate = act(gate) * up; act 0: SiLU, 1: GELU (tanh) through f16 like ggml's table.
+// act(x) * y; act 0: SiLU, 1: GELU (tanh) through f16 like ggml's table.
+__device__ __forceinline__ float glu1(float x, float y, int act) {
+    if (act == 0) return x / (1.0f + exp_cr(-x)) * y;
+    if (x <= -10.0f) return 0.0f;
+    if (x >= 10.0f) return x * y;
+    return f16_round(gelu_tanh(f16_round(x))) * y;
+}
+
+// gate = act(gate) * up.
 extern "C" __global__ void glu(float* __restrict__ g, const float* __restrict__ u, long long n, int act) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    const float x = g[i], y = u[i];
-    if (act == 0) {
-        g[i] = x / (1.0f + exp_cr(-x)) * y;
-    } else if (x <= -10.0f) {
-        g[i] = 0.0f;
-    } else if (x >= 10.0f) {
-        g[i] = x * y;
+    g[i] = glu1(g[i], u[i], act);
+}
+
+// glu, then gate quantized for the next product as quantize_q8 (qact 1: one thread per value, n a
+// multiple of 32) or quantize_q8k (qact 2: 8 values per thread, a warp per super-block, n a multiple of
+// 256) would.
+extern "C" __global__ void glu_q(float* __restrict__ g, const float* __restrict__ u, long long n, int act,
+                                 i8* __restrict__ qa, float* __restrict__ da, int* __restrict__ sa,
+                                 float* __restrict__ ss, int qact) {
+    const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (qact == 1) {
+        if (t >= n) return;
+        const float y = glu1(g[t], u[t], act);
+        g[t] = y;
+        q8_store(y, t / 32, qa, da, sa, ss);
     } else {
-        g[i] = f16_round(gelu_tanh(f16_round(x))) * y;
+        const long long sb = t >> 5;
+        if (sb >= n / 256) return;
+        const int lane = threadIdx.x & 31;
+        float y[8];
+        int q[8];
+        float d;
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            const long long i = sb * 256 + 8 * lane + k;
+            y[k] = glu1(g[i], u[i], act);
+            g[i] = y[k];
+        }
+        q8k_vals(y, q, d);
+        q8k_store(q, d, sb, qa, da, sa, ss);
     }
 }
 

@@ -91,10 +91,13 @@ __device__ __forceinline__ void decode(const u8* __restrict__ row, int b, int nb
         }
         d0 = d1 = d * (float)sc;
         m = -(dmin * (float)mn);
-        const u8* qs = x + 16 + 32 * (j >> 1);
+        // rows are whole 144-byte super-blocks, so the 32 quant bytes are 16-byte aligned
+        const uint4* qs = (const uint4*)(x + 16 + 32 * (j >> 1));
+        const uint4 u0 = qs[0], u1 = qs[1];
+        const int v[8] = {(int)u0.x, (int)u0.y, (int)u0.z, (int)u0.w, (int)u1.x, (int)u1.y, (int)u1.z, (int)u1.w};
         const int shift = (j & 1) * 4;
 #pragma unroll
-        for (int i = 0; i < 8; i++) q[i] = (ld_i32_b4(qs + 4 * i) >> shift) & 0x0F0F0F0F;
+        for (int i = 0; i < 8; i++) q[i] = (v[i] >> shift) & 0x0F0F0F0F;
     } else if constexpr (T == T_Q6_K) {
         const u8* x = row + (b >> 3) * 210;
         const int j = b & 7, n = j >> 2, k = j & 3;
@@ -134,11 +137,10 @@ __device__ __forceinline__ long long row_bytes_of(int T, int K) {
 // ---- activations: x [n x K] f32 -> Q8 blocks of 32: qa [n x K] int8, da [n x K/32] (f16-rounded
 // scale, as the CPU's Q8_0 stores it), sa [n x K/32] = sum of the block's qa, ss = f16(d * sa) (the
 // CPU's Q8_1 sum, which Q4_1's dot uses). One warp per block.
-extern "C" __global__ void quantize_q8(const float* __restrict__ x, i8* __restrict__ qa, float* __restrict__ da,
-                                       int* __restrict__ sa, float* __restrict__ ss, int n_blocks) {
-    const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-    if (blk >= n_blocks) return;
-    const float v = x[(long long)blk * 32 + lane];
+// Q8 block blk from the warp's 32 values, v in lane order (also the epilogue of rms_norm_q and glu_q).
+__device__ __forceinline__ void q8_store(float v, long long blk, i8* __restrict__ qa, float* __restrict__ da,
+                                         int* __restrict__ sa, float* __restrict__ ss) {
+    const int lane = threadIdx.x & 31;
     const float amax = warp_max(fabsf(v));
     const float d = amax / 127.0f;
     const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
@@ -152,15 +154,20 @@ extern "C" __global__ void quantize_q8(const float* __restrict__ x, i8* __restri
     }
 }
 
+extern "C" __global__ void quantize_q8(const float* __restrict__ x, i8* __restrict__ qa, float* __restrict__ da,
+                                       int* __restrict__ sa, float* __restrict__ ss, int n_blocks) {
+    const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (blk >= n_blocks) return;
+    q8_store(x[(long long)blk * 32 + (threadIdx.x & 31)], blk, qa, da, sa, ss);
+}
+
 // Q8_K activations (for the k-quant weights, as the CPU's quantize_q8_k / ggml's quantize_row_q8_K_ref):
 // one scale per 256 values, d = max / -127 with max the first value of largest magnitude,
 // q = round_half_even(x * (-127 / max)) capped at 127. Written in the Q8-block layout above: da holds d
 // for each of the 8 blocks of 32 (not f16-rounded: Q8_K keeps d in f32). One warp per 256 values; lane l
 // takes values 8l..8l+8.
-__device__ __forceinline__ void q8k_block(const float* __restrict__ x, float v[8], int q[8], float& d) {
+__device__ __forceinline__ void q8k_vals(const float v[8], int q[8], float& d) {
     const int lane = threadIdx.x & 31;
-    const float4 a = ((const float4*)x)[2 * lane], b = ((const float4*)x)[2 * lane + 1];
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
     float amax = 0.0f, mx = 0.0f;
     int at = 1 << 30;
 #pragma unroll
@@ -184,13 +191,17 @@ __device__ __forceinline__ void q8k_block(const float* __restrict__ x, float v[8
     d = 1.0f / iscale;
 }
 
-extern "C" __global__ void quantize_q8k(const float* __restrict__ x, i8* __restrict__ qa, float* __restrict__ da,
-                                        int* __restrict__ sa, float* __restrict__ ss, int n_super) {
-    const int sb = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-    if (sb >= n_super) return;
-    float v[8], d;
-    int q[8];
-    q8k_block(x + (long long)sb * 256, v, q, d);
+__device__ __forceinline__ void q8k_block(const float* __restrict__ x, float v[8], int q[8], float& d) {
+    const int lane = threadIdx.x & 31;
+    const float4 a = ((const float4*)x)[2 * lane], b = ((const float4*)x)[2 * lane + 1];
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    q8k_vals(v, q, d);
+}
+
+// Super-block sb of Q8_K activations from the warp's q (lane l: values 8l..8l+8) and d.
+__device__ __forceinline__ void q8k_store(const int q[8], float d, long long sb, i8* __restrict__ qa,
+                                          float* __restrict__ da, int* __restrict__ sa, float* __restrict__ ss) {
+    const int lane = threadIdx.x & 31;
     int s = 0;
     u32 lo = 0, hi = 0;
 #pragma unroll
@@ -199,7 +210,7 @@ extern "C" __global__ void quantize_q8k(const float* __restrict__ x, i8* __restr
         hi |= (u32)(q[i + 4] & 0xff) << (8 * i);
         s += q[i] + q[i + 4];
     }
-    ((uint2*)(qa + (long long)sb * 256))[lane] = make_uint2(lo, hi);
+    ((uint2*)(qa + sb * 256))[lane] = make_uint2(lo, hi);
     s += __shfl_xor_sync(0xffffffffu, s, 1);
     s += __shfl_xor_sync(0xffffffffu, s, 2);
     if ((lane & 3) == 0) {
@@ -207,6 +218,16 @@ extern "C" __global__ void quantize_q8k(const float* __restrict__ x, i8* __restr
         sa[sb * 8 + lane / 4] = s;
         ss[sb * 8 + lane / 4] = d * (float)s;
     }
+}
+
+extern "C" __global__ void quantize_q8k(const float* __restrict__ x, i8* __restrict__ qa, float* __restrict__ da,
+                                        int* __restrict__ sa, float* __restrict__ ss, int n_super) {
+    const int sb = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (sb >= n_super) return;
+    float v[8], d;
+    int q[8];
+    q8k_block(x + (long long)sb * 256, v, q, d);
+    q8k_store(q, d, sb, qa, da, sa, ss);
 }
 
 // The large-batch path multiplies f16 activations; they are first rounded through the same Q8 blocks
@@ -268,11 +289,11 @@ __device__ __forceinline__ void kscales(const u8* __restrict__ row, int b, int& 
 // Lane l decodes blocks l, l + 32, ...; each round of 32 blocks is folded into the ordered sums by
 // shuffles (lanes 0..3 hold acc[0..3]; every lane holds sumf).
 template <int T>
-__device__ __forceinline__ void mmv_q(const u8* __restrict__ w, int K, int n_rows, const i8* __restrict__ qa,
+__device__ __forceinline__ void mmv_q(const u8* __restrict__ w, int K, int n_rows, int row, const i8* __restrict__ qa,
                                       const float* __restrict__ da, const int* __restrict__ sa,
                                       const float* __restrict__ ss, int n_tok, float* __restrict__ out) {
     constexpr bool KQ = T == T_Q4_K || T == T_Q6_K;
-    const int row = blockIdx.x * MMV_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    const int lane = threadIdx.x & 31;
     if (row >= n_rows) return;
     const int nb = K / 32;
     const u8* wrow = w + (long long)row * row_bytes_of(T, K);
@@ -383,19 +404,284 @@ __device__ __forceinline__ void mmv_f(const u8* __restrict__ w, int K, int n_row
     }
 }
 
-#define MMV_Q(name, T)                                                                                        \
-    extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32) name(                                          \
-        const u8* w, int K, int n_rows, const i8* qa, const float* da, const int* sa, const float* ss,         \
-        int n_tok, float* out) {                                                                              \
-        mmv_q<T>(w, K, n_rows, qa, da, sa, ss, n_tok, out);                                                   \
+// One token (decode): the same float steps as mmv_q for n_tok = 1, but each lane first issues the
+// loads of U (MMV1_U) rounds of 32 blocks (more bytes in flight per warp), then folds the rounds in block
+// order exactly as mmv_q does.
+#define MMV1_U 4
+template <int T, int U = MMV1_U>
+__device__ __forceinline__ void mmv1_q(const u8* __restrict__ w, int K, int n_rows, int row, const i8* __restrict__ qa,
+                                       const float* __restrict__ da, const int* __restrict__ sa,
+                                       const float* __restrict__ ss, float* __restrict__ out) {
+    constexpr bool KQ = T == T_Q4_K || T == T_Q6_K;
+    const int lane = threadIdx.x & 31;
+    if (row >= n_rows) return;
+    const int nb = K / 32;
+    const u8* wrow = w + (long long)row * row_bytes_of(T, K);
+    float acc = 0.0f;
+    for (int b0 = 0; b0 < nb; b0 += 32 * U) {
+        int q[U][8];
+        float d0[U], m[U], dw[U], dminw[U];
+        int sc[U], mn[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int b = b0 + 32 * u + lane;
+#pragma unroll
+            for (int i = 0; i < 8; i++) q[u][i] = 0;
+            d0[u] = m[u] = dw[u] = dminw[u] = 0.0f;
+            sc[u] = mn[u] = 0;
+            if (b < nb) {
+                float d1;
+                decode<T>(wrow, b, nb, q[u], d0[u], d1, m[u]);
+                if constexpr (KQ) {
+                    kscales<T>(wrow, b, sc[u], mn[u]);
+                    const u8* x = wrow + (b >> 3) * (T == T_Q4_K ? 144 : 210);
+                    dw[u] = h2f(ld_u16(x + (T == T_Q4_K ? 0 : 208)));
+                    if (T == T_Q4_K) dminw[u] = h2f(ld_u16(x + 2));
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int bb = b0 + 32 * u;  // first block of this round (warp-uniform)
+            if (bb >= nb) break;
+            const int b = bb + lane;
+            const bool have = b < nb;
+            int lo = 0, hi = 0;
+            float dab = 0.0f;
+            if (have) {
+                const int4* ap = (const int4*)(qa + b * 32);
+                const int4 a0 = ap[0], a1 = ap[1];
+                lo = __dp4a(q[u][0], a0.x, lo);
+                lo = __dp4a(q[u][1], a0.y, lo);
+                lo = __dp4a(q[u][2], a0.z, lo);
+                lo = __dp4a(q[u][3], a0.w, lo);
+                hi = __dp4a(q[u][4], a1.x, hi);
+                hi = __dp4a(q[u][5], a1.y, hi);
+                hi = __dp4a(q[u][6], a1.z, hi);
+                hi = __dp4a(q[u][7], a1.w, hi);
+                dab = da[b];
+            }
+            if constexpr (KQ) {
+                int isum = T == T_Q4_K ? sc[u] * (lo + hi) : sc[u] * lo + mn[u] * hi;
+                int msum = T == T_Q4_K && have ? mn[u] * sa[b] : 0;
+#pragma unroll
+                for (int o = 1; o < 8; o <<= 1) {
+                    isum += __shfl_xor_sync(0xffffffffu, isum, o);
+                    msum += __shfl_xor_sync(0xffffffffu, msum, o);
+                }
+                float v;
+                if (T == T_Q4_K) v = (dw[u] * dab) * (float)isum - (dminw[u] * dab) * (float)msum;
+                else v = (dw[u] * dab) * (float)isum;
+#pragma unroll
+                for (int g = 0; g < 4; g++) {
+                    const float x = __shfl_sync(0xffffffffu, v, 8 * g);
+                    if (bb + 8 * g < nb) acc = acc + x;
+                }
+            } else {
+                float v = (d0[u] * dab) * (float)(lo + hi);
+                if (T == T_Q4_1) v = v + m[u] * (have ? ss[b] : 0.0f);
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    const float x = __shfl_sync(0xffffffffu, v, (lane & 3) + 4 * i);
+                    if (bb + (lane & 3) + 4 * i < nb) acc = acc + x;
+                }
+            }
+        }
     }
-MMV_Q(mmv_q4_0, T_Q4_0)
-MMV_Q(mmv_q4_0r, T_Q4_0R)
-MMV_Q(mmv_q4_1, T_Q4_1)
-MMV_Q(mmv_q5_0, T_Q5_0)
-MMV_Q(mmv_q8_0, T_Q8_0)
-MMV_Q(mmv_q4_k, T_Q4_K)
-MMV_Q(mmv_q6_k, T_Q6_K)
+    float s;
+    if constexpr (KQ) {
+        s = acc;
+    } else {
+        const float a1 = __shfl_sync(0xffffffffu, acc, 1), a2 = __shfl_sync(0xffffffffu, acc, 2);
+        const float a3 = __shfl_sync(0xffffffffu, acc, 3);
+        s = (acc + a2) + (a1 + a3);
+    }
+    if (lane == 0) out[row] = s;
+}
+
+// One token, Q4_0 repacked (T_Q4_0R), persistent warps with software pipelining: warp w of the grid
+// (W warps in all) takes rows w, w + W, ... of the parts' rows concatenated, each row in batches of
+// U rounds of 32 blocks. The raw weight bytes of the next batch (this row's next one, or the next
+// row's first) are loaded before this batch is unpacked and multiplied, so a warp always has a batch of
+// loads in flight, also across rows. Per row the float steps are mmv1_q's (and mmv_q's) exactly.
+struct Q4r_raw {
+    uint4 qs[MMV1_U];
+    u16 d[MMV1_U];
+};
+
+__device__ __forceinline__ void q4r_load(Q4r_raw& r, const u8* __restrict__ wrow, int nb, int b0) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int u = 0; u < MMV1_U; u++) {
+        const int b = b0 + 32 * u + lane;
+        if (b < nb) {
+            if ((nb & 7) == 0) {
+                r.qs[u] = *(const uint4*)(wrow + 16 * b);
+            } else {
+                r.qs[u] = make_uint4(ld_i32_b4(wrow + 16 * b), ld_i32_b4(wrow + 16 * b + 4), ld_i32_b4(wrow + 16 * b + 8),
+                                     ld_i32_b4(wrow + 16 * b + 12));
+            }
+            r.d[u] = ld_u16(wrow + 16 * nb + 2 * b);
+        } else {
+            r.qs[u] = make_uint4(0, 0, 0, 0);
+            r.d[u] = 0;
+        }
+    }
+}
+
+// The part of concatenated row R: its weight row and output element.
+__device__ __forceinline__ void mmvp_row(int R, int K, const u8* w0, int r0, float* o0, const u8* w1, int r1, float* o1,
+                                         const u8* w2, float* o2, const u8*& wrow, float*& out) {
+    const long long rb = row_bytes_of(T_Q4_0R, K);
+    if (R < r0) {
+        wrow = w0 + (long long)R * rb;
+        out = o0 + R;
+    } else if (R < r0 + r1) {
+        wrow = w1 + (long long)(R - r0) * rb;
+        out = o1 + (R - r0);
+    } else {
+        wrow = w2 + (long long)(R - r0 - r1) * rb;
+        out = o2 + (R - r0 - r1);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32, 6) mmvp_q4_0r(
+    const i8* __restrict__ qa, const float* __restrict__ da, const int* __restrict__ sa, const float* __restrict__ ss,
+    int K, int n_tok, const u8* w0, int r0, float* o0, const u8* w1, int r1, float* o1, const u8* w2, int r2, float* o2) {
+    const int lane = threadIdx.x & 31;
+    const int W = gridDim.x * MMV_WARPS, rows = r0 + r1 + r2;
+    int R = blockIdx.x * MMV_WARPS + (threadIdx.x >> 5);
+    if (R >= rows) return;
+    const int nb = K / 32, batch = 32 * MMV1_U;
+    const u8* wrow;
+    float* out;
+    mmvp_row(R, K, w0, r0, o0, w1, r1, o1, w2, o2, wrow, out);
+    int b0 = 0;
+    Q4r_raw cur, nxt;
+    q4r_load(cur, wrow, nb, b0);
+    float acc = 0.0f;
+    while (true) {
+        // the next batch's loads first
+        int R2 = R, nb0 = b0 + batch;
+        const u8* wrow2 = wrow;
+        float* out2 = out;
+        if (nb0 >= nb) {
+            R2 = R + W;
+            nb0 = 0;
+            if (R2 < rows) mmvp_row(R2, K, w0, r0, o0, w1, r1, o1, w2, o2, wrow2, out2);
+        }
+        const bool more = R2 < rows;
+        if (more) q4r_load(nxt, wrow2, nb, nb0);
+        // this batch: mmv1_q's steps for T_Q4_0R
+#pragma unroll
+        for (int u = 0; u < MMV1_U; u++) {
+            const int bb = b0 + 32 * u;
+            if (bb >= nb) break;
+            const int b = bb + lane;
+            const bool have = b < nb;
+            const int v4[4] = {(int)cur.qs[u].x, (int)cur.qs[u].y, (int)cur.qs[u].z, (int)cur.qs[u].w};
+            int q[8];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                q[i] = __vsub4(v4[i] & 0x0F0F0F0F, 0x08080808);
+                q[i + 4] = __vsub4((v4[i] >> 4) & 0x0F0F0F0F, 0x08080808);
+            }
+            const float d0 = h2f(cur.d[u]);
+            int lo = 0, hi = 0;
+            float dab = 0.0f;
+            if (have) {
+                const int4* ap = (const int4*)(qa + b * 32);
+                const int4 a0 = ap[0], a1 = ap[1];
+                lo = __dp4a(q[0], a0.x, lo);
+                lo = __dp4a(q[1], a0.y, lo);
+                lo = __dp4a(q[2], a0.z, lo);
+                lo = __dp4a(q[3], a0.w, lo);
+                hi = __dp4a(q[4], a1.x, hi);
+                hi = __dp4a(q[5], a1.y, hi);
+                hi = __dp4a(q[6], a1.z, hi);
+                hi = __dp4a(q[7], a1.w, hi);
+                dab = da[b];
+            }
+            const float v = (d0 * dab) * (float)(lo + hi);
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                const float x = __shfl_sync(0xffffffffu, v, (lane & 3) + 4 * i);
+                if (bb + (lane & 3) + 4 * i < nb) acc = acc + x;
+            }
+        }
+        if (b0 + batch >= nb) {  // the row's last batch: (acc0 + acc2) + (acc1 + acc3)
+            const float a1 = __shfl_sync(0xffffffffu, acc, 1), a2 = __shfl_sync(0xffffffffu, acc, 2);
+            const float a3 = __shfl_sync(0xffffffffu, acc, 3);
+            const float s = (acc + a2) + (a1 + a3);
+            if (lane == 0) *out = s;
+            acc = 0.0f;
+        }
+        if (!more) break;
+        cur = nxt;
+        R = R2;
+        b0 = nb0;
+        wrow = wrow2;
+        out = out2;
+    }
+}
+
+// A launch takes up to 3 products of the same activations (Q, K, V; gate, up): part p has its weight
+// w_p, rows r_p and output o_p (r_p = 0: absent). Blocks are handed out part after part, MMV_WARPS rows
+// each. Returns this warp's part and sets its row.
+__device__ __forceinline__ int mmv_part(int r0, int r1, int& row) {
+    int blk = blockIdx.x;
+    const int n0 = (r0 + MMV_WARPS - 1) / MMV_WARPS, n1 = (r1 + MMV_WARPS - 1) / MMV_WARPS;
+    int p = 0;
+    if (blk >= n0) {
+        blk -= n0;
+        p = 1;
+        if (blk >= n1) {
+            blk -= n1;
+            p = 2;
+        }
+    }
+    row = blk * MMV_WARPS + (threadIdx.x >> 5);
+    return p;
+}
+
+#define MMV_ARGS                                                                                              \
+    const i8 *qa, const float *da, const int *sa, const float *ss, int K, int n_tok, const u8 *w0, int r0,     \
+        float *o0, const u8 *w1, int r1, float *o1, const u8 *w2, int r2, float *o2
+#define MMV_PICK                                                                                              \
+    int row;                                                                                                  \
+    const int p = mmv_part(r0, r1, row);                                                                      \
+    const u8* w = p == 0 ? w0 : p == 1 ? w1 : w2;                                                             \
+    const int n_rows = p == 0 ? r0 : p == 1 ? r1 : r2;                                                        \
+    float* out = p == 0 ? o0 : p == 1 ? o1 : o2;
+#define MMV_Q(suffix, T)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32) mmv_##suffix(MMV_ARGS) {                      \
+        MMV_PICK                                                                                              \
+        mmv_q<T>(w, K, n_rows, row, qa, da, sa, ss, n_tok, out);                                              \
+    }
+// One-token kernels, 4 rounds in flight per lane for the 32-weight types; for Q4_K and Q6_K 4 rounds
+// measured slower than mmv on the H200 (94 / 72 registers; Q4_K_M tg128 211 vs 230 tok/s) and 2 rounds
+// faster (56 / 48 registers; 248-252 vs 228-232), bench/GPU_NOTES.md session 3.
+#define MMV_Q1(suffix, T)                                                                                     \
+    MMV_Q(suffix, T)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32) mmv1_##suffix(MMV_ARGS) {                     \
+        MMV_PICK                                                                                              \
+        mmv1_q<T>(w, K, n_rows, row, qa, da, sa, ss, out);                                                    \
+    }
+MMV_Q1(q4_0, T_Q4_0)
+MMV_Q1(q4_0r, T_Q4_0R)
+MMV_Q1(q4_1, T_Q4_1)
+MMV_Q1(q5_0, T_Q5_0)
+MMV_Q1(q8_0, T_Q8_0)
+MMV_Q(q4_k, T_Q4_K)
+MMV_Q(q6_k, T_Q6_K)
+// k-quants, one token, 2 rounds in flight per lane
+#define MMV1K(suffix, T)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32) mmv1_##suffix(MMV_ARGS) {                     \
+        MMV_PICK                                                                                              \
+        mmv1_q<T, 2>(w, K, n_rows, row, qa, da, sa, ss, out);                                                 \
+    }
+MMV1K(q4_k, T_Q4_K)
+MMV1K(q6_k, T_Q6_K)
 
 extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32) mmv_f32(const u8* w, int K, int n_rows, const float* x, int n_tok, float* out) {
     mmv_f<T_F32>(w, K, n_rows, x, n_tok, out);

@@ -1,6 +1,8 @@
 //! `pagellm bench`: prompt processing (pp) and text generation (tg) throughput, measured like llama-bench:
 //! pp = one forward over `n_prompt` random tokens from an empty cache; tg = `n_gen` single-token steps
 //! from an empty cache. Each test runs once to warm up, then `reps` times; mean and standard deviation.
+//! With a depth `d > 0` (llama-bench's `-d`) each test starts from a cache already holding `d` random
+//! tokens (prefilled in chunks of 512, untimed) and is named like llama-bench's: "tg128 @ d4096".
 
 use std::time::Instant;
 
@@ -11,8 +13,10 @@ use crate::model::{Logits, Model};
 
 #[derive(Serialize, Debug, Clone)]
 pub struct BenchRow {
-    /// "pp512", "tg128"
+    /// "pp512", "tg128", "tg128 @ d4096"
     pub test: String,
+    /// Tokens in the cache before the test.
+    pub depth: usize,
     pub n_tokens: usize,
     pub threads: usize,
     pub samples_ts: Vec<f64>,
@@ -32,16 +36,19 @@ fn random_tokens(n: usize, n_vocab: usize, seed: u64) -> Vec<u32> {
     (0..n).map(|_| rng.gen_range(0..n_vocab as u32)).collect()
 }
 
-/// Time pp (when `n_prompt > 0`) and tg (when `n_gen > 0`).
-pub fn run(model: &Model, n_prompt: usize, n_gen: usize, reps: usize, threads: usize) -> Result<Vec<BenchRow>, crate::model::ModelError> {
+/// Time pp (when `n_prompt > 0`) and tg (when `n_gen > 0`), each after `depth` tokens of context.
+pub fn run(model: &Model, n_prompt: usize, n_gen: usize, depth: usize, reps: usize, threads: usize) -> Result<Vec<BenchRow>, crate::model::ModelError> {
     let n_vocab = model.config().n_vocab;
-    let mut sess = model.new_session(n_prompt.max(n_gen).max(1))?;
+    let mut sess = model.new_session(depth + n_prompt.max(n_gen).max(1))?;
+    let context = random_tokens(depth, n_vocab, 3);
     let mut rows = Vec::new();
     let mut row = |test: String, n: usize, samples: Vec<f64>| {
         let (avg, sd) = stats(&samples);
-        rows.push(BenchRow { test, n_tokens: n, threads, samples_ts: samples, avg_ts: avg, stddev_ts: sd });
+        let test = if depth > 0 { format!("{test} @ d{depth}") } else { test };
+        rows.push(BenchRow { test, depth, n_tokens: n, threads, samples_ts: samples, avg_ts: avg, stddev_ts: sd });
     };
-    // pp feeds the prompt in one forward; tg feeds one token per forward. Both start from an empty cache.
+    // pp feeds the prompt in one forward; tg feeds one token per forward. Both start from a cache of
+    // `depth` tokens.
     for (prefix, n, step, seed) in [("pp", n_prompt, n_prompt, 1), ("tg", n_gen, 1, 2)] {
         if n == 0 {
             continue;
@@ -50,6 +57,9 @@ pub fn run(model: &Model, n_prompt: usize, n_gen: usize, reps: usize, threads: u
         let mut samples = Vec::new();
         for rep in 0..=reps {
             sess.clear();
+            for chunk in context.chunks(512) {
+                model.forward(&mut sess, chunk, Logits::Last)?;
+            }
             let t = Instant::now();
             for chunk in toks.chunks(step) {
                 model.forward(&mut sess, chunk, Logits::Last)?;

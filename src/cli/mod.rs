@@ -113,6 +113,9 @@ pub enum Command {
         /// Generated tokens for the tg test (0: skip it).
         #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
         n_gen: usize,
+        /// Tokens already in the cache when each test starts (llama-bench's -d).
+        #[arg(short = 'd', long = "n-depth", default_value_t = 0)]
+        depth: usize,
         /// Timed repetitions of each test (after one warm-up run).
         #[arg(short = 'r', long, default_value_t = 3)]
         reps: usize,
@@ -370,11 +373,11 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             }
             Ok(())
         }
-        Command::Bench { model, n_prompt, n_gen, reps, threads, json, device } => {
+        Command::Bench { model, n_prompt, n_gen, depth, reps, threads, json, device } => {
             let file = std::sync::Arc::new(GgufFile::open(&model)?);
-            let ctx = n_prompt.max(n_gen).max(1);
+            let ctx = depth + n_prompt.max(n_gen).max(1);
             let m = crate::model::Model::load_on(file, crate::model::ModelOptions { ctx, threads }, crate::backend::select(device, threads)?)?;
-            let rows = bench::run(&m, n_prompt, n_gen, reps.max(1), threads)?;
+            let rows = bench::run(&m, n_prompt, n_gen, depth, reps.max(1), threads)?;
             let name = model.file_name().map_or_else(|| model.display().to_string(), |n| n.to_string_lossy().into_owned());
             if json {
                 println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "model": name, "results": rows }))?);

@@ -27,10 +27,19 @@
 //!   order, so views give the CPU's result bit for bit too; the probabilities (`score_offset`) come from
 //!   the same pass (kernels/attention.cu: weights kept per row, summed by `attn_scores` in the CPU's order).
 //!
+//! - **Few launches** (graph.rs): inside [`Backend::run`] launches are deferred and issued at the next
+//!   flush; a step whose launch list repeats the last one (decode) is captured once into a CUDA graph and
+//!   then replayed with one driver call per step. Products of one input (Q, K, V; gate, up) share one
+//!   launch, and rms_norm / glu quantize their output for the product that reads it (`rms_norm_q`,
+//!   `glu_q`). One-token products use `mmv1_*` (more loads in flight per warp: 4 rounds of 32 blocks,
+//!   2 for the k-quants), Q4_0 the persistent, software-pipelined `mmvp_q4_0r`. `PAGELLM_CUDA_GRAPH=0`,
+//!   `PAGELLM_CUDA_FUSE=0`, `PAGELLM_CUDA_MMV1=0`, `PAGELLM_CUDA_MMVP=0`, `PAGELLM_CUDA_MMV1K=0` turn each
+//!   off (comparisons, bench/GPU_NOTES.md).
+//!
 //! Not yet: batch invariance across the two product paths (above [`INT_PATH_MAX_TOK`] tokens the f16
-//! GEMM path gives a token different logits, up to 4e-2 relative L2 on the tiny models), CUDA graphs,
-//! `--gpu-layers`.
+//! GEMM path gives a token different logits, up to 4e-2 relative L2 on the tiny models), `--gpu-layers`.
 
+mod graph;
 mod module;
 
 use std::ffi::c_void;
@@ -53,6 +62,8 @@ const _: () = assert!(ATTN_SPLIT == 512, "kernels/attention.cu hard-codes ATT_SP
 /// exactly as the CPU does; larger batches go through dequantize + cuBLAS f16 (faster, not exact).
 /// 24: up to here the chunked integer kernels also beat dequantize + cuBLAS on an H100 (bench/GPU_NOTES.md).
 pub const INT_PATH_MAX_TOK: usize = 24;
+/// Threads per attention CTA (`ATT_WARPS` x 32 in kernels/attention.cu).
+const ATTN_THREADS: u32 = 256;
 /// Head sizes the attention kernel is instantiated for.
 pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
 
@@ -78,7 +89,7 @@ fn init_err(problem: impl Into<String>) -> BackendError {
 }
 
 /// A kernel argument, passed by value.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Debug)]
 enum A {
     /// A device pointer (0 for null).
     P(u64),
@@ -92,8 +103,13 @@ enum A {
 struct Grow<T>(Option<CudaSlice<T>>);
 
 impl<T: DeviceRepr + ValidAsZeroBits> Grow<T> {
-    fn ensure(&mut self, stream: &Arc<CudaStream>, len: usize) -> u64 {
+    /// The array, at least `len` long; `before_free` runs before an old array is freed (queued
+    /// launches may still read it: the caller flushes them).
+    fn ensure(&mut self, stream: &Arc<CudaStream>, len: usize, before_free: &dyn Fn()) -> u64 {
         if self.0.as_ref().is_none_or(|s| s.len() < len) {
+            if self.0.is_some() {
+                before_free();
+            }
             self.0 = None;
             let s = stream.alloc_zeros::<T>(len.max(1)).unwrap_or_else(|e| panic!("cuda scratch of {len} elements: {e}"));
             self.0 = Some(s);
@@ -106,16 +122,22 @@ impl<T: DeviceRepr + ValidAsZeroBits> Grow<T> {
 struct Upload {
     host: Vec<u32>,
     dev: Grow<u32>,
+    /// The queue epoch in which the device copy was last handed out (graph.rs).
+    epoch: u64,
 }
 
 impl Upload {
-    fn put(&mut self, stream: &Arc<CudaStream>, data: &[u32]) -> u64 {
+    fn current(&self, data: &[u32]) -> bool {
+        self.dev.0.is_some() && self.host == data
+    }
+
+    fn put(&mut self, stream: &Arc<CudaStream>, data: &[u32], before_free: &dyn Fn()) -> u64 {
         if let Some(d) = &self.dev.0 {
             if self.host == data {
                 return dptr(d, stream);
             }
         }
-        let ptr = self.dev.ensure(stream, data.len().next_power_of_two());
+        let ptr = self.dev.ensure(stream, data.len().next_power_of_two(), before_free);
         if !data.is_empty() {
             let dev = self.dev.0.as_mut().expect("ensured");
             stream.memcpy_htod(data, &mut dev.slice_mut(..data.len())).unwrap_or_else(|e| panic!("cuda upload: {e}"));
@@ -167,6 +189,9 @@ struct CudaWeight {
     vector: Option<CudaSlice<f32>>,
     /// `mmv_*`, and how it takes its activations.
     mmv: Option<(CudaFunction, Act)>,
+    /// `mmv1_*` (or `mmvp_q4_0r`): one token (32-weight types), and the most blocks a launch needs
+    /// (0: one per 4 rows; the persistent `mmvp` fills the GPU once).
+    mmv1: Option<(CudaFunction, u32)>,
     dequant: Option<CudaFunction>,
     embed: Option<CudaFunction>,
 }
@@ -192,7 +217,7 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     k: module::Kernels,
-    #[allow(dead_code)] // grid sizing (the split-K attention no longer needs it)
+    #[allow(dead_code)] // grid sizing (mmvp's block count is computed from it at start)
     sms: usize,
     name: String,
     copied: AtomicUsize,
@@ -201,6 +226,21 @@ pub struct CudaBackend {
     /// one input (Q, K, V; gate, up) quantize it once. Cleared by every launch other than a product's,
     /// by writes and allocations, and by a product that writes over x.
     quantized: Mutex<Option<(u64, usize, usize, u8)>>,
+    /// Launches deferred inside `run`, and the graphs that replay them (graph.rs).
+    queue: Mutex<graph::Queue>,
+    /// Whether one-token products use `mmv1_*`.
+    mmv1: bool,
+    /// Whether one-token k-quant products use `mmv1_q4_k` / `mmv1_q6_k` (2 rounds in flight) instead
+    /// of `mmv` (`PAGELLM_CUDA_MMV1K=0`: `mmv`).
+    mmv1k: bool,
+    /// Blocks of `mmvp_q4_0r` that fit the GPU at once (0: not used, `PAGELLM_CUDA_MMVP=0`).
+    mmvp_blocks: u32,
+    /// Whether rms_norm and glu also quantize their output for the product that reads it next
+    /// (`rms_norm_q`, `glu_q`), as told by [`CudaBackend::quant_hints`].
+    fuse: bool,
+    /// (activations pointer, row length, rounding) of the last products that quantized their input:
+    /// an op writing that buffer next time quantizes it on the way out (one launch fewer).
+    quant_hints: Mutex<Vec<(u64, usize, Act)>>,
 }
 
 fn dptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
@@ -358,7 +398,7 @@ impl CudaBackend {
         let gpu = ctx.name().unwrap_or_else(|_| "GPU".into());
         let mem = ctx.total_mem().unwrap_or(0) as f64 / (1u64 << 30) as f64;
         let name = format!("cuda ({gpu}, sm_{major}{minor}, {sms} SMs, {mem:.0} GiB)");
-        let up = || Upload { host: Vec::new(), dev: Grow(None) };
+        let up = || Upload { host: Vec::new(), dev: Grow(None), epoch: u64::MAX };
         let scratch = Scratch {
             qa: Grow(None),
             da: Grow(None),
@@ -372,12 +412,62 @@ impl CudaBackend {
             moved: Grow(None),
             up: std::array::from_fn(|_| up()),
         };
-        Ok(CudaBackend { ctx, stream, blas, k, sms, name, copied: AtomicUsize::new(0), scratch: Mutex::new(scratch), quantized: Mutex::new(None) })
+        // dispatch once; for comparisons: PAGELLM_CUDA_GRAPH=0 (no graphs), PAGELLM_CUDA_FUSE=0 (no merged
+        // products, no quantizing epilogues), both: every launch issued at once as before;
+        // PAGELLM_CUDA_MMV1=0 (no one-token kernels), PAGELLM_CUDA_MMVP=0 (Q4_0 one-token products by mmv1
+        // instead of the persistent mmvp), PAGELLM_CUDA_MMV1K=0 (k-quant one-token products by mmv)
+        let off = |v: &str| std::env::var(v).as_deref() == Ok("0");
+        let queue = Mutex::new(graph::Queue::new(!off("PAGELLM_CUDA_GRAPH"), !off("PAGELLM_CUDA_FUSE")));
+        let mmv1 = !off("PAGELLM_CUDA_MMV1");
+        let fuse = !off("PAGELLM_CUDA_FUSE");
+        let mmvp_blocks = if off("PAGELLM_CUDA_MMVP") {
+            0
+        } else {
+            let per_sm = k.get("mmvp_q4_0r").occupancy_max_active_blocks_per_multiprocessor(128, 0, None).unwrap_or(0);
+            per_sm * sms as u32
+        };
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            blas,
+            k,
+            sms,
+            name,
+            copied: AtomicUsize::new(0),
+            scratch: Mutex::new(scratch),
+            quantized: Mutex::new(None),
+            queue,
+            mmv1,
+            mmv1k: !off("PAGELLM_CUDA_MMV1K"),
+            mmvp_blocks,
+            fuse,
+            quant_hints: Mutex::new(Vec::new()),
+        })
     }
 
     /// Waits until every queued op has finished (timings, tests).
     pub fn synchronize(&self) {
+        self.flush();
         self.stream.synchronize().unwrap_or_else(|e| panic!("cuda: {e}"));
+    }
+
+    /// (flushes replayed from a CUDA graph, graphs captured) so far.
+    pub fn graph_stats(&self) -> (u64, u64) {
+        let q = self.queue();
+        (q.replays, q.captures)
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, graph::Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Issues the launches deferred so far (graph.rs).
+    fn flush(&self) {
+        let mut q = self.queue();
+        if q.has_pending() {
+            self.bind();
+            q.flush(&self.stream);
+        }
     }
 
     fn bind(&self) {
@@ -403,32 +493,92 @@ impl CudaBackend {
 
     /// A launch that leaves the Q8 scratch's record alone (the products' own).
     fn launch_keep(&self, f: &CudaFunction, grid: (u32, u32, u32), block: u32, args: &[A]) {
-        self.bind();
-        let mut vals: Vec<A> = args.to_vec();
-        let mut ptrs: Vec<*mut c_void> = vals
-            .iter_mut()
-            .map(|a| match a {
-                A::P(v) => v as *mut u64 as *mut c_void,
-                A::I(v) => v as *mut i32 as *mut c_void,
-                A::U(v) => v as *mut u32 as *mut c_void,
-                A::F(v) => v as *mut f32 as *mut c_void,
-                A::L(v) => v as *mut i64 as *mut c_void,
-            })
-            .collect();
-        // SAFETY: the argument list matches the kernel's signature (each call site mirrors its .cu
-        // declaration) and every pointer is a live device allocation of the size the kernel reads.
-        unsafe {
-            cudarc::driver::result::launch_kernel(f.cu_function(), grid, (block, 1, 1), 0, self.stream.cu_stream(), &mut ptrs)
+        self.enqueue(graph::Op::new(f.cu_function(), grid, block, args));
+    }
+
+    /// Queues `op` inside `run`, else issues it.
+    fn enqueue(&self, op: graph::Op) {
+        let mut q = self.queue();
+        if q.recording {
+            q.push(op);
+        } else {
+            drop(q);
+            self.bind();
+            op.issue(&self.stream);
         }
-        .unwrap_or_else(|e| panic!("cuda launch failed: {e}"));
     }
 
     fn p(&self, b: &Buffer) -> u64 {
         dptr(slice(b), &self.stream)
     }
 
+    /// How the next product of `x` (rows of `k`, or any row length when `k` is 0) will round it, if a
+    /// product read it last time: `(row length, 1 = Q8 | 2 = Q8K)`.
+    fn quant_hint(&self, x: u64, k: usize) -> Option<(usize, i32)> {
+        if !self.fuse {
+            return None;
+        }
+        let hints = self.quant_hints.lock().unwrap_or_else(|e| e.into_inner());
+        let &(_, len, act) = hints.iter().find(|h| h.0 == x && (k == 0 || h.1 == k))?;
+        match act {
+            Act::Q8 if len.is_multiple_of(32) => Some((len, 1)),
+            Act::Q8K if len.is_multiple_of(256) => Some((len, 2)),
+            _ => None,
+        }
+    }
+
+    fn note_quant_hint(&self, x: u64, k: usize, act: Act) {
+        let mut hints = self.quant_hints.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = hints.iter_mut().find(|h| h.0 == x && h.1 == k) {
+            h.2 = act;
+        } else {
+            if hints.len() == 8 {
+                hints.remove(0);
+            }
+            hints.push((x, k, act));
+        }
+    }
+
+    /// The Q8 scratch for `n` rows of `k` (qa, da, sa, ss), for an op that quantizes on the way out;
+    /// forgets the record if an array is reallocated.
+    fn quant_scratch(&self, s: &mut Scratch, n: usize, k: usize) -> [u64; 4] {
+        let nblk = n * k / 32;
+        let fits = s.qa.0.as_ref().is_some_and(|a| a.len() >= n * k)
+            && [&s.da.0, &s.ss.0].iter().all(|a| a.as_ref().is_some_and(|a| a.len() >= nblk))
+            && s.sa.0.as_ref().is_some_and(|a| a.len() >= nblk);
+        if !fits {
+            self.forget_quantized();
+        }
+        [
+            s.qa.ensure(&self.stream, n * k, &self.flusher()),
+            s.da.ensure(&self.stream, nblk, &self.flusher()),
+            s.sa.ensure(&self.stream, nblk, &self.flusher()),
+            s.ss.ensure(&self.stream, nblk, &self.flusher()),
+        ]
+    }
+
+    /// Records that the Q8 scratch now holds `x` (`n` rows of `k`) rounded as `qact`.
+    fn set_quantized(&self, x: u64, n: usize, k: usize, qact: i32) {
+        let act = if qact == 1 { Act::Q8 } else { Act::Q8K };
+        *self.quantized.lock().unwrap_or_else(|e| e.into_inner()) = Some((x, n, k, act as u8));
+    }
+
+    /// The device copy of a host list. A queued launch may read the current copy: a different list
+    /// flushes the queue before overwriting it.
     fn upload(&self, s: &mut Scratch, tag: Tag, data: &[u32]) -> u64 {
-        s.up[tag as usize].put(&self.stream, data)
+        let u = &mut s.up[tag as usize];
+        let epoch = self.queue().epoch;
+        if u.epoch == epoch && !u.current(data) {
+            self.flush();
+        }
+        let p = u.put(&self.stream, data, &|| self.flush());
+        u.epoch = self.queue().epoch;
+        p
+    }
+
+    /// `Grow::ensure`'s flush before a reallocation.
+    fn flusher(&self) -> impl Fn() + '_ {
+        || self.flush()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Scratch> {
@@ -501,7 +651,7 @@ impl Backend for CudaBackend {
             return match vector {
                 Some(vector) => {
                     let data = self.stream.alloc_zeros::<u8>(1).map_err(|_| self.alloc_err(&w.name, 1))?;
-                    let inner = CudaWeight { data, vector: Some(vector), mmv: None, dequant: None, embed: None };
+                    let inner = CudaWeight { data, vector: Some(vector), mmv: None, mmv1: None, dequant: None, embed: None };
                     Ok(Weight::new(w.ty, w.row_len, w.n_rows, Box::new(inner)))
                 }
                 None => Err(unsupported()),
@@ -524,6 +674,12 @@ impl Backend for CudaBackend {
             data,
             vector,
             mmv: Some((self.k.get(&format!("mmv_{suffix}")).clone(), act)),
+            mmv1: match suffix {
+                _ if act == Act::Q8K && self.mmv1 && self.mmv1k => Some((self.k.get(&format!("mmv1_{suffix}")).clone(), 0)),
+                _ if act != Act::Q8 || !self.mmv1 => None,
+                "q4_0r" if self.mmvp_blocks > 0 => Some((self.k.get("mmvp_q4_0r").clone(), self.mmvp_blocks)),
+                _ => Some((self.k.get(&format!("mmv1_{suffix}")).clone(), 0)),
+            },
             dequant: Some(self.k.get(&format!("dequant_f16_{suffix}")).clone()),
             embed: Some(self.k.get(&format!("embed_{suffix}")).clone()),
         };
@@ -535,6 +691,7 @@ impl Backend for CudaBackend {
     }
 
     fn alloc(&self, len: usize) -> Result<Buffer, BackendError> {
+        self.flush();
         self.forget_quantized();
         let s = self.stream.alloc_zeros::<f32>(len.max(1)).map_err(|_| self.alloc_err("activations", len * 4))?;
         Ok(Buffer::new(len, Box::new(s)))
@@ -544,6 +701,7 @@ impl Backend for CudaBackend {
         if !HEAD_DIMS.contains(&shape.head_dim) {
             return Err(init_err(format!("head_dim {} is not supported by the attention kernels (only {HEAD_DIMS:?}): use --device cpu", shape.head_dim)));
         }
+        self.flush();
         let n = shape.num_slots() * shape.token_width();
         let err = || self.alloc_err("the KV cache", n * 4);
         let k = self.stream.alloc_zeros::<u16>(n).map_err(|_| err())?;
@@ -552,6 +710,7 @@ impl Backend for CudaBackend {
     }
 
     fn write_buffer(&self, dst: &mut Buffer, offset: usize, src: &[f32]) {
+        self.flush();
         self.forget_quantized();
         let d = dst.inner_mut().downcast_mut::<CudaSlice<f32>>().expect("buffer from another backend");
         let mut view = d.slice_mut(offset..offset + src.len());
@@ -559,9 +718,33 @@ impl Backend for CudaBackend {
     }
 
     fn read_buffer(&self, src: &Buffer, offset: usize, dst: &mut [f32]) {
+        self.flush();
         let view = slice(src).slice(offset..offset + dst.len());
         self.stream.memcpy_dtoh(&view, dst).unwrap_or_else(|e| panic!("cuda read_buffer: {e}"));
         self.synchronize();
+    }
+
+    /// The ops of `f` are queued and issued at the flushes (graph.rs): a decode step whose launch list
+    /// repeats the last one runs as one CUDA graph.
+    fn run(&self, f: &mut (dyn FnMut() + Send)) {
+        /// Ends the recording however `f` ends (a panic inside a test's `catch_unwind` included).
+        struct Stop<'a>(&'a CudaBackend);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.flush();
+                self.0.queue().recording = false;
+            }
+        }
+        {
+            let mut q = self.queue();
+            if q.recording || !q.defers() {
+                drop(q);
+                return f(); // nested (the outer run flushes), or nothing to gain from deferring
+            }
+            q.recording = true;
+        }
+        let _stop = Stop(self);
+        f();
     }
 
     fn embed(&self, table: &Weight, tokens: &[u32], out: &mut Buffer) {
@@ -595,16 +778,8 @@ impl Backend for CudaBackend {
             if *act != Act::F32 {
                 let nblk = n * k / 32;
                 // a scratch array about to be reallocated loses what the record says it holds
-                let fits = s.qa.0.as_ref().is_some_and(|a| a.len() >= n * k)
-                    && [&s.da.0, &s.ss.0].iter().all(|a| a.as_ref().is_some_and(|a| a.len() >= nblk))
-                    && s.sa.0.as_ref().is_some_and(|a| a.len() >= nblk);
-                if !fits {
-                    self.forget_quantized();
-                }
-                let qa = s.qa.ensure(&self.stream, n * k);
-                let da = s.da.ensure(&self.stream, nblk);
-                let sa = s.sa.ensure(&self.stream, nblk);
-                let ss = s.ss.ensure(&self.stream, nblk);
+                let [qa, da, sa, ss] = self.quant_scratch(&mut s, n, k);
+                self.note_quant_hint(xp, k, *act);
                 let (name, groups) = if *act == Act::Q8K { ("quantize_q8k", nblk / 8) } else { ("quantize_q8", nblk) };
                 let key = Some((xp, n, k, *act as u8));
                 let mut q = self.quantized.lock().unwrap_or_else(|e| e.into_inner());
@@ -618,21 +793,34 @@ impl Backend for CudaBackend {
                 }
                 drop(q);
                 // per launch of up to MMV_MAX_TOK tokens: offsets of its first token's activation blocks
+                // (kernels/quant.cu MMV_ARGS: activations, then up to three (weight, rows, output) parts;
+                // inside `run` the queue merges products of the same activations into one launch)
                 for t0 in (0..n).step_by(MMV_MAX_TOK) {
                     let nt = (n - t0).min(MMV_MAX_TOK);
                     let b0 = (t0 * k / 32) as u64;
                     let args = [
-                        A::P(wp),
-                        A::I(k as i32),
-                        A::I(n_rows as i32),
                         A::P(qa + t0 as u64 * k as u64),
                         A::P(da + 4 * b0),
                         A::P(sa + 4 * b0),
                         A::P(ss + 4 * b0),
+                        A::I(k as i32),
                         A::I(nt as i32),
+                        A::P(wp),
+                        A::I(n_rows as i32),
                         A::P(op + 4 * (t0 * n_rows) as u64),
+                        A::P(0),
+                        A::I(0),
+                        A::P(0),
+                        A::P(0),
+                        A::I(0),
+                        A::P(0),
                     ];
-                    self.launch_keep(mmv, grid, 128, &args);
+                    let (f, grid) = match (&cw.mmv1, nt) {
+                        (Some((f1, 0)), 1) => (f1, grid),
+                        (Some((f1, cap)), 1) => (f1, (grid.0.min(*cap), 1, 1)),
+                        _ => (mmv, grid),
+                    };
+                    self.enqueue(graph::Op::mmv(f.cu_function(), grid, 128, &args, 4));
                 }
             } else {
                 for t0 in (0..n).step_by(MMV_MAX_TOK) {
@@ -642,8 +830,8 @@ impl Backend for CudaBackend {
                 }
             }
         } else {
-            let w16 = s.wf16.ensure(&self.stream, n_rows * k);
-            let x16 = s.xf16.ensure(&self.stream, n * k);
+            let w16 = s.wf16.ensure(&self.stream, n_rows * k, &self.flusher());
+            let x16 = s.xf16.ensure(&self.stream, n * k, &self.flusher());
             let deq = cw.dequant.as_ref().expect("matrix of a supported type");
             self.launch_fn(deq, (blocks(n_rows * k / 32, 256), 1, 1), 256, &[A::P(wp), A::I(k as i32), A::I(n_rows as i32), A::P(w16)]);
             match act {
@@ -651,6 +839,7 @@ impl Backend for CudaBackend {
                 Act::Q8 => self.launch("q8_to_f16", (blocks(n * k, 256), 1, 1), 256, &[A::P(xp), A::P(x16), A::I((n * k / 32) as i32)]),
                 Act::Q8K => self.launch("q8k_to_f16", (blocks(n * k / 8, 256), 1, 1), 256, &[A::P(xp), A::P(x16), A::I((n * k / 256) as i32)]),
             }
+            self.flush();
             self.bind();
             self.gemm_f16(w16, x16, n_rows, n, k, op);
         }
@@ -676,7 +865,19 @@ impl Backend for CudaBackend {
             return;
         }
         let threads = (row_len.div_ceil(32) * 32).clamp(32, 1024) as u32;
-        self.launch("rms_norm", (n_rows as u32, 1, 1), threads, &[A::P(self.p(x)), A::P(wp), A::I(row_len as i32), A::F(eps), A::P(self.p(out))]);
+        let (xp, op) = (self.p(x), self.p(out));
+        let args = [A::P(xp), A::P(wp), A::I(row_len as i32), A::F(eps), A::P(op)];
+        match self.quant_hint(op, row_len) {
+            // the next product of out quantizes it: do it here (kernels/elementwise.cu, rms_norm_q)
+            Some((_, qact)) if n_rows <= INT_PATH_MAX_TOK && op != xp => {
+                let mut s = self.lock();
+                let [qa, da, sa, ss] = self.quant_scratch(&mut s, n_rows, row_len);
+                let q = [A::P(qa), A::P(da), A::P(sa), A::P(ss), A::I(qact)];
+                self.launch("rms_norm_q", (n_rows as u32, 1, 1), threads, &[&args[..], &q[..]].concat());
+                self.set_quantized(op, n_rows, row_len, qact);
+            }
+            _ => self.launch("rms_norm", (n_rows as u32, 1, 1), threads, &args),
+        }
     }
 
     fn rope(&self, x: &mut Buffer, positions: &[u32], n_heads: usize, head_dim: usize, p: &RopeParams) {
@@ -771,7 +972,7 @@ impl Backend for CudaBackend {
         let (kp, vp) = (dptr(&c.k, &self.stream), dptr(&c.v, &self.stream));
         let mut s = self.lock();
         let mv = self.upload(&mut s, Tag::Moves, &flat);
-        let tmp = s.moved.ensure(&self.stream, 2 * n * width);
+        let tmp = s.moved.ensure(&self.stream, 2 * n * width, &self.flusher());
         let args = [A::P(kp), A::P(vp), A::P(mv), A::I(n as i32), A::I(width as i32), A::P(tmp)];
         // gather every source, then scatter: all sources read before any destination is written
         self.launch("kv_gather", (blocks(n * width, 256), 1, 1), 256, &args);
@@ -807,12 +1008,12 @@ impl Backend for CudaBackend {
         let bt_p = self.upload(&mut s, Tag::AttnBt, &meta.bt);
         let live_p = if meta.live.is_empty() { 0 } else { self.upload(&mut s, Tag::AttnLive, &meta.live) };
         let (po, pml) = if n_splits > 1 {
-            let po = s.part_o.ensure(&self.stream, n_rows * n_heads * n_splits * hd);
-            (po, s.part_ml.ensure(&self.stream, n_rows * n_heads * n_splits * 4))
+            let po = s.part_o.ensure(&self.stream, n_rows * n_heads * n_splits * hd, &self.flusher());
+            (po, s.part_ml.ensure(&self.stream, n_rows * n_heads * n_splits * 4, &self.flusher()))
         } else {
             (0, 0)
         };
-        let wp = if meta.weights_len > 0 { s.weights.ensure(&self.stream, meta.weights_len) } else { 0 };
+        let wp = if meta.weights_len > 0 { s.weights.ensure(&self.stream, meta.weights_len, &self.flusher()) } else { 0 };
         let args = [
             A::P(qp),
             A::P(kp),
@@ -830,8 +1031,10 @@ impl Backend for CudaBackend {
             A::P(pml),
             A::P(wp),
         ];
+        // 4 query heads per CTA (one head per CTA, 4x the CTAs, measured slower for one sequence at
+        // depth 4096 on the H200: bench/GPU_NOTES.md session 3)
         let grid = (n_rows as u32, (n_kv * group.div_ceil(4)) as u32, n_splits as u32);
-        self.launch(&format!("attn_hd{hd}"), grid, 128, &args);
+        self.launch(&format!("attn_hd{hd}"), grid, ATTN_THREADS, &args);
         if n_splits > 1 {
             let args = [A::P(po), A::P(pml), A::P(rows_p), A::I(n_heads as i32), A::I(hd as i32), A::I(n_splits as i32), A::P(op)];
             self.launch("attn_merge", ((n_rows * n_heads) as u32, 1, 1), hd as u32, &args);
@@ -872,7 +1075,20 @@ impl Backend for CudaBackend {
             Glu::Silu => 0,
             Glu::GeluTanh => 1,
         };
-        self.launch("glu", (blocks(len, 256), 1, 1), 256, &[A::P(self.p(gate)), A::P(self.p(up)), A::L(len as i64), A::I(act)]);
+        let (gp, up) = (self.p(gate), self.p(up));
+        let args = [A::P(gp), A::P(up), A::L(len as i64), A::I(act)];
+        match self.quant_hint(gp, 0) {
+            // the next product of gate quantizes it: do it here (kernels/elementwise.cu, glu_q)
+            Some((k, qact)) if len.is_multiple_of(k) && len / k <= INT_PATH_MAX_TOK => {
+                let mut s = self.lock();
+                let [qa, da, sa, ss] = self.quant_scratch(&mut s, len / k, k);
+                let q = [A::P(qa), A::P(da), A::P(sa), A::P(ss), A::I(qact)];
+                let threads = if qact == 1 { len } else { len / 8 };
+                self.launch("glu_q", (blocks(threads, 256), 1, 1), 256, &[&args[..], &q[..]].concat());
+                self.set_quantized(gp, len / k, k, qact);
+            }
+            _ => self.launch("glu", (blocks(len, 256), 1, 1), 256, &args),
+        }
     }
 
     fn get_rows(&self, src: &Buffer, row_len: usize, rows: &[u32], out: &mut Buffer) {
