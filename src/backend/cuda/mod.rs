@@ -39,18 +39,22 @@
 //! Not yet: batch invariance across the two product paths (above [`INT_PATH_MAX_TOK`] tokens the f16
 //! GEMM path gives a token different logits, up to 4e-2 relative L2 on the tiny models), `--gpu-layers`.
 
+mod attn_meta;
 mod graph;
 mod module;
+mod scratch;
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
-use cudarc::driver::{sys as drv, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{sys as drv, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
 
 use super::{AttnParams, AttnSeq, Backend, BackendError, Buffer, Glu, HostWeight, KvShape, KvStore, RopeMode, RopeParams, Weight};
 use crate::dtype::GgmlType;
+use attn_meta::attn_meta;
+use scratch::{Grow, Scratch, Tag, Upload};
 
 /// Most tokens the matrix-vector kernels take in one launch (`MMV_MAX_TOK` in kernels/quant.cu).
 pub const MMV_MAX_TOK: usize = 8;
@@ -97,88 +101,6 @@ enum A {
     U(u32),
     F(f32),
     L(i64),
-}
-
-/// A device array grown on demand (never shrunk).
-struct Grow<T>(Option<CudaSlice<T>>);
-
-impl<T: DeviceRepr + ValidAsZeroBits> Grow<T> {
-    /// The array, at least `len` long; `before_free` runs before an old array is freed (queued
-    /// launches may still read it: the caller flushes them).
-    fn ensure(&mut self, stream: &Arc<CudaStream>, len: usize, before_free: &dyn Fn()) -> u64 {
-        if self.0.as_ref().is_none_or(|s| s.len() < len) {
-            if self.0.is_some() {
-                before_free();
-            }
-            self.0 = None;
-            let s = stream.alloc_zeros::<T>(len.max(1)).unwrap_or_else(|e| panic!("cuda scratch of {len} elements: {e}"));
-            self.0 = Some(s);
-        }
-        dptr(self.0.as_ref().expect("just set"), stream)
-    }
-}
-
-/// The last host list uploaded for one purpose, and its device copy.
-struct Upload {
-    host: Vec<u32>,
-    dev: Grow<u32>,
-    /// The queue epoch in which the device copy was last handed out (graph.rs).
-    epoch: u64,
-}
-
-impl Upload {
-    fn current(&self, data: &[u32]) -> bool {
-        self.dev.0.is_some() && self.host == data
-    }
-
-    fn put(&mut self, stream: &Arc<CudaStream>, data: &[u32], before_free: &dyn Fn()) -> u64 {
-        if let Some(d) = &self.dev.0 {
-            if self.host == data {
-                return dptr(d, stream);
-            }
-        }
-        let ptr = self.dev.ensure(stream, data.len().next_power_of_two(), before_free);
-        if !data.is_empty() {
-            let dev = self.dev.0.as_mut().expect("ensured");
-            stream.memcpy_htod(data, &mut dev.slice_mut(..data.len())).unwrap_or_else(|e| panic!("cuda upload: {e}"));
-        }
-        self.host.clear();
-        self.host.extend_from_slice(data);
-        ptr
-    }
-}
-
-/// What each kind of host list is uploaded as.
-#[derive(Clone, Copy)]
-enum Tag {
-    Tokens,
-    Positions,
-    Slots,
-    Rows,
-    AttnRows,
-    AttnBt,
-    AttnLive,
-    AttnScoreSeqs,
-    FreqFactors,
-    Moves,
-}
-const N_TAGS: usize = 10;
-
-/// Scratch arrays, behind one lock (ops take `&self`).
-struct Scratch {
-    qa: Grow<i8>,
-    da: Grow<f32>,
-    sa: Grow<i32>,
-    ss: Grow<f32>,
-    wf16: Grow<u16>,
-    xf16: Grow<u16>,
-    part_o: Grow<f32>,
-    part_ml: Grow<f32>,
-    /// `[n_heads x ctx_len]` per query row that wants its probabilities: its within-split weights.
-    weights: Grow<f32>,
-    /// `[2 x moves x token_width]` the K and V rows of `kv_move_slots`' sources.
-    moved: Grow<u16>,
-    up: [Upload; N_TAGS],
 }
 
 /// A weight on the device, with its kernels picked at upload (dispatch once).
@@ -291,88 +213,6 @@ fn repack_q4_0(bytes: &[u8], nb: usize) -> Vec<u8> {
         }
     }
     out
-}
-
-/// Fields per query row in [`AttnMeta::rows`] (`ATT_ROW`, `AR_*` in kernels/attention.cu).
-const ATT_ROW: usize = 8;
-
-/// The host lists of one attention call (kernels/attention.cu's layouts).
-struct AttnMeta {
-    /// `[n_rows x ATT_ROW]`: block table offset (-1: no sequence), entry, first entry in the window,
-    /// live mask offset (-1: no view), ctx_len, weights offset (2 words), wants probabilities.
-    rows: Vec<u32>,
-    /// The sequences' block tables, concatenated.
-    bt: Vec<u32>,
-    /// The live masks of the sequences under a view, as u64 (low word first).
-    live: Vec<u32>,
-    /// `[5]` per sequence that wants probabilities: first row, rows, ctx_len, offset in scores (2 words).
-    score_seqs: Vec<u32>,
-    /// f32 of within-split weights the rows that want probabilities need.
-    weights_len: usize,
-    max_score_ctx: usize,
-    /// Splits of the row with the most.
-    n_splits: usize,
-}
-
-/// Each query row's entry and visible range, cut as the CPU cuts them (src/backend/cpu/attention.rs,
-/// `Job::splits`): entries `lo ..= entry`, `lo` the first inside the window by original position.
-/// `scores`: (base, buffer length) when the call has a scores output.
-fn attn_meta(seqs: &[AttnSeq], p: &AttnParams, bs: usize, scores: Option<(usize, usize)>) -> AttnMeta {
-    let n_rows = seqs.iter().map(|s| s.q_start + s.n_q).max().unwrap_or(0);
-    let mut m = AttnMeta {
-        rows: vec![u32::MAX; ATT_ROW * n_rows],
-        bt: Vec::new(),
-        live: Vec::new(),
-        score_seqs: Vec::new(),
-        weights_len: 0,
-        max_score_ctx: 0,
-        n_splits: 1,
-    };
-    for s in seqs {
-        assert!(s.n_q <= s.ctx_len && s.block_table.len() * bs >= s.ctx_len, "attention: block table too short");
-        let nb = s.ctx_len.div_ceil(bs);
-        let bt_off = m.bt.len() as u32;
-        m.bt.extend_from_slice(&s.block_table[..nb]);
-        let live_off = match s.view {
-            Some(v) => {
-                assert!(bs <= 64 && v.live.len() >= nb && v.positions.len() >= s.ctx_len, "attention: view too short");
-                debug_assert!(v.positions[..s.ctx_len].windows(2).all(|w| w[0] < w[1]), "attention: view positions must increase");
-                let off = m.live.len() / 2;
-                m.live.extend(v.live[..nb].iter().flat_map(|&x| [x as u32, (x >> 32) as u32]));
-                u32::try_from(off).expect("live masks over u32")
-            }
-            None => u32::MAX,
-        };
-        let want = match (s.view.and_then(|v| v.score_offset), scores) {
-            (Some(off), Some((base, len))) => {
-                let dst = base + off;
-                assert!(dst + p.n_kv_heads * s.ctx_len <= len, "attention: scores buffer too small");
-                m.score_seqs.extend([s.q_start as u32, s.n_q as u32, s.ctx_len as u32, dst as u32, (dst >> 32) as u32]);
-                m.max_score_ctx = m.max_score_ctx.max(s.ctx_len);
-                true
-            }
-            _ => false,
-        };
-        for i in 0..s.n_q {
-            let entry = s.ctx_len - s.n_q + i;
-            let lo = match (p.window, s.view) {
-                (None, _) => 0,
-                (Some(w), None) => (entry + 1).saturating_sub(w),
-                (Some(w), Some(v)) => {
-                    let pos = v.positions[entry] as usize;
-                    v.positions[..=entry].partition_point(|&q| pos - q as usize >= w)
-                }
-            };
-            m.n_splits = m.n_splits.max((entry + 1).saturating_sub(lo).div_ceil(ATTN_SPLIT));
-            let w_off = if want { m.weights_len } else { 0 };
-            let r = &mut m.rows[ATT_ROW * (s.q_start + i)..][..ATT_ROW];
-            r.copy_from_slice(&[bt_off, entry as u32, lo as u32, live_off, s.ctx_len as u32, w_off as u32, (w_off >> 32) as u32, want as u32]);
-            if want {
-                m.weights_len += p.n_heads * s.ctx_len;
-            }
-        }
-    }
-    m
 }
 
 thread_local! {
