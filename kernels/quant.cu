@@ -261,6 +261,21 @@ extern "C" __global__ void q8k_to_f16(const float* __restrict__ x, u16* __restri
 // Blocks per lane per step. 4 (all loads first) measured slower than 1 on the H100 (bench/GPU_NOTES.md).
 #define MMV_UNROLL 1
 
+// The two integer half-sums of one 32-weight block: codes q[0..4] against activations 0..16 (lo),
+// q[4..8] against 16..32 (hi); `a` is the block's 32 Q8 activations (16-byte aligned).
+__device__ __forceinline__ void dot32(const int q[8], const i8* __restrict__ a, int& lo, int& hi) {
+    const int4* ap = (const int4*)a;
+    const int4 a0 = ap[0], a1 = ap[1];
+    lo = __dp4a(q[0], a0.x, lo);
+    lo = __dp4a(q[1], a0.y, lo);
+    lo = __dp4a(q[2], a0.z, lo);
+    lo = __dp4a(q[3], a0.w, lo);
+    hi = __dp4a(q[4], a1.x, hi);
+    hi = __dp4a(q[5], a1.y, hi);
+    hi = __dp4a(q[6], a1.z, hi);
+    hi = __dp4a(q[7], a1.w, hi);
+}
+
 // Raw k-quant scales of Q8 block b: Q4_K sc, mn (6-bit) of sub-block b & 7; Q6_K the two int8 scales of
 // its 16-weight halves (sc, mn).
 template <int T>
@@ -322,16 +337,7 @@ __device__ __forceinline__ void mmv_q(const u8* __restrict__ w, int K, int n_row
                 int lo = 0, hi = 0;
                 float dab = 0.0f;
                 if (have) {
-                    const int4* ap = (const int4*)(qa + (long long)t * K + b * 32);
-                    const int4 a0 = ap[0], a1 = ap[1];
-                    lo = __dp4a(q[0], a0.x, lo);
-                    lo = __dp4a(q[1], a0.y, lo);
-                    lo = __dp4a(q[2], a0.z, lo);
-                    lo = __dp4a(q[3], a0.w, lo);
-                    hi = __dp4a(q[4], a1.x, hi);
-                    hi = __dp4a(q[5], a1.y, hi);
-                    hi = __dp4a(q[6], a1.z, hi);
-                    hi = __dp4a(q[7], a1.w, hi);
+                    dot32(q, qa + (long long)t * K + b * 32, lo, hi);
                     dab = da[t * nb + b];
                 }
                 if constexpr (KQ) {
@@ -449,16 +455,7 @@ __device__ __forceinline__ void mmv1_q(const u8* __restrict__ w, int K, int n_ro
             int lo = 0, hi = 0;
             float dab = 0.0f;
             if (have) {
-                const int4* ap = (const int4*)(qa + b * 32);
-                const int4 a0 = ap[0], a1 = ap[1];
-                lo = __dp4a(q[u][0], a0.x, lo);
-                lo = __dp4a(q[u][1], a0.y, lo);
-                lo = __dp4a(q[u][2], a0.z, lo);
-                lo = __dp4a(q[u][3], a0.w, lo);
-                hi = __dp4a(q[u][4], a1.x, hi);
-                hi = __dp4a(q[u][5], a1.y, hi);
-                hi = __dp4a(q[u][6], a1.z, hi);
-                hi = __dp4a(q[u][7], a1.w, hi);
+                dot32(q[u], qa + b * 32, lo, hi);
                 dab = da[b];
             }
             if constexpr (KQ) {
@@ -590,16 +587,7 @@ extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32, 6) mmvp_q4_0r(
             int lo = 0, hi = 0;
             float dab = 0.0f;
             if (have) {
-                const int4* ap = (const int4*)(qa + b * 32);
-                const int4 a0 = ap[0], a1 = ap[1];
-                lo = __dp4a(q[0], a0.x, lo);
-                lo = __dp4a(q[1], a0.y, lo);
-                lo = __dp4a(q[2], a0.z, lo);
-                lo = __dp4a(q[3], a0.w, lo);
-                hi = __dp4a(q[4], a1.x, hi);
-                hi = __dp4a(q[5], a1.y, hi);
-                hi = __dp4a(q[6], a1.z, hi);
-                hi = __dp4a(q[7], a1.w, hi);
+                dot32(q, qa + b * 32, lo, hi);
                 dab = da[b];
             }
             const float v = (d0 * dab) * (float)(lo + hi);

@@ -119,14 +119,15 @@ struct Work {
 }
 
 impl Work {
-    /// Capacity for any split of `group` query heads, taken at once: buffers that grew with the context
-    /// would allocate again whenever it passed their size (decode makes no allocation once warm).
-    fn reserve(&mut self, group: usize) {
+    /// Capacity for any split of `group` query heads of `hd` dims, taken at once: buffers that grew with
+    /// the context would allocate again whenever it passed their size (decode makes no allocation once
+    /// warm). `half` holds a split's weights of one head, or the group's query rows (`load_q`).
+    fn reserve(&mut self, group: usize, hd: usize) {
         fn at_least<T>(v: &mut Vec<T>, n: usize) {
             v.reserve(n.saturating_sub(v.len()));
         }
         at_least(&mut self.scores, group * SPLIT_TOKENS);
-        at_least(&mut self.half, SPLIT_TOKENS.max(group * 256));
+        at_least(&mut self.half, SPLIT_TOKENS.max(group * hd));
         at_least(&mut self.rows, SPLIT_TOKENS);
         at_least(&mut self.ents, SPLIT_TOKENS);
     }
@@ -403,7 +404,7 @@ impl Job<'_> {
         let (t, g) = (idx / n_kv, idx % n_kv);
         let Some(row) = self.rows[t] else { return };
         let keep = !probs.is_empty();
-        tmp.work.reserve(group);
+        tmp.work.reserve(group, hd);
         self.load_q(t, g, &mut tmp.qv, &mut tmp.work.half);
         tmp.acc.resize(group, Ml::default());
         let mut kept = 0;
@@ -468,7 +469,7 @@ impl Job<'_> {
             .zip(items.par_iter().zip(keep.par_iter()))
             .for_each(|(((o, ml), (found, rec)), ((t, span), &keep))| {
                 TMP.with_borrow_mut(|tmp| {
-                    tmp.work.reserve(group);
+                    tmp.work.reserve(group, hd);
                     self.load_q(*t, span.g, &mut tmp.qv, &mut tmp.work.half);
                     let rec = keep.then(|| {
                         self.new_rec(rec);

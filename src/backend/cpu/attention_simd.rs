@@ -17,8 +17,8 @@
 //! PV: 16 (AVX-512: 32) outputs x up to 4 (8) heads in registers; keys in position order, one FMA per
 //!     key per output (`axpy_f16`'s order); each V row chunk converted once for the heads of the pass.
 //! ```
-//! So these loops compute what the per-key `dot_f16`/`axpy_f16` loops did, bit for bit, on both tables: avx2 and avx512 agree, and so do the CUDA kernels, which follow
-//! this order. Every output element's reduction order depends only on head_dim and the split's keys,
+//! So these loops compute what the per-key `dot_f16`/`axpy_f16` loops did, bit for bit, on both tables:
+//! avx2 and avx512 agree, and so do the CUDA kernels, which follow this order. Every output element's reduction order depends only on head_dim and the split's keys,
 //! never on the batch, chunking or thread (DESIGN.md, "Batch invariance"). The scalar loops in
 //! `attention.rs` stay the oracle (`PAGELLM_CPU=scalar` forces them) and the path for a head_dim that is
 //! not a multiple of 16.
@@ -82,7 +82,7 @@ fn detect() -> [Option<SimdAttn>; 2] {
 mod imp {
     use core::arch::x86_64::*;
 
-    use super::super::elementwise::x86::exp8;
+    use super::super::elementwise::x86::{exp8, F64x8};
 
     /// Every row `r..r + hd` inside `pool`, and head_dim a positive multiple of the step.
     pub(super) fn check(pool: &[u16], rows: &[usize], hd: usize) {
@@ -141,15 +141,14 @@ mod imp {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn exp_row(x: &mut [f32], m: f32) -> f64 {
         let mv = _mm256_set1_ps(m);
-        let (mut lo, mut hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+        let mut sum = F64x8::zero();
         let mut chunks = x.chunks_exact_mut(8);
         for c in chunks.by_ref() {
             // SAFETY: 8 floats of a chunk.
             unsafe {
                 let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), mv));
                 _mm256_storeu_ps(c.as_mut_ptr(), e);
-                lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
-                hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(e)));
+                sum.add(e);
             }
         }
         // the last few through the same lanes, so every element takes the same arithmetic
@@ -159,12 +158,7 @@ mod imp {
         // SAFETY: 8 floats of pad.
         unsafe { _mm256_storeu_ps(pad.as_mut_ptr(), exp8(_mm256_sub_ps(_mm256_loadu_ps(pad.as_ptr()), mv))) };
         rest.copy_from_slice(&pad[..rest.len()]);
-        let mut acc = [0.0f64; 8];
-        // SAFETY: 8 doubles of acc.
-        unsafe {
-            _mm256_storeu_pd(acc.as_mut_ptr(), lo);
-            _mm256_storeu_pd(acc.as_mut_ptr().add(4), hi);
-        }
+        let mut acc = sum.lanes();
         for (l, &e) in acc.iter_mut().zip(rest.iter()) {
             *l += e as f64;
         }

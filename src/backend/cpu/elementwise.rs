@@ -259,6 +259,37 @@ pub(super) mod x86 {
         }
     }
 
+    /// 8 f64 accumulators in two registers (lanes 0-3, 4-7): `add` widens 8 f32 and adds lane by lane.
+    /// The f64 sums of [`super::SumSqFn`] and of the attention's exp pass.
+    pub(in super::super) struct F64x8 {
+        lo: __m256d,
+        hi: __m256d,
+    }
+
+    impl F64x8 {
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        pub(in super::super) unsafe fn zero() -> F64x8 {
+            F64x8 { lo: _mm256_setzero_pd(), hi: _mm256_setzero_pd() }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        pub(in super::super) unsafe fn add(&mut self, v: __m256) {
+            self.lo = _mm256_add_pd(self.lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+            self.hi = _mm256_add_pd(self.hi, _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)));
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        pub(in super::super) unsafe fn lanes(&self) -> [f64; 8] {
+            let mut acc = [0.0; 8];
+            _mm256_storeu_pd(acc.as_mut_ptr(), self.lo);
+            _mm256_storeu_pd(acc.as_mut_ptr().add(4), self.hi);
+            acc
+        }
+    }
+
     pub(super) fn sum_sq(x: &[f32]) -> f64 {
         let n = x.len() / 8 * 8;
         // SAFETY: as above; x holds n floats.
@@ -267,20 +298,14 @@ pub(super) mod x86 {
         super::reduce8(acc)
     }
 
-    /// Lanes 0-3 and 4-7 of the 8 accumulators in two registers.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn sum_sq8(x: *const f32, n: usize) -> [f64; 8] {
-        let (mut lo, mut hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+        let mut acc = F64x8::zero();
         for i in (0..n).step_by(8) {
             let v = _mm256_loadu_ps(x.add(i));
-            let sq = _mm256_mul_ps(v, v);
-            lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(sq)));
-            hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(sq)));
+            acc.add(_mm256_mul_ps(v, v));
         }
-        let mut acc = [0.0; 8];
-        _mm256_storeu_pd(acc.as_mut_ptr(), lo);
-        _mm256_storeu_pd(acc.as_mut_ptr().add(4), hi);
-        acc
+        acc.lanes()
     }
 
     pub(super) fn scale_mul(o: &mut [f32], x: &[f32], scale: f32, w: Option<&[f32]>) {

@@ -1,9 +1,10 @@
 //! The CPU backend: weights read in place from the mapped file, activations in `Vec<f32>`, K/V in f16
 //! pools, ops on a rayon pool of its own, kernels from one table chosen at start-up ([`Kernels`]).
 //!
-//! Elementwise ops (SIMD tables in `elementwise`) follow ggml's CPU code where its rounding is visible in the logits: RMS norm sums
-//! squares in f64 and multiplies by the weight after scaling; GELU goes through an f16 table
-//! (`GGML_GELU_FP16`); RoPE angles come from ggml's running product `theta *= base^(-2/n_rot)`.
+//! Elementwise ops (SIMD tables in `elementwise`) follow ggml's CPU code where its rounding is visible in
+//! the logits: RMS norm sums squares in f64 and multiplies by the weight after scaling; GELU goes through
+//! an f16 table (`GGML_GELU_FP16`); RoPE angles come from ggml's running product
+//! `theta *= base^(-2/n_rot)`.
 
 mod attention;
 mod attention_simd;
