@@ -103,7 +103,8 @@ pub enum Command {
         #[arg(long, default_value_t = 16)]
         kv_step: usize,
     },
-    /// Measure prompt processing (pp) and generation (tg) speed, like llama-bench.
+    /// Measure prompt processing (pp) and generation (tg) speed, like llama-bench (--parallel: like
+    /// llama-batched-bench).
     Bench {
         /// Path to a .gguf file.
         model: PathBuf,
@@ -128,6 +129,11 @@ pub enum Command {
         /// Compute device: auto (CUDA when a GPU is usable, else the CPU), cpu or cuda.
         #[arg(long, default_value = "auto")]
         device: DeviceChoice,
+        /// Sequences decoded side by side, like llama-batched-bench: N distinct prompts of -p tokens are
+        /// prefilled together (pp: N*p tokens/s), then each of -n steps runs one token of every sequence
+        /// in one batch (tg: N*n tokens/s). 1: a single sequence, as above.
+        #[arg(short = 'P', long, value_name = "N", default_value_t = 1)]
+        parallel: usize,
     },
     /// Describe a GGUF model: architecture, shape, tokenizer, tensor types and sizes.
     Info {
@@ -373,11 +379,28 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             }
             Ok(())
         }
-        Command::Bench { model, n_prompt, n_gen, depth, reps, threads, json, device } => {
+        Command::Bench { model, n_prompt, n_gen, depth, reps, threads, json, device, parallel } => {
+            if parallel == 0 {
+                return Err("--parallel must be at least 1".into());
+            }
+            if parallel > 1 && (depth > 0 || n_prompt == 0) {
+                return Err("--parallel needs -p of 1 or more and takes no -d: every sequence starts from its own prompt on an empty cache".into());
+            }
             let file = std::sync::Arc::new(GgufFile::open(&model)?);
-            let ctx = depth + n_prompt.max(n_gen).max(1);
-            let m = crate::model::Model::load_on(file, crate::model::ModelOptions { ctx, threads }, crate::backend::select(device, threads)?)?;
-            let rows = bench::run(&m, n_prompt, n_gen, depth, reps.max(1), threads)?;
+            let backend = crate::backend::select(device, threads)?;
+            let rows = if parallel == 1 {
+                let ctx = depth + n_prompt.max(n_gen).max(1);
+                let m = crate::model::Model::load_on(file, crate::model::ModelOptions { ctx, threads }, backend)?;
+                bench::run(&m, n_prompt, n_gen, depth, reps.max(1), threads)?
+            } else {
+                // Each sequence holds its prompt and the n_gen tokens run after it.
+                let seq_tokens = n_prompt.saturating_add(n_gen.max(1));
+                let m = crate::model::Model::load_on(file.clone(), crate::model::ModelOptions { ctx: seq_tokens, threads }, backend)?;
+                // The pool first: it refuses sizes whose prompts would not fit in memory either.
+                let mut engine = bench::parallel_engine(m, parallel, seq_tokens)?;
+                let prompts = bench::parallel_prompts(parallel, n_prompt, &bench::plain_ids(&file, engine.model().config().n_vocab));
+                bench::run_parallel(&mut engine, &prompts, n_gen, reps.max(1), threads)?
+            };
             let name = model.file_name().map_or_else(|| model.display().to_string(), |n| n.to_string_lossy().into_owned());
             if json {
                 println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "model": name, "results": rows }))?);
