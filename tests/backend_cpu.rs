@@ -58,14 +58,23 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 // ---- helpers ----
 
-/// A backend per kernel table this machine runs, scalar first.
-fn backends() -> Vec<(&'static str, CpuBackend)> {
+/// A backend per kernel table this machine runs, scalar first; a table that repacks a weight type
+/// comes twice, repacking (its default) and reading every weight in place (`--no-repack`).
+fn backends() -> Vec<(String, CpuBackend)> {
     let all = Kernels::all();
     println!("kernel tables: {:?}", all.iter().map(|k| k.name()).collect::<Vec<_>>());
     if all.len() == 1 {
         println!("no SIMD on this machine: SIMD-vs-scalar checks cover the scalar table only");
     }
-    all.into_iter().map(|k| (k.name(), CpuBackend::new(2, k).unwrap())).collect()
+    let mut v = Vec::new();
+    for k in all {
+        let packs = k.gemm.is_some_and(|g| g.pack.is_some());
+        v.push((k.name().to_string(), CpuBackend::new(2, k).unwrap()));
+        if packs {
+            v.push((format!("{} in place", k.name()), CpuBackend::new(2, k).unwrap().with_repack(false)));
+        }
+    }
+    v
 }
 
 /// Every SIMD table this machine runs (printing which ones are skipped).
@@ -205,15 +214,32 @@ fn simd_tiles_equal_scalar_dots_bit_for_bit() {
                 let mut out = vec![f32::NAN; n_tok * 17];
                 // SAFETY: out holds n_tok rows of 17 >= n_rows values; nothing else touches it.
                 unsafe { tile(&w, row_bytes, &acts, &mut scratch, out.as_mut_ptr(), 17) };
-                for (i, v) in out.iter().enumerate() {
-                    assert!(i % 17 < n_rows || v.is_nan(), "{wty}: tile wrote past its rows");
+                let mut outs = vec![("tile", out)];
+                // the packed kernel, where the table packs this type: same results from the packed copy
+                if let Some(p) = gemm.pack.filter(|p| p.ty == wty) {
+                    let mut packed = Scratch::default();
+                    let dst = &mut packed.get(p.tile_bytes(nb))[..p.tile_bytes(nb)];
+                    // SAFETY: the table was built after feature detection; dst is 64-byte aligned and
+                    // one tile long.
+                    unsafe { (p.pack)(&w, row_bytes, dst) };
+                    let mut out = vec![f32::NAN; n_tok * 17];
+                    // SAFETY: as for the tile above.
+                    unsafe { (p.gemm)(dst, n_rows, nb, &acts, out.as_mut_ptr(), 17) };
+                    outs.push(("packed", out));
                 }
-                for t in 0..n_tok {
-                    for row in 0..n_rows {
-                        let s = scalar_dot(&w[row * row_bytes..(row + 1) * row_bytes], &a[t * a_row..(t + 1) * a_row]);
-                        let v = out[t * 17 + row];
-                        let what = format!("{wty} k={k} row {row} token {t}: scalar {s} vs {} tile {v}", simd.name());
-                        assert_eq!(s.to_bits(), v.to_bits(), "{what}");
+                for (kind, out) in &outs {
+                    for (i, v) in out.iter().enumerate() {
+                        assert!(i % 17 < n_rows || v.is_nan(), "{wty}: {kind} wrote past its rows");
+                    }
+                    for t in 0..n_tok {
+                        for row in 0..n_rows {
+                            let w_row = &w[row * row_bytes..(row + 1) * row_bytes];
+                            let s = scalar_dot(w_row, &a[t * a_row..(t + 1) * a_row]);
+                            let v = out[t * 17 + row];
+                            let what =
+                                format!("{wty} k={k} row {row} token {t}: scalar {s} vs {} {kind} {v}", simd.name());
+                            assert_eq!(s.to_bits(), v.to_bits(), "{what}");
+                        }
                     }
                 }
             }
@@ -321,8 +347,12 @@ fn matmul_matches_reference_and_simd_equals_scalar() {
             let wt = upload(b, ty, w.clone(), k, n_rows);
             let xb = buffer(b, &x);
             let mut out = b.alloc(n_tok * n_rows).unwrap();
+            let packed_before = b.weight_bytes_copied();
             b.matmul(&wt, &xb, n_tok, &mut out);
             let got = read(b, &out, n_tok * n_rows);
+            // the packed path ran where the table packs this type (and only there)
+            let packed = b.weight_bytes_copied() - packed_before;
+            assert_eq!(packed > 0, b.repacks(ty), "{name} {ty}: packed {packed} bytes");
             // against the product with the quantized activations: f32 rounding only (Q4_1: f16 of s)
             let bound = if ty == GgmlType::Q4_1 { 1e-3 } else { 1e-5 };
             let err = rel_l2(&got, &want_q);
@@ -606,7 +636,7 @@ fn model_weights_stay_in_the_map() {
     let size = file.file_size() as usize;
     let before = CURRENT.load(Ordering::Relaxed);
     PEAK.store(before, Ordering::Relaxed);
-    let cpu = Arc::new(CpuBackend::new(2, Kernels::detect()).unwrap());
+    let cpu = Arc::new(CpuBackend::new(2, Kernels::detect()).unwrap().with_repack(false));
     let opts = ModelOptions { ctx: 256, threads: 2 };
     let model = Model::load_on(file.clone(), opts, cpu.clone()).unwrap();
     let mut sess = model.new_session(256).unwrap();
@@ -639,6 +669,20 @@ fn model_weights_stay_in_the_map() {
     }
     assert_eq!(n, 13 * model.config().n_layers, "gemma3 has 13 tensors per layer");
     assert_eq!(cpu.weight_bytes_copied(), 0);
+    drop((sess, model, cpu));
+
+    // repacking (the default): the heap grows by the packed copies the backend reports, and no more
+    let before = CURRENT.load(Ordering::Relaxed);
+    PEAK.store(before, Ordering::Relaxed);
+    let cpu = Arc::new(CpuBackend::new(2, Kernels::detect()).unwrap());
+    let model = Model::load_on(file.clone(), opts, cpu.clone()).unwrap();
+    let mut sess = model.new_session(256).unwrap();
+    model.forward(&mut sess, &[2, 651, 6037, 529], Logits::Last).unwrap();
+    let (peak, packed) = (PEAK.load(Ordering::Relaxed).saturating_sub(before), cpu.weight_bytes_copied());
+    println!("repacking ({}): {} MiB packed, peak heap growth {} MiB", cpu.kernels().name(), packed >> 20, peak >> 20);
+    assert_eq!(packed > 0, cpu.repacks(GgmlType::Q8_0), "gemma-3's Q8_0 matrices are packed where the table packs Q8_0");
+    assert!(packed < size / 8 * 7, "packed {packed} bytes of a {size}-byte model");
+    assert!(peak < packed + size / 8, "heap grew by {peak} bytes, {packed} of them packed weights");
 }
 
 // ---- throughput (not a check: `cargo test --release --test backend_cpu -- --ignored --nocapture throughput`) ----

@@ -36,6 +36,7 @@ mod imp {
             q6_k: gemm::<Q6K>,
             // one token goes faster through the per-row dots than through a scratch round trip
             min_tokens: 2,
+            pack: None,
         }
     }
 
@@ -109,15 +110,8 @@ mod imp {
     ) {
         let n = w.len() / row_bytes.max(1);
         let nb = row_bytes / K::WB;
-        let nt = acts.n_tok;
         assert!((1..=16).contains(&n) && n * row_bytes == w.len() && nb * K::WB == row_bytes, "gemm: bad tile");
-        assert!(
-            acts.row_bytes == nb * K::AB
-                && acts.bytes.len() >= nt * acts.row_bytes
-                && acts.d.len() >= nt * nb
-                && acts.aux.len() >= nt * nb * K::AUX,
-            "gemm: activations do not match the weights"
-        );
+        assert!(acts.fit(nb, K::AB, K::AUX), "gemm: activations do not match the weights");
         let scr = scratch.get(nb * K::SB).as_mut_ptr();
         for r0 in (0..n).step_by(8) {
             // SAFETY: as avx512.rs: rows < n and blocks < nb of `w`, activations checked above, the

@@ -43,7 +43,7 @@ mod imp {
     use core::arch::x86_64::*;
     use std::marker::PhantomData;
 
-    use super::super::kernels::{GemmKernels, Isa, Kernels, QActs, Scratch};
+    use super::super::kernels::{GemmKernels, Isa, Kernels, PackKernels, QActs, Scratch};
 
     pub(super) fn table(base: Kernels) -> Kernels {
         Kernels {
@@ -56,6 +56,13 @@ mod imp {
                 q4_k: gemm::<Q4K>,
                 q6_k: gemm::<Q6K>,
                 min_tokens: 1,
+                // 576 bytes per 16 x 34: 6% over the file, and a decode step reads one stream
+                pack: Some(PackKernels {
+                    ty: crate::dtype::GgmlType::Q8_0,
+                    block_bytes: <Q8_0 as Tile>::SB,
+                    pack: pack::<Q8_0>,
+                    gemm: packed::<Q8_0>,
+                }),
             }),
             ..base
         }
@@ -127,13 +134,7 @@ mod imp {
         let nb = row_bytes / K::WB;
         let nt = acts.n_tok;
         assert!((1..=16).contains(&n) && n * row_bytes == w.len() && nb * K::WB == row_bytes, "gemm: bad tile");
-        assert!(
-            acts.row_bytes == nb * K::AB
-                && acts.bytes.len() >= nt * acts.row_bytes
-                && acts.d.len() >= nt * nb
-                && acts.aux.len() >= nt * nb * K::AUX,
-            "gemm: activations do not match the weights"
-        );
+        assert!(acts.fit(nb, K::AB, K::AUX), "gemm: activations do not match the weights");
         let at: [usize; 16] = std::array::from_fn(|r| r.min(n - 1) * row_bytes);
         let scr = scratch.get(nb * K::SB).as_mut_ptr();
         // SAFETY: table() is only built after feature detection; every block read lies in `w` (offsets
@@ -146,18 +147,56 @@ mod imp {
                 return gemv::<K>(w.as_ptr(), w.len(), &offs, nb, acts, &o);
             }
             decode_all::<K>(w.as_ptr(), w.len(), &offs, nb, scr);
-            let mut t0 = 0;
-            while t0 < nt {
-                let o = Out { p: out.add(t0 * out_stride), stride: out_stride, mask: ((1u32 << n) - 1) as u16 };
-                match (nt - t0).min(T_MAX) {
-                    4 => compute::<K, 4>(scr, nb, acts, t0, &o),
-                    3 => compute::<K, 3>(scr, nb, acts, t0, &o),
-                    2 => compute::<K, 2>(scr, nb, acts, t0, &o),
-                    _ => compute::<K, 1>(scr, nb, acts, t0, &o),
-                }
-                t0 += T_MAX;
-            }
+            every_token::<K>(scr, n, nb, acts, out, out_stride);
         }
+    }
+
+    /// Every token of `acts`, T_MAX at a time, over the decoded blocks at `scr`.
+    ///
+    /// # Safety
+    /// `scr` holds `nb` decoded blocks (64-byte aligned), `acts` fit them ([`QActs::fit`]), and `out` is as
+    /// [`gemm`] requires for `n` rows.
+    unsafe fn every_token<K: Tile>(scr: *const u8, n: usize, nb: usize, acts: &QActs<'_>, out: *mut f32, out_stride: usize) {
+        let nt = acts.n_tok;
+        let mut t0 = 0;
+        while t0 < nt {
+            let o = Out { p: out.add(t0 * out_stride), stride: out_stride, mask: ((1u32 << n) - 1) as u16 };
+            match (nt - t0).min(T_MAX) {
+                4 => compute::<K, 4>(scr, nb, acts, t0, &o),
+                3 => compute::<K, 3>(scr, nb, acts, t0, &o),
+                2 => compute::<K, 2>(scr, nb, acts, t0, &o),
+                _ => compute::<K, 1>(scr, nb, acts, t0, &o),
+            }
+            t0 += T_MAX;
+        }
+    }
+
+    /// Packs the tile `w` (1..=16 rows of `row_bytes`): its blocks decoded once, as [`gemm`] decodes
+    /// them into its scratch on every call.
+    ///
+    /// # Safety
+    /// See [`PackFn`](super::super::kernels::PackFn).
+    unsafe fn pack<K: Tile>(w: &[u8], row_bytes: usize, dst: &mut [u8]) {
+        let n = w.len() / row_bytes.max(1);
+        let nb = row_bytes / K::WB;
+        assert!((1..=16).contains(&n) && n * row_bytes == w.len() && nb * K::WB == row_bytes, "pack: bad tile");
+        assert!(dst.len() >= nb * K::SB && (dst.as_ptr() as usize).is_multiple_of(64), "pack: destination too small or unaligned");
+        let offs = Offsets { at: std::array::from_fn(|r| r.min(n - 1) * row_bytes) };
+        // SAFETY: as in gemm: reads within `w`, writes within `dst` (checked above).
+        unsafe { decode_all::<K>(w.as_ptr(), w.len(), &offs, nb, dst.as_mut_ptr()) }
+    }
+
+    /// A tile packed by [`pack`] times every token of `acts`: [`gemm`]'s results without its decode.
+    ///
+    /// # Safety
+    /// See [`PackedFn`](super::super::kernels::PackedFn).
+    unsafe fn packed<K: Tile>(tile: &[u8], n: usize, nb: usize, acts: &QActs<'_>, out: *mut f32, out_stride: usize) {
+        assert!((1..=16).contains(&n), "packed: bad tile");
+        assert!(tile.len() >= nb * K::SB && (tile.as_ptr() as usize).is_multiple_of(64), "packed: tile too small or unaligned");
+        assert!(acts.fit(nb, K::AB, K::AUX), "gemm: activations do not match the weights");
+        // SAFETY: table() is only built after feature detection; the tile holds nb decoded blocks and
+        // the activations match them (checked above); `out` is the caller's promise.
+        unsafe { every_token::<K>(tile.as_ptr(), n, nb, acts, out, out_stride) }
     }
 
     /// Decodes every block of the tile at `w` (`n_bytes` long) while prefetching the bytes that follow it

@@ -43,6 +43,37 @@ pub type QuantizeFn = fn(x: &[f32], out: &mut [u8]);
 pub type GemmFn =
     unsafe fn(w: &[u8], row_bytes: usize, acts: &QActs<'_>, scratch: &mut Scratch, out: *mut f32, out_stride: usize);
 
+/// Packs one tile (`w`: 1..=16 weight rows of `row_bytes`) into `dst` (64-byte aligned,
+/// [`PackKernels::tile_bytes`] long): every block in the layout the tile kernel decodes it into.
+///
+/// # Safety
+/// The table this comes from was built after feature detection (as for every kernel pointer).
+pub type PackFn = unsafe fn(w: &[u8], row_bytes: usize, dst: &mut [u8]);
+/// A packed tile of `n` rows and `nb` blocks times every activation row of `acts`, written as
+/// [`GemmFn`] writes them (the same values, bit for bit).
+///
+/// # Safety
+/// As [`GemmFn`]; `tile` was packed by the same table's [`PackFn`].
+pub type PackedFn = unsafe fn(tile: &[u8], n: usize, nb: usize, acts: &QActs<'_>, out: *mut f32, out_stride: usize);
+
+/// Weights repacked once at load for one type's tile kernel, so that a matmul reads one sequential
+/// stream of decoded blocks instead of decoding 16 interleaved rows on every call.
+#[derive(Clone, Copy)]
+pub struct PackKernels {
+    pub ty: GgmlType,
+    /// Bytes of one packed block of 16 rows.
+    pub block_bytes: usize,
+    pub pack: PackFn,
+    pub gemm: PackedFn,
+}
+
+impl PackKernels {
+    /// Bytes of one packed tile of `nb` blocks.
+    pub fn tile_bytes(&self, nb: usize) -> usize {
+        nb * self.block_bytes
+    }
+}
+
 /// Which instruction set a table uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
@@ -65,6 +96,18 @@ pub struct QActs<'a> {
     pub bytes: &'a [u8],
     pub d: &'a [f32],
     pub aux: &'a [i32],
+}
+
+impl QActs<'_> {
+    /// Whether these rows are `nb` activation blocks of `ab` bytes each, with `apb` aux values a block
+    /// (what a tile kernel's unchecked reads rely on).
+    pub fn fit(&self, nb: usize, ab: usize, apb: usize) -> bool {
+        let nt = self.n_tok;
+        self.row_bytes == nb * ab
+            && self.bytes.len() >= nt * self.row_bytes
+            && self.d.len() >= nt * nb
+            && self.aux.len() >= nt * nb * apb
+    }
 }
 
 /// Side values of one activation block for a tile kernel with weights of type `wty` (in `d` and `aux`;
@@ -127,6 +170,20 @@ pub struct Scratch(Vec<Line>);
 struct Line([u8; 64]);
 
 impl Scratch {
+    /// Exactly `bytes` bytes rounded up to whole lines, zeroed, or None if memory runs out.
+    pub fn try_zeroed(bytes: usize) -> Option<Scratch> {
+        let mut v = Vec::new();
+        v.try_reserve_exact(bytes.div_ceil(64)).ok()?;
+        v.resize(bytes.div_ceil(64), Line([0; 64]));
+        Some(Scratch(v))
+    }
+
+    /// The bytes held (whole lines).
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: `Line` is 64 plain bytes; the slice covers exactly the vector's initialised lines.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr() as *const u8, self.0.len() * 64) }
+    }
+
     /// At least `bytes` bytes, 64-byte aligned (contents unspecified).
     pub fn get(&mut self, bytes: usize) -> &mut [u8] {
         let lines = bytes.div_ceil(64);
@@ -149,6 +206,9 @@ pub struct GemmKernels {
     pub q6_k: GemmFn,
     /// Batches of fewer tokens go through the per-row dots instead (both give the same results).
     pub min_tokens: usize,
+    /// The one type whose weights this table repacks at load (where the decoded layout costs little
+    /// more memory than the file's and saves the per-call decode: Q8_0 on AVX-512).
+    pub pack: Option<PackKernels>,
 }
 
 impl GemmKernels {

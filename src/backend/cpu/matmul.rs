@@ -18,8 +18,43 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::kernels::{act_side, aux_per_block, FDotFn, GemmFn, Kernels, QActs, QDotFn, QuantizeFn, Scratch};
+use super::kernels::{
+    act_side, aux_per_block, FDotFn, GemmFn, Kernels, PackKernels, QActs, QDotFn, QuantizeFn, Scratch,
+};
 use crate::dtype::GgmlType;
+
+/// A weight matrix repacked once for its table's tile kernel ([`PackKernels`]): tile after tile of 16
+/// rows, `nb` decoded blocks each, in one 64-byte aligned allocation.
+pub(super) struct Packed {
+    fns: PackKernels,
+    nb: usize,
+    data: Scratch,
+}
+
+impl Packed {
+    /// Heap bytes the packed copy holds.
+    pub(super) fn bytes(&self) -> usize {
+        self.data.bytes().len()
+    }
+}
+
+/// `w` (`n_rows` rows of `row_len` weights of type `ty`) packed for `k`'s tile kernel, if the table
+/// packs that type and the memory is there (otherwise the matmul reads `w` in place). Call inside the
+/// backend's pool.
+pub(super) fn pack(k: &Kernels, ty: GgmlType, w: &[u8], row_len: usize, n_rows: usize) -> Option<Packed> {
+    let fns = k.gemm.and_then(|g| g.pack).filter(|p| p.ty == ty)?;
+    let (row_bytes, n_tiles) = (w.len() / n_rows.max(1), n_rows.div_ceil(TILE_ROWS));
+    let nb = row_len / ty.block_size();
+    let tile_bytes = fns.tile_bytes(nb);
+    let mut data = Scratch::try_zeroed(n_tiles * tile_bytes)?;
+    data.get(n_tiles * tile_bytes)[..n_tiles * tile_bytes].par_chunks_mut(tile_bytes).enumerate().for_each(|(t, dst)| {
+        let rows = t * TILE_ROWS..((t + 1) * TILE_ROWS).min(n_rows);
+        // SAFETY: the pointer comes from a table built after feature detection; `dst` is one tile's
+        // bytes of a 64-byte aligned buffer (tile_bytes is a multiple of 64).
+        unsafe { (fns.pack)(&w[rows.start * row_bytes..rows.end * row_bytes], row_bytes, dst) }
+    });
+    Some(Packed { fns, nb, data })
+}
 
 /// Tokens per tile of the per-row path: an activation tile of 64 rows stays in L2 while a chunk of
 /// weight rows runs over it.
@@ -122,11 +157,14 @@ pub(super) fn matmul(
     w: &[u8],
     row_len: usize,
     n_rows: usize,
+    packed: Option<&Packed>,
     x: &[f32],
     n_tokens: usize,
     out: &mut [f32],
 ) {
     let row_bytes = w.len() / n_rows;
+    let fits = |p: &Packed| p.fns.ty == ty && p.nb * ty.block_size() == row_len && p.bytes() >= n_rows.div_ceil(TILE_ROWS) * p.fns.tile_bytes(p.nb);
+    assert!(packed.is_none_or(fits), "matmul: packed weight does not match the matrix");
     assert!(x.len() >= n_tokens * row_len && out.len() >= n_tokens * n_rows, "matmul: buffers too small");
     let out_ptr = OutPtr(out.as_mut_ptr());
     let chunk = chunk_rows(n_rows, threads);
@@ -135,6 +173,8 @@ pub(super) fn matmul(
 
     match plan(k, ty, n_tokens) {
         Plan::Quant { elems, bytes, quantize, dot, gemm } => with_buf(&ACT, |act| {
+            // a packed weight runs its tile kernel whatever the batch
+            let side = gemm.is_some() || packed.is_some();
             let a_row = row_len / elems * bytes;
             let nb = row_len / elems;
             let apb = aux_per_block(ty);
@@ -149,7 +189,7 @@ pub(super) fn matmul(
                     .for_each(|(o, xr)| quantize(xr, o));
             }
             // and, for the tile kernels, the side values of its blocks
-            if gemm.is_some() {
+            if side {
                 at_least(&mut act.d, n_tokens * nb);
                 at_least(&mut act.aux, n_tokens * nb * apb);
                 let blocks = act.bytes[..n_tokens * a_row].par_chunks(bytes);
@@ -161,18 +201,17 @@ pub(super) fn matmul(
                     .for_each(|((blk, d), aux)| act_side(ty, blk, d, aux));
             }
             let act: &ActBuf = act;
-            match gemm {
-                Some(gemm) => {
-                    let acts = QActs {
-                        n_tok: n_tokens,
-                        row_bytes: a_row,
-                        bytes: &act.bytes[..n_tokens * a_row],
-                        d: &act.d[..n_tokens * nb],
-                        aux: &act.aux[..n_tokens * nb * apb],
-                    };
-                    tiles(gemm, threads, w, row_bytes, n_rows, &acts, out_ptr);
-                }
-                None => (0..n_chunks).into_par_iter().for_each(|c| {
+            let acts = || QActs {
+                n_tok: n_tokens,
+                row_bytes: a_row,
+                bytes: &act.bytes[..n_tokens * a_row],
+                d: &act.d[..n_tokens * nb],
+                aux: &act.aux[..n_tokens * nb * apb],
+            };
+            match (packed, gemm) {
+                (Some(p), _) => packed_tiles(p, threads, n_rows, &acts(), out_ptr),
+                (None, Some(gemm)) => tiles(gemm, threads, w, row_bytes, n_rows, &acts(), out_ptr),
+                (None, None) => (0..n_chunks).into_par_iter().for_each(|c| {
                     let rows = c * chunk..((c + 1) * chunk).min(n_rows);
                     for t0 in (0..n_tokens).step_by(TOKEN_TILE) {
                         for t in t0..(t0 + TOKEN_TILE).min(n_tokens) {
@@ -236,6 +275,22 @@ fn tiles(gemm: GemmFn, threads: usize, w: &[u8], row_bytes: usize, n_rows: usize
                 unsafe { gemm(&w[r0 * row_bytes..(r0 + n) * row_bytes], row_bytes, acts, scratch, out.at(r0), n_rows) };
             }
         })
+    });
+}
+
+/// [`tiles`] over a packed weight: each task reads its tiles as one sequential stream.
+fn packed_tiles(p: &Packed, threads: usize, n_rows: usize, acts: &QActs<'_>, out: OutPtr) {
+    let n_tiles = n_rows.div_ceil(TILE_ROWS);
+    let tile_bytes = p.fns.tile_bytes(p.nb);
+    let per_task = n_tiles.div_ceil(threads.max(1) * 8).max(1);
+    let data = p.data.bytes();
+    (0..n_tiles.div_ceil(per_task)).into_par_iter().for_each(|task| {
+        for tile in task * per_task..((task + 1) * per_task).min(n_tiles) {
+            let r0 = tile * TILE_ROWS;
+            let n = TILE_ROWS.min(n_rows - r0);
+            // SAFETY: as in `tiles`; the tile was packed by this table (Packed::fns).
+            unsafe { (p.fns.gemm)(&data[tile * tile_bytes..(tile + 1) * tile_bytes], n, p.nb, acts, out.at(r0), n_rows) };
+        }
     });
 }
 

@@ -18,6 +18,7 @@ mod neon;
 mod topology;
 
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use half::f16;
@@ -36,11 +37,13 @@ use super::{
 };
 use attention::CpuKv;
 
-/// A weight: a byte range of a host source, never copied.
+/// A weight: a byte range of a host source, read in place; a matrix of a type the kernel table repacks
+/// also gets a packed copy at its first product (unless repacking is off).
 struct CpuWeight {
     source: Arc<dyn HostBytes>,
     offset: usize,
     len: usize,
+    packed: OnceLock<Option<matmul::Packed>>,
 }
 
 impl CpuWeight {
@@ -58,6 +61,10 @@ pub struct CpuBackend {
     k: Kernels,
     /// Norms, RoPE and activations for `k`'s ISA.
     e: &'static elementwise::Elementwise,
+    /// Whether matrices of the type `k` packs are repacked at their first product.
+    repack: bool,
+    /// Heap bytes of the packed copies made so far.
+    packed_bytes: AtomicUsize,
 }
 
 impl CpuBackend {
@@ -70,7 +77,19 @@ impl CpuBackend {
             .build()
             .map_err(|e| BackendError::Init { backend: "cpu".into(), problem: e.to_string() })?;
         let e = elementwise::table(kernels.isa);
-        Ok(CpuBackend { pool, threads, k: kernels, e })
+        Ok(CpuBackend { pool, threads, k: kernels, e, repack: true, packed_bytes: AtomicUsize::new(0) })
+    }
+
+    /// Turns repacking off (`--no-repack`: every weight read in place from the map) or on (the
+    /// default). Set it before loading a model.
+    pub fn with_repack(mut self, on: bool) -> CpuBackend {
+        self.repack = on;
+        self
+    }
+
+    /// Whether a matrix of `ty` gets a packed copy (this table packs it and repacking is on).
+    pub fn repacks(&self, ty: crate::dtype::GgmlType) -> bool {
+        self.repack && self.k.gemm.and_then(|g| g.pack).is_some_and(|p| p.ty == ty)
     }
 
     pub fn kernels(&self) -> &Kernels {
@@ -175,12 +194,12 @@ impl Backend for CpuBackend {
         if w.offset.checked_add(len).is_none_or(|end| end > available) {
             return Err(bad(format!("{len} bytes at offset {} run past the {available} bytes of the file", w.offset)));
         }
-        let inner = CpuWeight { source: w.source.clone(), offset: w.offset, len };
+        let inner = CpuWeight { source: w.source.clone(), offset: w.offset, len, packed: OnceLock::new() };
         Ok(Weight::new(w.ty, w.row_len, w.n_rows, Box::new(inner)))
     }
 
     fn weight_bytes_copied(&self) -> usize {
-        0
+        self.packed_bytes.load(Ordering::Relaxed)
     }
 
     fn run(&self, f: &mut (dyn FnMut() + Send)) {
@@ -234,9 +253,16 @@ impl Backend for CpuBackend {
     }
 
     fn matmul(&self, w: &Weight, x: &Buffer, n_tokens: usize, out: &mut Buffer) {
-        let (x, out) = (buf(x), buf_mut(out));
+        let (x, out, cw) = (buf(x), buf_mut(out), weight(w));
         self.pool.install(|| {
-            matmul::matmul(&self.k, self.threads, w.ty(), weight(w).data(), w.row_len(), w.n_rows(), x, n_tokens, out)
+            let packed = cw.packed.get_or_init(|| {
+                let p = self.repacks(w.ty()).then(|| matmul::pack(&self.k, w.ty(), cw.data(), w.row_len(), w.n_rows()));
+                let p = p.flatten();
+                self.packed_bytes.fetch_add(p.as_ref().map_or(0, |p| p.bytes()), Ordering::Relaxed);
+                p
+            });
+            let (ty, data) = (w.ty(), cw.data());
+            matmul::matmul(&self.k, self.threads, ty, data, w.row_len(), w.n_rows(), packed.as_ref(), x, n_tokens, out)
         });
     }
 
