@@ -111,7 +111,7 @@ impl Recipe {
 /// K-quants need rows that are whole 256-element super-blocks; like llama.cpp, fall back for others.
 fn fit_row(ty: GgmlType, row_len: u64) -> GgmlType {
     use GgmlType::*;
-    if row_len % ty.block_size() as u64 == 0 {
+    if row_len.is_multiple_of(ty.block_size() as u64) {
         return ty;
     }
     match ty {

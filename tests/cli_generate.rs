@@ -53,6 +53,23 @@ fn sampling_is_reproducible_with_a_seed_and_chat_mode_answers() {
     assert_eq!(a, run("5"), "same seed, different output");
 }
 
+/// `--no-repack` reads every weight in place: the same greedy text, token for token (the packed kernels
+/// compute the same bits), on both models (each has a Q8_0 output matrix, the type AVX-512 packs).
+#[test]
+fn no_repack_gives_the_same_text() {
+    for rel in [common::SMOLLM2, common::GEMMA3] {
+        let Some(path) = common::model_or_skip(rel) else { continue };
+        let p = path.to_str().unwrap();
+        let run = |extra: &[&str]| {
+            let args = [&["run", p, "-p", "The capital of France is", "--raw", "--temp", "0", "-n", "24", "--ignore-eos"], extra].concat();
+            stdout(&pagellm(&args))
+        };
+        let (packed, in_place) = (run(&[]), run(&["--no-repack"]));
+        assert!(!packed.trim().is_empty(), "{rel}: no output");
+        assert_eq!(packed, in_place, "{rel}: --no-repack changed the output");
+    }
+}
+
 #[test]
 fn prompt_from_stdin() {
     let Some(path) = common::model_or_skip(common::SMOLLM2) else { return };

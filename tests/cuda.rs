@@ -65,7 +65,7 @@ fn gpu() -> Option<(MutexGuard<'static, ()>, Arc<dyn Backend>)> {
 }
 
 fn cpu() -> Arc<dyn Backend> {
-    pagellm::backend::cpu(4).unwrap()
+    pagellm::backend::cpu(pagellm::backend::CpuOptions::threads(4)).unwrap()
 }
 
 // ---- helpers ----

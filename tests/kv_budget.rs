@@ -4,6 +4,7 @@
 //!   prefix with others, and afterwards that prefix still gives exactly the logits of a fresh engine;
 //! - its blocks stay bounded by the budget however long it runs, and the pool's invariants hold after
 //!   every step.
+//!
 //! (Which tokens each policy keeps: the unit tests of kv/budget.rs; the probabilities H2O accumulates
 //! against a naive recomputation: tests/kv_budget_attention.rs.)
 

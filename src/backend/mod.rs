@@ -304,10 +304,26 @@ pub trait Backend: Send + Sync {
     fn get_rows(&self, src: &Buffer, row_len: usize, rows: &[u32], out: &mut Buffer);
 }
 
-/// The CPU backend with `threads` worker threads (0: one per core) and the best kernels this machine
-/// has (`PAGELLM_CPU=scalar` forces the scalar ones).
-pub fn cpu(threads: usize) -> Result<Arc<dyn Backend>, BackendError> {
-    Ok(Arc::new(cpu::CpuBackend::new(threads, cpu::Kernels::detect())?))
+/// How the CPU backend is built (`--threads`, `--no-repack`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuOptions {
+    /// Worker threads (0: one per physical core).
+    pub threads: usize,
+    /// Whether matrices of the types the kernel table packs get a packed copy (see
+    /// `cpu::CpuBackend::with_repack`); off, every weight is read in place from the map.
+    pub repack: bool,
+}
+
+impl CpuOptions {
+    /// `threads` workers, repacking on (the default).
+    pub fn threads(threads: usize) -> CpuOptions {
+        CpuOptions { threads, repack: true }
+    }
+}
+
+/// The CPU backend with the best kernels this machine has (`PAGELLM_CPU=scalar` forces the scalar ones).
+pub fn cpu(opts: CpuOptions) -> Result<Arc<dyn Backend>, BackendError> {
+    Ok(Arc::new(cpu::CpuBackend::new(opts.threads, cpu::Kernels::detect())?.with_repack(opts.repack)))
 }
 
 /// Which device `--device` asks for.
@@ -332,17 +348,17 @@ impl std::str::FromStr for DeviceChoice {
     }
 }
 
-/// The backend for `device` (`threads`: CPU worker threads). `Auto` falls back to the CPU, saying why on
+/// The backend for `device` (`cpu`: how to build the CPU one). `Auto` falls back to the CPU, saying why on
 /// stderr, when no CUDA library or GPU is usable; `Cuda` is then an error.
-pub fn select(device: DeviceChoice, threads: usize) -> Result<Arc<dyn Backend>, BackendError> {
+pub fn select(device: DeviceChoice, cpu_opts: CpuOptions) -> Result<Arc<dyn Backend>, BackendError> {
     match device {
-        DeviceChoice::Cpu => cpu(threads),
+        DeviceChoice::Cpu => cpu(cpu_opts),
         DeviceChoice::Cuda => Ok(Arc::new(cuda::CudaBackend::new(0)?)),
         DeviceChoice::Auto => match cuda::CudaBackend::new(0) {
             Ok(b) => Ok(Arc::new(b)),
             Err(e) => {
                 eprintln!("note: using the CPU ({e})");
-                cpu(threads)
+                cpu(cpu_opts)
             }
         },
     }

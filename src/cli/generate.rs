@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backend::DeviceChoice;
+use crate::backend::{CpuOptions, DeviceChoice};
 use crate::chat_template::{ChatTemplate, Message, TemplateSource};
 use crate::gguf::{keys, GgufFile};
 use crate::engine::{Engine, EngineOptions, FinishReason};
@@ -28,15 +28,15 @@ pub struct Loaded {
 /// Open the file, read every weight page once behind a progress bar (so the first reply does not pay
 /// for page faults), and build model, tokenizer and template.
 pub fn load(path: &Path, ctx: usize, threads: usize, template_file: Option<&str>) -> Result<Loaded, BoxError> {
-    load_on(path, ctx, threads, template_file, DeviceChoice::Cpu)
+    load_on(path, ctx, CpuOptions::threads(threads), template_file, DeviceChoice::Cpu)
 }
 
 /// [`load`] on the backend `device` picks (`--device`).
-pub fn load_on(path: &Path, ctx: usize, threads: usize, template_file: Option<&str>, device: DeviceChoice) -> Result<Loaded, BoxError> {
+pub fn load_on(path: &Path, ctx: usize, cpu: CpuOptions, template_file: Option<&str>, device: DeviceChoice) -> Result<Loaded, BoxError> {
     let file = Arc::new(GgufFile::open(path)?);
     warm_pages(&file);
     let tokenizer = Tokenizer::from_gguf(&file)?;
-    let model = Model::load_on(file.clone(), ModelOptions { ctx, threads }, crate::backend::select(device, threads)?)?;
+    let model = Model::load_on(file.clone(), ModelOptions { ctx, threads: cpu.threads }, crate::backend::select(device, cpu)?)?;
     let piece = |id: u32| String::from_utf8_lossy(&tokenizer.token_to_piece(id)).into_owned();
     let (bos, eos) = (piece(tokenizer.bos_id()), piece(tokenizer.eos_id()));
     let template = match template_file {
@@ -73,7 +73,7 @@ pub struct GenerateArgs {
     pub system: Option<String>,
     pub n_predict: usize,
     pub ctx: usize,
-    pub threads: usize,
+    pub cpu: CpuOptions,
     pub device: DeviceChoice,
     pub raw: bool,
     pub chat_template: Option<String>,
@@ -96,7 +96,7 @@ pub fn resolve_prompt(p: &str) -> Result<String, BoxError> {
 
 pub fn run(args: &GenerateArgs) -> Result<(), BoxError> {
     let t_load = Instant::now();
-    let lm = load_on(&args.model, args.ctx, args.threads, args.chat_template.as_deref(), args.device)?;
+    let lm = load_on(&args.model, args.ctx, args.cpu, args.chat_template.as_deref(), args.device)?;
     let tok = &lm.tokenizer;
     let ids = if args.raw {
         tok.encode(&args.prompt, true, false)?

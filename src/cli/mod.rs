@@ -9,7 +9,7 @@ pub mod repl;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use crate::backend::DeviceChoice;
 use crate::gguf::GgufFile;
@@ -25,6 +25,25 @@ fn default_threads() -> usize {
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How the CPU backend runs (every command that loads a model).
+#[derive(Args, Debug, Clone, Copy)]
+pub struct CpuArgs {
+    /// Worker threads (default: one per physical core).
+    #[arg(short = 't', long, default_value_t = default_threads())]
+    threads: usize,
+    /// CPU: read every weight in place from the mapped file. By default the matrices of the types the
+    /// kernels repack (Q8_0 on AVX-512) get a packed copy in RAM at their first use, about 6% larger
+    /// than in the file, for faster decoding; use this when the model barely fits in memory.
+    #[arg(long)]
+    no_repack: bool,
+}
+
+impl CpuArgs {
+    fn options(self) -> crate::backend::CpuOptions {
+        crate::backend::CpuOptions { threads: self.threads, repack: !self.no_repack }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -54,9 +73,8 @@ pub enum Command {
         /// A Jinja chat template file that replaces the model's.
         #[arg(long)]
         chat_template: Option<String>,
-        /// Worker threads (default: one per physical core).
-        #[arg(short = 't', long, default_value_t = default_threads())]
-        threads: usize,
+        #[command(flatten)]
+        cpu: CpuArgs,
         /// Compute device: auto (CUDA when a GPU is usable, else the CPU), cpu or cuda.
         #[arg(long, default_value = "auto")]
         device: DeviceChoice,
@@ -87,9 +105,8 @@ pub enum Command {
         /// Score at most this many chunks (0: all).
         #[arg(long, default_value_t = 0)]
         chunks: usize,
-        /// Worker threads (default: one per physical core).
-        #[arg(short = 't', long, default_value_t = default_threads())]
-        threads: usize,
+        #[command(flatten)]
+        cpu: CpuArgs,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -120,9 +137,8 @@ pub enum Command {
         /// Timed repetitions of each test (after one warm-up run).
         #[arg(short = 'r', long, default_value_t = 3)]
         reps: usize,
-        /// Worker threads (default: one per physical core).
-        #[arg(short = 't', long, default_value_t = default_threads())]
-        threads: usize,
+        #[command(flatten)]
+        cpu: CpuArgs,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -283,13 +299,13 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
-        Command::Run { model, prompt, system, n_predict, ctx, raw, ignore_eos, chat_template, threads, device, no_prefix_cache, kv_mem, sampling, budget, serve } => {
+        Command::Run { model, prompt, system, n_predict, ctx, raw, ignore_eos, chat_template, cpu, device, no_prefix_cache, kv_mem, sampling, budget, serve } => {
             let budget = budget.budget();
             if serve.serve {
                 if prompt.is_some() || system.is_some() || raw {
                     return Err("--serve takes no -p, --system or --raw: clients send the conversation".into());
                 }
-                let lm = generate::load_on(&model, ctx, threads, chat_template.as_deref(), device)?;
+                let lm = generate::load_on(&model, ctx, cpu.options(), chat_template.as_deref(), device)?;
                 if let crate::chat_template::TemplateSource::BuiltIn(name) = &lm.template.origin {
                     eprintln!("note: the model has no chat template; using the built-in '{name}' template (--chat-template FILE to pick another)");
                 }
@@ -320,7 +336,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     system,
                     n_predict,
                     ctx,
-                    threads,
+                    cpu: cpu.options(),
                     device,
                     chat_template,
                     sampling: sampling.params(),
@@ -336,7 +352,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 system,
                 n_predict,
                 ctx,
-                threads,
+                cpu: cpu.options(),
                 device,
                 raw,
                 chat_template,
@@ -346,9 +362,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             };
             generate::run(&args)
         }
-        Command::Perplexity { model, file, ctx, chunks, threads, json, device, budget, kv_step } => {
+        Command::Perplexity { model, file, ctx, chunks, cpu, json, device, budget, kv_step } => {
             let text = std::fs::read_to_string(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-            let lm = generate::load_on(&model, ctx, threads, None, device)?;
+            let lm = generate::load_on(&model, ctx, cpu.options(), None, device)?;
             let t = std::time::Instant::now();
             let progress = |i: usize, p: f64| {
                 if !json {
@@ -379,7 +395,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             }
             Ok(())
         }
-        Command::Bench { model, n_prompt, n_gen, depth, reps, threads, json, device, parallel } => {
+        Command::Bench { model, n_prompt, n_gen, depth, reps, cpu, json, device, parallel } => {
+            let threads = cpu.threads;
             if parallel == 0 {
                 return Err("--parallel must be at least 1".into());
             }
@@ -387,7 +404,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 return Err("--parallel needs -p of 1 or more and takes no -d: every sequence starts from its own prompt on an empty cache".into());
             }
             let file = std::sync::Arc::new(GgufFile::open(&model)?);
-            let backend = crate::backend::select(device, threads)?;
+            let backend = crate::backend::select(device, cpu.options())?;
             let rows = if parallel == 1 {
                 let ctx = depth + n_prompt.max(n_gen).max(1);
                 let m = crate::model::Model::load_on(file, crate::model::ModelOptions { ctx, threads }, backend)?;

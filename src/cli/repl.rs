@@ -35,7 +35,7 @@ pub struct ReplArgs {
     pub system: Option<String>,
     pub n_predict: usize,
     pub ctx: usize,
-    pub threads: usize,
+    pub cpu: crate::backend::CpuOptions,
     pub device: crate::backend::DeviceChoice,
     pub chat_template: Option<String>,
     pub sampling: SamplingParams,
@@ -209,7 +209,7 @@ struct Repl {
 pub fn run(args: &ReplArgs) -> Result<(), BoxError> {
     let interactive = std::io::stdin().is_terminal();
     let generate::Loaded { model, tokenizer, template, file: _ } =
-        generate::load_on(&args.model, args.ctx, args.threads, args.chat_template.as_deref(), args.device)?;
+        generate::load_on(&args.model, args.ctx, args.cpu, args.chat_template.as_deref(), args.device)?;
     if let TemplateSource::BuiltIn(name) = &template.origin {
         eprintln!("note: the model has no chat template; using the built-in '{name}' template (--chat-template FILE to pick another)");
     }

@@ -129,7 +129,7 @@ pub struct Model {
 impl Model {
     /// Loads `file` on the CPU backend.
     pub fn load(file: Arc<GgufFile>, opts: ModelOptions) -> Result<Model, ModelError> {
-        let backend = backend::cpu(opts.threads)?;
+        let backend = backend::cpu(backend::CpuOptions::threads(opts.threads))?;
         Model::load_on(file, opts, backend)
     }
 

@@ -228,7 +228,7 @@ fn parse_common(f: &Fields, defaults: &SamplingParams, max_n: usize) -> Result<G
             }
         }
     }
-    let kv_budget = kv_budget(&f)?;
+    let kv_budget = kv_budget(f)?;
     Ok(GenParams { max_tokens: max_tokens.map(|m| m as usize), n, stream, include_usage, stop, sampling: s, logprobs: None, json_object, kv_budget, notes })
 }
 
