@@ -273,6 +273,60 @@ fn float_dots_agree() {
     }
 }
 
+/// The float order every SIMD table's float dots share (avx2.rs's; neon.rs follows it, so the tables
+/// agree across architectures): 4 sums of 8 lanes by FMA over 32-element steps, a last 8s into the
+/// first, `(a0 + a1) + (a2 + a3)`, the tree `((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7))`, then the
+/// last `n % 8` products rounded and added one by one.
+fn dot_4x8(w: &[f32], x: &[f32]) -> f32 {
+    let n = w.len().min(x.len());
+    let mut a = [[0.0f32; 8]; 4];
+    let mut fma = |j: usize, i: usize| (0..8).for_each(|l| a[j][l] = w[i + l].mul_add(x[i + l], a[j][l]));
+    let mut i = 0;
+    while i + 32 <= n {
+        (0..4).for_each(|j| fma(j, i + 8 * j));
+        i += 32;
+    }
+    while i + 8 <= n {
+        fma(0, i);
+        i += 8;
+    }
+    let v: [f32; 8] = std::array::from_fn(|l| (a[0][l] + a[1][l]) + (a[2][l] + a[3][l]));
+    let s = ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+    (i..n).fold(s, |s, k| s + w[k] * x[k])
+}
+
+/// Every SIMD table's float dots (f32 and f16, as slices and as weight bytes) equal [`dot_4x8`] bit for
+/// bit, and `axpy_f16` is one FMA per element (the last `n % 8`: a rounded product, then the add), on
+/// lengths around every step.
+#[test]
+fn simd_float_dots_share_one_order() {
+    let _serial = serial();
+    let mut r = rng(31);
+    for k in simd_tables() {
+        for n in [1, 7, 8, 9, 16, 24, 31, 32, 33, 40, 63, 64, 100, 257, 1000] {
+            let (a, b) = (randn(&mut r, n), randn(&mut r, n));
+            let h: Vec<u16> = a.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+            let ah: Vec<f32> = h.iter().map(|&v| half::f16::from_bits(v).to_f32()).collect();
+            let wb: Vec<u8> = a.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let hb: Vec<u8> = h.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let (want, want_h) = (dot_4x8(&a, &b), dot_4x8(&ah, &b));
+            for (what, got, want) in [
+                ("dot_f32", (k.dot_f32)(&a, &b), want),
+                ("dot_f32w", (k.dot_f32w)(&wb, &b), want),
+                ("dot_f16", (k.dot_f16)(&h, &b), want_h),
+                ("dot_f16w", (k.dot_f16w)(&hb, &b), want_h),
+            ] {
+                assert_eq!(got.to_bits(), want.to_bits(), "{} {what} n={n}: {got} vs the 4 x 8 order {want}", k.name());
+            }
+            let mut y = b.clone();
+            (k.axpy_f16)(&mut y, 0.37, &h);
+            let fused = n / 8 * 8;
+            let want = |i: usize| if i < fused { 0.37f32.mul_add(ah[i], b[i]) } else { b[i] + 0.37 * ah[i] };
+            assert!(y.iter().enumerate().all(|(i, g)| g.to_bits() == want(i).to_bits()), "{} axpy_f16 n={n}", k.name());
+        }
+    }
+}
+
 #[test]
 fn activation_quantizers_round_within_half_a_step() {
     let _serial = serial();

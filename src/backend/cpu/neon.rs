@@ -6,8 +6,10 @@
 //! with `sdot` where the CPU has the dot-product extension (detected once, when the table is built),
 //! else with `vmull_s8` + `vpadalq_s16` (i8 x i8 products widened to i16, pairwise-added into i32); the
 //! per-block float combination is the scalar sequence itself, so the dots equal the scalar ones bit for
-//! bit either way. The float dots (f32, f16) use `vfmaq_f32` with four accumulators and agree with the
-//! scalar ones to f32 rounding. The activation quantizers are the scalar ones (they must be bit-equal anyway);
+//! bit either way. The float dots (f32, f16) and `axpy_f16` run avx2.rs's order of float operations
+//! (4 sums of 8 lanes by FMA, each in a pair of 4-lane registers, reduced by its tree): they agree with
+//! the scalar ones to f32 rounding and with the AVX2 table's bit for bit, and so do the attention scores
+//! that follow them (`attention_simd`). The activation quantizers are the scalar ones (they must be bit-equal anyway);
 //! there are no tile kernels (`gemm: None`: matmul runs the per-row dots).
 //!
 //! Safety: block pointers point into whole blocks (`chunks_exact` of the rows, as in the scalar dots,
@@ -37,7 +39,7 @@ pub(super) fn name() -> &'static str {
 }
 
 #[cfg(all(target_arch = "aarch64", target_endian = "little"))]
-mod imp {
+pub(super) mod imp {
     use core::arch::aarch64::*;
 
     use super::super::kernels::{f16_at, f32_at, i16_at, legacy_dot, Isa, Kernels};
@@ -324,7 +326,7 @@ mod imp {
     /// 4 f16 (as u16 bits) -> 4 f32, exactly: the exponent is rebiased by a multiplication by 2^112
     /// (exact for normals and subnormals); inf and NaN (|h| >= 0x7c00) get an all-ones exponent.
     #[inline(always)]
-    unsafe fn f16x4_to_f32(h: uint16x4_t) -> float32x4_t {
+    pub(in super::super) unsafe fn f16x4_to_f32(h: uint16x4_t) -> float32x4_t {
         let h = vmovl_u16(h);
         let mag = vshlq_n_u32::<13>(vandq_u32(h, vdupq_n_u32(0x7fff)));
         let f = vmulq_f32(vreinterpretq_f32_u32(mag), vdupq_n_f32(f32::from_bits(0x7780_0000)));
@@ -336,7 +338,7 @@ mod imp {
 
     /// 8 f16 at byte pointer `p` -> two vectors of 4 f32.
     #[inline(always)]
-    unsafe fn load_f16x8(p: *const u8) -> (float32x4_t, float32x4_t) {
+    pub(in super::super) unsafe fn load_f16x8(p: *const u8) -> (float32x4_t, float32x4_t) {
         let h = vreinterpretq_u16_u8(vld1q_u8(p));
         (f16x4_to_f32(vget_low_u16(h)), f16x4_to_f32(vget_high_u16(h)))
     }
@@ -351,53 +353,61 @@ mod imp {
         half::f16::from_bits(u16::from_le_bytes((p as *const [u8; 2]).read_unaligned())).to_f32()
     }
 
-    /// `a`: n f32 as bytes (any alignment); `b`: n f32.
-    unsafe fn dot_f32_ptr(a: *const u8, b: *const f32, n: usize) -> f32 {
-        let mut acc = [vdupq_n_f32(0.0); 4];
+    /// avx2.rs's reduction of its 4 sums of 8 lanes, sum `j` in `acc[2j]` (lanes 0-3) and `acc[2j + 1]`
+    /// (4-7): `v = (a0 + a1) + (a2 + a3)` lane by lane, then its `hsum_ps` tree
+    /// `((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7))`.
+    #[inline(always)]
+    pub(in super::super) unsafe fn hsum_4x8(acc: &[float32x4_t; 8]) -> f32 {
+        let lo = vaddq_f32(vaddq_f32(acc[0], acc[2]), vaddq_f32(acc[4], acc[6]));
+        let hi = vaddq_f32(vaddq_f32(acc[1], acc[3]), vaddq_f32(acc[5], acc[7]));
+        let t = vaddq_f32(lo, hi);
+        let u = vadd_f32(vget_low_f32(t), vget_high_f32(t));
+        vget_lane_f32::<0>(u) + vget_lane_f32::<1>(u)
+    }
+
+    /// `sum_i w_i x_i` for `n` elements in avx2.rs's order: 4 sums of 8 lanes by FMA over 32-element
+    /// steps, a last 8s into the first, [`hsum_4x8`], then the last `n % 8` products one by one
+    /// (rounded, then added). `w8(i)`: weights `i..i + 8`; `w1(i)`: weight `i`.
+    #[inline(always)]
+    unsafe fn dot_4x8(
+        n: usize,
+        x: *const f32,
+        w8: impl Fn(usize) -> (float32x4_t, float32x4_t),
+        w1: impl Fn(usize) -> f32,
+    ) -> f32 {
+        let mut acc = [vdupq_n_f32(0.0); 8];
         let mut i = 0;
-        while i + 16 <= n {
-            for (k, r) in acc.iter_mut().enumerate() {
-                *r = vfmaq_f32(*r, load_f32x4(a.add(4 * (i + 4 * k))), vld1q_f32(b.add(i + 4 * k)));
+        while i + 32 <= n {
+            for j in 0..4 {
+                let (lo, hi) = w8(i + 8 * j);
+                acc[2 * j] = vfmaq_f32(acc[2 * j], lo, vld1q_f32(x.add(i + 8 * j)));
+                acc[2 * j + 1] = vfmaq_f32(acc[2 * j + 1], hi, vld1q_f32(x.add(i + 8 * j + 4)));
             }
-            i += 16;
+            i += 32;
         }
-        while i + 4 <= n {
-            acc[0] = vfmaq_f32(acc[0], load_f32x4(a.add(4 * i)), vld1q_f32(b.add(i)));
-            i += 4;
+        while i + 8 <= n {
+            let (lo, hi) = w8(i);
+            acc[0] = vfmaq_f32(acc[0], lo, vld1q_f32(x.add(i)));
+            acc[1] = vfmaq_f32(acc[1], hi, vld1q_f32(x.add(i + 4)));
+            i += 8;
         }
-        let mut s = vaddvq_f32(vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3])));
+        let mut s = hsum_4x8(&acc);
         while i < n {
-            s += f32::from_le_bytes((a.add(4 * i) as *const [u8; 4]).read_unaligned()) * *b.add(i);
+            s += w1(i) * *x.add(i);
             i += 1;
         }
         s
     }
 
+    /// `a`: n f32 as bytes (any alignment); `b`: n f32.
+    unsafe fn dot_f32_ptr(a: *const u8, b: *const f32, n: usize) -> f32 {
+        let w1 = |i: usize| f32::from_le_bytes((a.add(4 * i) as *const [u8; 4]).read_unaligned());
+        dot_4x8(n, b, |i| (load_f32x4(a.add(4 * i)), load_f32x4(a.add(4 * i + 16))), w1)
+    }
+
     /// `k`: n f16 as bytes (any alignment); `x`: n f32.
     unsafe fn dot_f16_ptr(k: *const u8, x: *const f32, n: usize) -> f32 {
-        let mut acc = [vdupq_n_f32(0.0); 4];
-        let mut i = 0;
-        while i + 16 <= n {
-            let (k0, k1) = load_f16x8(k.add(2 * i));
-            let (k2, k3) = load_f16x8(k.add(2 * i + 16));
-            acc[0] = vfmaq_f32(acc[0], k0, vld1q_f32(x.add(i)));
-            acc[1] = vfmaq_f32(acc[1], k1, vld1q_f32(x.add(i + 4)));
-            acc[2] = vfmaq_f32(acc[2], k2, vld1q_f32(x.add(i + 8)));
-            acc[3] = vfmaq_f32(acc[3], k3, vld1q_f32(x.add(i + 12)));
-            i += 16;
-        }
-        while i + 8 <= n {
-            let (k0, k1) = load_f16x8(k.add(2 * i));
-            acc[0] = vfmaq_f32(acc[0], k0, vld1q_f32(x.add(i)));
-            acc[1] = vfmaq_f32(acc[1], k1, vld1q_f32(x.add(i + 4)));
-            i += 8;
-        }
-        let mut s = vaddvq_f32(vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3])));
-        while i < n {
-            s += f16_scalar(k.add(2 * i)) * *x.add(i);
-            i += 1;
-        }
-        s
+        dot_4x8(n, x, |i| load_f16x8(k.add(2 * i)), |i| f16_scalar(k.add(2 * i)))
     }
 
     /// `y += a * x`, `x`: n f16 as bytes.
