@@ -5,8 +5,9 @@
 #   QEMU_CPU=cortex-a72   has not:                       the table is "neon" (vmull + vpadal sums)
 #
 # and on each runs the library's unit tests (neon.rs's own: both variants against scalar, the f16
-# conversion on all 65,536 inputs) and tests/backend_cpu.rs (every table against the scalar one). It checks
-# the table each CPU should pick is the one that ran.
+# conversion on all 65,536 inputs; the NEON elementwise table against its scalar oracle) and
+# tests/backend_cpu.rs (every table against the scalar one). It checks the table each CPU should pick is
+# the one that ran, and that the NEON elementwise test saw it.
 #
 # Installs what it lacks (the rustup target, gcc-aarch64-linux-gnu, qemu-user); where that cannot be done
 # it prints a SKIP line with the reason and exits 0. Exits non-zero when a build or a test fails.
@@ -66,9 +67,13 @@ for cpu_table in max:neon+dotprod cortex-a72:neon; do
         status=1
         continue
     fi
-    if ! grep -qF "SIMD tables checked against scalar: [\"$table\"]" "$log"; then
-        grep -F "SIMD tables" "$log" || true
-        echo "FAIL under QEMU_CPU=$cpu: expected the \"$table\" table to be checked"
+    missing=
+    for line in "SIMD tables checked against scalar: [\"$table\"]" "elementwise tables: [Scalar, Neon]"; do
+        grep -qF "$line" "$log" || missing="$missing  '$line'"
+    done
+    if [ -n "$missing" ]; then
+        grep -E "SIMD tables|elementwise tables" "$log" || true
+        echo "FAIL under QEMU_CPU=$cpu: expected these lines:$missing"
         status=1
         continue
     fi

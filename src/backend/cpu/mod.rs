@@ -15,6 +15,8 @@ mod elementwise;
 mod kernels;
 mod matmul;
 mod neon;
+#[cfg(all(target_arch = "aarch64", target_endian = "little"))]
+mod neon_elementwise;
 mod topology;
 
 use std::borrow::Cow;
