@@ -5,9 +5,9 @@
 #   QEMU_CPU=cortex-a72   has not:                       the table is "neon" (vmull + vpadal sums)
 #
 # and on each runs the library's unit tests (neon.rs's own: both variants against scalar, the f16
-# conversion on all 65,536 inputs; the NEON elementwise table against its scalar oracle) and
-# tests/backend_cpu.rs (every table against the scalar one). It checks the table each CPU should pick is
-# the one that ran, and that the NEON elementwise test saw it.
+# conversion on all 65,536 inputs; the NEON elementwise table and attention loops against their scalar
+# oracles) and tests/backend_cpu.rs (every table against the scalar one). It checks the table each CPU
+# should pick is the one that ran, and that the NEON elementwise and attention tests saw it.
 #
 # Installs what it lacks (the rustup target, gcc-aarch64-linux-gnu, qemu-user); where that cannot be done
 # it prints a SKIP line with the reason and exits 0. Exits non-zero when a build or a test fails.
@@ -68,11 +68,12 @@ for cpu_table in max:neon+dotprod cortex-a72:neon; do
         continue
     fi
     missing=
-    for line in "SIMD tables checked against scalar: [\"$table\"]" "elementwise tables: [Scalar, Neon]"; do
+    for line in "SIMD tables checked against scalar: [\"$table\"]" "elementwise tables: [Scalar, Neon]" \
+        "attention SIMD loops checked: [\"$table\"]"; do
         grep -qF "$line" "$log" || missing="$missing  '$line'"
     done
     if [ -n "$missing" ]; then
-        grep -E "SIMD tables|elementwise tables" "$log" || true
+        grep -E "SIMD tables|elementwise tables|attention SIMD" "$log" || true
         echo "FAIL under QEMU_CPU=$cpu: expected these lines:$missing"
         status=1
         continue

@@ -31,9 +31,10 @@
 //! chunked prefill, decode, and a sequence alone or among others give a token the same result.
 //!
 //! **Inner loops.** With a SIMD kernel table and a head_dim that is a multiple of 16, a split's scores,
-//! exps and weighted V sum run in `attention_simd` (AVX-512F or AVX2, F16C, FMA; chosen once per process
-//! from the table's ISA); otherwise, and always under `PAGELLM_CPU=scalar`, the per-key loops here, the
-//! oracle. Either way each output element's order of operations depends only on the split's keys.
+//! exps and weighted V sum run in `attention_simd` (AVX-512F or AVX2, F16C, FMA; or NEON; chosen once
+//! per process from the table's ISA); otherwise, and always under `PAGELLM_CPU=scalar`, the per-key loops
+//! here, the oracle. Either way each output element's order of operations depends only on the split's
+//! keys.
 
 use std::cell::RefCell;
 use std::ops::Range;
