@@ -22,6 +22,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod split;
 
 use std::any::Any;
 use std::sync::Arc;
@@ -254,6 +255,11 @@ pub trait Backend: Send + Sync {
     fn alloc(&self, len: usize) -> Result<Buffer, BackendError>;
     /// A zero-filled K/V pool.
     fn alloc_kv(&self, shape: KvShape) -> Result<KvStore, BackendError>;
+    /// Layer `layer`'s K/V pool (a backend split by layers puts it on that layer's device).
+    fn alloc_kv_layer(&self, layer: usize, shape: KvShape) -> Result<KvStore, BackendError> {
+        let _ = layer;
+        self.alloc_kv(shape)
+    }
     /// Host to device: `dst[offset..offset + src.len()] = src`.
     fn write_buffer(&self, dst: &mut Buffer, offset: usize, src: &[f32]);
     /// Device to host: `dst = src[offset..offset + dst.len()]`.
@@ -346,6 +352,36 @@ impl std::str::FromStr for DeviceChoice {
             _ => Err(format!("unknown device '{s}': use auto, cpu or cuda")),
         }
     }
+}
+
+/// `--device` and `--gpu-layers`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceOptions {
+    pub device: DeviceChoice,
+    /// Only the last N layers (and the output) on the GPU, the rest on the CPU; `None`: all on the
+    /// device `device` picks.
+    pub gpu_layers: Option<usize>,
+}
+
+/// The backend for a model of `n_layers` layers (`output_tied`: its output projection is the embedding
+/// table): [`select`]'s, or with `gpu_layers` below `n_layers` a [`split::SplitBackend`] (0: the CPU).
+pub fn select_for(dev: DeviceOptions, cpu_opts: CpuOptions, n_layers: usize, output_tied: bool) -> Result<Arc<dyn Backend>, BackendError> {
+    let n = match dev.gpu_layers {
+        Some(n) if n < n_layers => n,
+        _ => return select(dev.device, cpu_opts),
+    };
+    if n == 0 || dev.device == DeviceChoice::Cpu {
+        return cpu(cpu_opts);
+    }
+    let gpu: Arc<dyn Backend> = match (cuda::CudaBackend::new(0), dev.device) {
+        (Ok(g), _) => Arc::new(g),
+        (Err(e), DeviceChoice::Cuda) => return Err(e),
+        (Err(e), _) => {
+            eprintln!("note: using the CPU for every layer ({e})");
+            return cpu(cpu_opts);
+        }
+    };
+    Ok(Arc::new(split::SplitBackend::new(cpu(cpu_opts)?, gpu, n_layers, n, output_tied)))
 }
 
 /// The backend for `device` (`cpu`: how to build the CPU one). `Auto` falls back to the CPU, saying why on

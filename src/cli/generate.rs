@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backend::{CpuOptions, DeviceChoice};
+use crate::backend::{CpuOptions, DeviceChoice, DeviceOptions};
 use crate::chat_template::{ChatTemplate, Message, TemplateSource};
 use crate::gguf::{keys, GgufFile};
 use crate::engine::{Engine, EngineOptions, FinishReason};
@@ -28,15 +28,23 @@ pub struct Loaded {
 /// Open the file, read every weight page once behind a progress bar (so the first reply does not pay
 /// for page faults), and build model, tokenizer and template.
 pub fn load(path: &Path, ctx: usize, threads: usize, template_file: Option<&str>) -> Result<Loaded, BoxError> {
-    load_on(path, ctx, CpuOptions::threads(threads), template_file, DeviceChoice::Cpu)
+    let device = DeviceOptions { device: DeviceChoice::Cpu, gpu_layers: None };
+    load_on(path, ctx, CpuOptions::threads(threads), template_file, device)
 }
 
-/// [`load`] on the backend `device` picks (`--device`).
-pub fn load_on(path: &Path, ctx: usize, cpu: CpuOptions, template_file: Option<&str>, device: DeviceChoice) -> Result<Loaded, BoxError> {
+/// The backend for `file`'s model that `--device` and `--gpu-layers` ask for.
+pub fn backend_for(file: &GgufFile, cpu: CpuOptions, device: DeviceOptions) -> Result<Arc<dyn crate::backend::Backend>, BoxError> {
+    let n_layers = crate::model::Config::from_gguf(file)?.n_layers;
+    let tied = file.tensor("output.weight").is_none();
+    Ok(crate::backend::select_for(device, cpu, n_layers, tied)?)
+}
+
+/// [`load`] on the backend `device` picks (`--device`, `--gpu-layers`).
+pub fn load_on(path: &Path, ctx: usize, cpu: CpuOptions, template_file: Option<&str>, device: DeviceOptions) -> Result<Loaded, BoxError> {
     let file = Arc::new(GgufFile::open(path)?);
     warm_pages(&file);
     let tokenizer = Tokenizer::from_gguf(&file)?;
-    let model = Model::load_on(file.clone(), ModelOptions { ctx, threads: cpu.threads }, crate::backend::select(device, cpu)?)?;
+    let model = Model::load_on(file.clone(), ModelOptions { ctx, threads: cpu.threads }, backend_for(&file, cpu, device)?)?;
     let piece = |id: u32| String::from_utf8_lossy(&tokenizer.token_to_piece(id)).into_owned();
     let (bos, eos) = (piece(tokenizer.bos_id()), piece(tokenizer.eos_id()));
     let template = match template_file {
@@ -74,7 +82,7 @@ pub struct GenerateArgs {
     pub n_predict: usize,
     pub ctx: usize,
     pub cpu: CpuOptions,
-    pub device: DeviceChoice,
+    pub device: DeviceOptions,
     pub raw: bool,
     pub chat_template: Option<String>,
     pub sampling: SamplingParams,

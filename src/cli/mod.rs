@@ -27,6 +27,25 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Where the model runs (every command that loads a model).
+#[derive(Args, Debug, Clone, Copy)]
+pub struct DeviceArgs {
+    /// Compute device: auto (CUDA when a GPU is usable, else the CPU), cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+    /// With a GPU: only the last N layers, the final norm and the output projection on the GPU, the
+    /// embeddings and the other layers on the CPU (for a model larger than the GPU's memory; llama.cpp's
+    /// -ngl). 0: all on the CPU. Default: the whole model on the device --device picks.
+    #[arg(long = "gpu-layers", visible_alias = "ngl", value_name = "N")]
+    gpu_layers: Option<usize>,
+}
+
+impl DeviceArgs {
+    fn options(self) -> crate::backend::DeviceOptions {
+        crate::backend::DeviceOptions { device: self.device, gpu_layers: self.gpu_layers }
+    }
+}
+
 /// How the CPU backend runs (every command that loads a model).
 #[derive(Args, Debug, Clone, Copy)]
 pub struct CpuArgs {
@@ -75,9 +94,8 @@ pub enum Command {
         chat_template: Option<String>,
         #[command(flatten)]
         cpu: CpuArgs,
-        /// Compute device: auto (CUDA when a GPU is usable, else the CPU), cpu or cuda.
-        #[arg(long, default_value = "auto")]
-        device: DeviceChoice,
+        #[command(flatten)]
+        device: DeviceArgs,
         /// Chat: prefill every turn's whole conversation instead of re-using the cached prefix.
         #[arg(long)]
         no_prefix_cache: bool,
@@ -110,9 +128,8 @@ pub enum Command {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
-        /// Compute device: auto (CUDA when a GPU is usable, else the CPU), cpu or cuda.
-        #[arg(long, default_value = "auto")]
-        device: DeviceChoice,
+        #[command(flatten)]
+        device: DeviceArgs,
         #[command(flatten)]
         budget: KvBudgetArgs,
         /// With --kv-budget: tokens fed per step, so eviction happens as it would during generation
@@ -142,9 +159,8 @@ pub enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// Compute device: auto (CUDA when a GPU is usable, else the CPU), cpu or cuda.
-        #[arg(long, default_value = "auto")]
-        device: DeviceChoice,
+        #[command(flatten)]
+        device: DeviceArgs,
         /// Sequences decoded side by side, like llama-batched-bench: N distinct prompts of -p tokens are
         /// prefilled together (pp: N*p tokens/s), then each of -n steps runs one token of every sequence
         /// in one batch (tg: N*n tokens/s). 1: a single sequence, as above.
@@ -305,7 +321,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 if prompt.is_some() || system.is_some() || raw {
                     return Err("--serve takes no -p, --system or --raw: clients send the conversation".into());
                 }
-                let lm = generate::load_on(&model, ctx, cpu.options(), chat_template.as_deref(), device)?;
+                let lm = generate::load_on(&model, ctx, cpu.options(), chat_template.as_deref(), device.options())?;
                 if let crate::chat_template::TemplateSource::BuiltIn(name) = &lm.template.origin {
                     eprintln!("note: the model has no chat template; using the built-in '{name}' template (--chat-template FILE to pick another)");
                 }
@@ -337,7 +353,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     n_predict,
                     ctx,
                     cpu: cpu.options(),
-                    device,
+                    device: device.options(),
                     chat_template,
                     sampling: sampling.params(),
                     prefix_cache: !no_prefix_cache,
@@ -353,7 +369,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 n_predict,
                 ctx,
                 cpu: cpu.options(),
-                device,
+                device: device.options(),
                 raw,
                 chat_template,
                 sampling: sampling.params(),
@@ -364,7 +380,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
         Command::Perplexity { model, file, ctx, chunks, cpu, json, device, budget, kv_step } => {
             let text = std::fs::read_to_string(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-            let lm = generate::load_on(&model, ctx, cpu.options(), None, device)?;
+            let lm = generate::load_on(&model, ctx, cpu.options(), None, device.options())?;
             let t = std::time::Instant::now();
             let progress = |i: usize, p: f64| {
                 if !json {
@@ -404,7 +420,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 return Err("--parallel needs -p of 1 or more and takes no -d: every sequence starts from its own prompt on an empty cache".into());
             }
             let file = std::sync::Arc::new(GgufFile::open(&model)?);
-            let backend = crate::backend::select(device, cpu.options())?;
+            let backend = generate::backend_for(&file, cpu.options(), device.options())?;
             let rows = if parallel == 1 {
                 let ctx = depth + n_prompt.max(n_gen).max(1);
                 let m = crate::model::Model::load_on(file, crate::model::ModelOptions { ctx, threads }, backend)?;

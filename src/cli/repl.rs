@@ -36,7 +36,7 @@ pub struct ReplArgs {
     pub n_predict: usize,
     pub ctx: usize,
     pub cpu: crate::backend::CpuOptions,
-    pub device: crate::backend::DeviceChoice,
+    pub device: crate::backend::DeviceOptions,
     pub chat_template: Option<String>,
     pub sampling: SamplingParams,
     pub prefix_cache: bool,

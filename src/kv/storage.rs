@@ -22,7 +22,7 @@ pub struct KvStorage {
 impl KvStorage {
     /// `n_layers` pools of `shape`, zero-filled; an allocation the device cannot make is an error.
     pub fn new(backend: &dyn Backend, n_layers: usize, shape: KvShape) -> Result<KvStorage, BackendError> {
-        let layers = (0..n_layers).map(|_| backend.alloc_kv(shape)).collect::<Result<Vec<_>, _>>()?;
+        let layers = (0..n_layers).map(|il| backend.alloc_kv_layer(il, shape)).collect::<Result<Vec<_>, _>>()?;
         Ok(KvStorage { layers, shape })
     }
 

@@ -26,7 +26,7 @@ impl SeqKv {
     pub fn new(backend: &dyn Backend, cfg: &Config, max_tokens: usize, block_size: usize) -> Result<SeqKv, BackendError> {
         let num_blocks = max_tokens.div_ceil(block_size).max(1);
         let shape = KvShape { num_blocks, block_size, n_kv_heads: cfg.n_kv_heads, head_dim: cfg.head_dim };
-        let layers = (0..cfg.n_layers).map(|_| backend.alloc_kv(shape)).collect::<Result<Vec<_>, _>>()?;
+        let layers = (0..cfg.n_layers).map(|il| backend.alloc_kv_layer(il, shape)).collect::<Result<Vec<_>, _>>()?;
         // Reversed so blocks are handed out in ascending order (easier to read in dumps).
         let free = (0..num_blocks as u32).rev().collect();
         Ok(SeqKv { layers, block_table: Vec::new(), free, block_size, num_blocks })
