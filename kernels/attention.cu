@@ -38,10 +38,7 @@
 #define AR_W 5      // with AR_WANT: offset of its weights [n_heads x ctx] in wsc, low and high 32 bits
 #define AR_WANT 7   // 1: its sequence wants its probabilities
 
-#define ATT_WARPS 8  // 256 threads (CudaBackend's ATTN_THREADS)
-#define ATT_G 4
 #define ATT_SPLIT 512
-#define ATT_CH 64  // keys staged in shared memory at a time
 
 __device__ __forceinline__ void load16_f16(const u16* __restrict__ p, float f[16]) {
     const uint4 a = *(const uint4*)p, b = *(const uint4*)(p + 8);
@@ -53,7 +50,7 @@ __device__ __forceinline__ void load16_f16(const u16* __restrict__ p, float f[16
     }
 }
 
-template <int HD, int G, int WARPS>
+template <int HD, int G, int WARPS, int CH>
 __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16* __restrict__ kc,
                                           const u16* __restrict__ vc, const int* __restrict__ rows,
                                           const u32* __restrict__ bt, const u64* __restrict__ live, int n_heads,
@@ -132,16 +129,16 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
             qr[hh][e] = hh < nh ? f16_round(q[((long long)t * n_heads + h0 + hh) * HD + lane + 32 * e]) : 0.0f;
     __syncthreads();
 
-    // K (then V) rows of the split staged through shared memory ATT_CH keys at a time, double-buffered
+    // K (then V) rows of the split staged through shared memory CH keys at a time, double-buffered
     // through registers: the 16-byte loads of the next chunk are in flight while this one is computed
     // (memory parallelism for the few CTAs of a one-sequence decode step)
     constexpr int NT = WARPS * 32;
     constexpr int VPR = HD / 8;              // 16-byte pieces per row
-    constexpr int PER = ATT_CH * VPR / NT;  // pieces per thread per chunk
-    __shared__ __align__(16) u16 kvs[ATT_CH * HD];
+    constexpr int PER = CH * VPR / NT;  // pieces per thread per chunk
+    __shared__ __align__(16) u16 kvs[CH * HD];
     uint4 tmp[PER];
     auto fetch = [&](const u16* __restrict__ pool, int c0) {
-        const int nk = min(ATT_CH, n - c0);
+        const int nk = min(CH, n - c0);
 #pragma unroll
         for (int j = 0; j < PER; j++) {
             const int idx = threadIdx.x + j * NT, r = idx / VPR;
@@ -162,12 +159,12 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
 #pragma unroll
     for (int hh = 0; hh < G; hh++) m[hh] = NEG_INF;
     fetch(kc, 0);
-    for (int c0 = 0; c0 < n; c0 += ATT_CH) {
-        const int nk = min(ATT_CH, n - c0);
+    for (int c0 = 0; c0 < n; c0 += CH) {
+        const int nk = min(CH, n - c0);
         __syncthreads();
         put(nk);
         __syncthreads();
-        if (c0 + ATT_CH < n) fetch(kc, c0 + ATT_CH);
+        if (c0 + CH < n) fetch(kc, c0 + CH);
         for (int u = warp; u < nk; u += WARPS) {
             float kf[QPL];
 #pragma unroll
@@ -177,7 +174,7 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
                 float a = 0.0f;
 #pragma unroll
                 for (int e = 0; e < QPL; e++) a = fmaf(kf[e], qr[hh][e], a);
-                const float s = cpu_tree_sum(a) * scale;
+                const float s = cpu_tree_sum0(a) * scale;  // lane 0's is the score; its m is the one kept
                 m[hh] = fmaxf(m[hh], s);
                 if (lane == 0) sc[hh][c0 + u] = s;
             }
@@ -238,12 +235,12 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
     float o[HPT];
 #pragma unroll
     for (int k = 0; k < HPT; k++) o[k] = 0.0f;
-    for (int c0 = 0; c0 < n; c0 += ATT_CH) {
-        const int nk = min(ATT_CH, n - c0);
+    for (int c0 = 0; c0 < n; c0 += CH) {
+        const int nk = min(CH, n - c0);
         __syncthreads();
         put(nk);
         __syncthreads();
-        if (c0 + ATT_CH < n) fetch(vc, c0 + ATT_CH);
+        if (c0 + CH < n) fetch(vc, c0 + CH);
         for (int u = 0; u < nk; u++) {
             const float v = h2f(kvs[u * HD + d]);
 #pragma unroll
@@ -273,17 +270,24 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
     }
 }
 
-#define ATTN(HD)                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attn_hd##HD(                                       \
+// NAME: head dim HD, G query heads per CTA, WARPS warps (CudaBackend's threads for NAME), CH keys per
+// staged chunk (the loads in flight per CTA)
+#define ATTN(NAME, HD, G, WARPS, CH)                                                                               \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) NAME(                                                 \
         const float* q, const u16* kc, const u16* vc, const int* rows, const u32* bt, const u64* live,             \
         int n_heads, int n_kv, int block_size, float scale, int n_splits, float* out, float* part_o, float* part_ml, \
         float* wsc) {                                                                                              \
-        attn_body<HD, ATT_G, ATT_WARPS>(q, kc, vc, rows, bt, live, n_heads, n_kv, block_size, scale, n_splits, out, \
+        attn_body<HD, G, WARPS, CH>(q, kc, vc, rows, bt, live, n_heads, n_kv, block_size, scale, n_splits, out, \
                                         part_o, part_ml, wsc);                                                     \
     }
-ATTN(64)
-ATTN(128)
-ATTN(256)
+ATTN(attn_hd64, 64, 4, 8, 64)
+ATTN(attn_hd128, 128, 4, 8, 64)
+ATTN(attn_hd256, 256, 4, 8, 64)
+// variants for head dim 128, picked by PAGELLM_CUDA_ATTN (measured against each other on the GPU)
+ATTN(attn_hd128_g4c128, 128, 4, 8, 128)
+ATTN(attn_hd128_g2c64, 128, 2, 8, 64)
+ATTN(attn_hd128_w16, 128, 4, 16, 64)
+ATTN(attn_hd128_w16c128, 128, 4, 16, 128)
 
 // The splits of a row folded left in order, as the CPU's `merge`: one block of head_dim threads per
 // (query row, head); rows with one split were written by the attention kernel. Splits with no live key

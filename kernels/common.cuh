@@ -39,14 +39,15 @@ __device__ __forceinline__ int ld_i32_b4(const u8* p) { return *(const int*)p; }
 //     s    = ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7))          (hsum_ps)
 // Lane c holds a[c]; every lane gets s. The kernels are compiled with --fmad=false, so a float
 // expression rounds as the same Rust expression does, and FMA appears only where written (fmaf).
-__device__ __forceinline__ float cpu_tree_sum(float a) {
+// cpu_tree_sum's s in lane 0 only (the other lanes hold partial sums): one shuffle fewer.
+__device__ __forceinline__ float cpu_tree_sum0(float a) {
     const float t1 = a + __shfl_down_sync(0xffffffffu, a, 8);
     const float v = t1 + __shfl_down_sync(0xffffffffu, t1, 16);
     const float w = v + __shfl_down_sync(0xffffffffu, v, 4);
     const float x = w + __shfl_down_sync(0xffffffffu, w, 2);
-    const float s = x + __shfl_down_sync(0xffffffffu, x, 1);
-    return __shfl_sync(0xffffffffu, s, 0);
+    return x + __shfl_down_sync(0xffffffffu, x, 1);
 }
+__device__ __forceinline__ float cpu_tree_sum(float a) { return __shfl_sync(0xffffffffu, cpu_tree_sum0(a), 0); }
 
 // exp, cos, sin of an f32 as glibc's expf/cosf/sinf (what Rust's f32 methods call) give them: through
 // f64, so the result is the correctly rounded one, which glibc returns in all but rare cases.

@@ -344,10 +344,14 @@ fn paged_attention_matches_reference() {
         let want: Vec<f64> = specs.iter().zip(&data).flat_map(|(s, (q, k, v))| attn_ref(q, k, v, s.ctx, s.n_q, &p)).collect();
         let got = run_attention(gpu.as_ref(), &p, &specs, &data, &tables, num_blocks);
         let err = rel_l2(&got, &want);
-        let err_cpu = rel_l2(&run_attention(cpu.as_ref(), &p, &specs, &data, &tables, num_blocks), &want);
+        let on_cpu = run_attention(cpu.as_ref(), &p, &specs, &data, &tables, num_blocks);
+        let err_cpu = rel_l2(&on_cpu, &want);
         let ctxs: Vec<String> = specs.iter().map(|s| format!("{}/{}", s.n_q, s.ctx)).collect();
-        println!("attention hd={hd} heads={nh}/{nkv} window={window:?} q/ctx={ctxs:?}: cuda {err:.3e}, cpu {err_cpu:.3e}");
+        let differ = got.iter().zip(&on_cpu).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        println!("attention hd={hd} heads={nh}/{nkv} window={window:?} q/ctx={ctxs:?}: cuda {err:.3e}, cpu {err_cpu:.3e}, {differ} values differ from the cpu's");
         assert!(err < 2e-3, "attention: relative L2 {err:e}");
+        // the same function as the CPU's, float op for float op (whatever PAGELLM_CUDA_ATTN picks)
+        assert_eq!(differ, 0, "attention hd={hd}: {differ} values differ from the CPU's");
     }
 }
 
@@ -760,9 +764,28 @@ fn bench_kernels() {
     let p = AttnParams { n_heads: nh, n_kv_heads: nkv, head_dim: hd, scale: 0.088, window: None };
     let q = buffer(&b, &randn(&mut r, n_seq * nh * hd));
     let mut out = b.alloc(n_seq * nh * hd).unwrap();
-    let ms = time_ms(&b, 20, || b.attention(&q, &kv, &seqs, &p, &mut out, None));
     let bytes = (n_seq * ctx * width * 2 * 2) as f64;
+    let ms = time_ms(&b, 20, || b.attention(&q, &kv, &seqs, &p, &mut out, None));
     println!("attention decode 16x4096 32/8 hd128: {ms:.3} ms, K/V read {:.0} GB/s", bytes / ms / 1e6);
+    // one sequence at depth 4096 (the tg128 @ d4096 case), every head-dim-128 variant
+    for v in ["g4c64", "g4c128", "g2c64", "w16", "w16c128"] {
+        // SAFETY: single-threaded here (the GPU tests run with --test-threads=1); read by the backend below.
+        unsafe { std::env::set_var("PAGELLM_CUDA_ATTN", v) };
+        let bv = CudaBackend::new(0).unwrap();
+        let mut kv1 = bv.alloc_kv(KvShape { num_blocks: ctx / 16, block_size: 16, n_kv_heads: nkv, head_dim: hd }).unwrap();
+        let kb1 = buffer(&bv, &kvdata);
+        bv.kv_write(&mut kv1, &kb1, &kb1, &(0..chunk as u32).collect::<Vec<_>>());
+        let one = [AttnSeq { q_start: 0, n_q: 1, ctx_len: ctx, block_table: &tables[0], view: None }];
+        let q1 = buffer(&bv, &randn(&mut r, nh * hd));
+        let mut o1 = bv.alloc(nh * hd).unwrap();
+        let ms1 = time_ms(&bv, 50, || bv.attention(&q1, &kv1, &one, &p, &mut o1, None));
+        let q16 = buffer(&bv, &randn(&mut r, n_seq * nh * hd));
+        let mut o16 = bv.alloc(n_seq * nh * hd).unwrap();
+        let ms16 = time_ms(&bv, 20, || bv.attention(&q16, &kv, &seqs, &p, &mut o16, None));
+        let b1 = bytes / n_seq as f64;
+        println!("attention {v}: 1x4096 {ms1:.4} ms ({:.0} GB/s), 16x4096 {ms16:.3} ms ({:.0} GB/s)", b1 / ms1 / 1e6, bytes / ms16 / 1e6);
+    }
+    unsafe { std::env::remove_var("PAGELLM_CUDA_ATTN") };
 
     // decode products of Llama-3-8B shapes, one token and 8 tokens
     for ty in [GgmlType::Q4_0, GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q8_0] {
@@ -770,7 +793,7 @@ fn bench_kernels() {
             let wb = random_weights(&mut r, ty, n_rows, k);
             let wbytes = wb.len() as f64;
             let w = upload(&b, ty, wb, k, n_rows);
-            for n in [1usize, 8, 512] {
+            for n in [1usize, 4, 8, 16, 24, 25, 64, 512] {
                 let x = buffer(&b, &randn(&mut r, n * k));
                 let mut o = b.alloc(n * n_rows).unwrap();
                 let ms = time_ms(&b, 20, || b.matmul(&w, &x, n, &mut o));
@@ -1021,6 +1044,44 @@ fn cpu_isa_spread() {
             let other: Arc<dyn Backend> = Arc::new(pagellm::backend::cpu::CpuBackend::new(4, k).unwrap());
             let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compare_models(&path, &prompt, &other, 20, 1.0)));
             println!("{shape:<12} {ty:<7} cpu {} vs cpu {}: {:?}", cpu().name(), k.name(), res.ok());
+        }
+    }
+}
+
+// ---- --gpu-layers: the last layers and the output on the GPU, the rest on the CPU ----
+
+#[test]
+fn split_cpu_gpu_matches_cpu() {
+    let Some((_g, gpu)) = gpu() else { return };
+    let dir = std::env::temp_dir().join(format!("pagellm-split-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut r = rng(21);
+    for (shape, ty) in [("tiny", "q4_0"), ("tiny-gemma3", "q4_k_m")] {
+        let path = dir.join(format!("{shape}-{ty}.gguf"));
+        let sh = pagellm::synth::shape(shape).unwrap();
+        pagellm::synth::write_model(&path, sh, pagellm::synth::Recipe::parse(ty).unwrap(), 42, |_, _| {}).unwrap();
+        let file = Arc::new(pagellm::gguf::GgufFile::open(&path).unwrap());
+        let n_layers = pagellm::model::Config::from_gguf(&file).unwrap().n_layers;
+        let tied = file.tensor("output.weight").is_none();
+        // 8 prompt tokens (the integer path: the CPU's exact rounding), then 8 greedy steps
+        let prompt: Vec<u32> = (0..8).map(|_| r.gen_range(0..sh.vocab as u32)).collect();
+        let logits = |b: Arc<dyn Backend>| -> Vec<Vec<f32>> {
+            let model = Model::load_on(file.clone(), ModelOptions { ctx: 64, threads: 4 }, b).unwrap();
+            let mut sess = model.new_session(64).unwrap();
+            let mut rows = vec![model.forward(&mut sess, &prompt, Logits::Last).unwrap()];
+            for _ in 0..8 {
+                let next = pagellm::sampling::argmax(rows.last().unwrap());
+                rows.push(model.forward(&mut sess, &[next], Logits::Last).unwrap());
+            }
+            rows
+        };
+        let want = logits(cpu());
+        for dev_layers in [1, n_layers / 2] {
+            let split = Arc::new(pagellm::backend::split::SplitBackend::new(cpu(), gpu.clone(), n_layers, dev_layers, tied));
+            let got = logits(split);
+            let differ: usize = got.iter().zip(&want).map(|(g, w)| g.iter().zip(w).filter(|(a, b)| a.to_bits() != b.to_bits()).count()).sum();
+            println!("{shape} {ty}: last {dev_layers} of {n_layers} layers on the GPU: {differ} logits of 9 steps differ from the CPU's");
+            assert_eq!(differ, 0, "{shape} {ty}: split CPU/GPU differs from the CPU");
         }
     }
 }

@@ -163,6 +163,22 @@ pub struct CudaBackend {
     /// (activations pointer, row length, rounding) of the last products that quantized their input:
     /// an op writing that buffer next time quantizes it on the way out (one launch fewer).
     quant_hints: Mutex<Vec<(u64, usize, Act)>>,
+    /// The head-dim-128 attention kernel, its query heads per CTA and threads (`PAGELLM_CUDA_ATTN`,
+    /// see [`attn128`]).
+    attn128: (&'static str, usize, u32),
+}
+
+/// The attention kernel for head dim 128 named by `PAGELLM_CUDA_ATTN` (`g4c64`, `g4c128`, `g2c64`,
+/// `w16`, `w16c128`: query heads per CTA, keys per staged chunk, 16 warps), with its heads per CTA and
+/// threads.
+fn attn128() -> (&'static str, usize, u32) {
+    match std::env::var("PAGELLM_CUDA_ATTN").as_deref() {
+        Ok("g4c128") => ("attn_hd128_g4c128", 4, ATTN_THREADS),
+        Ok("g2c64") => ("attn_hd128_g2c64", 2, ATTN_THREADS),
+        Ok("w16") => ("attn_hd128_w16", 4, 512),
+        Ok("w16c128") => ("attn_hd128_w16c128", 4, 512),
+        _ => ("attn_hd128", 4, ATTN_THREADS),
+    }
 }
 
 fn dptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
@@ -282,6 +298,7 @@ impl CudaBackend {
             mmvp_blocks,
             fuse,
             quant_hints: Mutex::new(Vec::new()),
+            attn128: attn128(),
         })
     }
 
@@ -873,8 +890,12 @@ impl Backend for CudaBackend {
         ];
         // 4 query heads per CTA (one head per CTA, 4x the CTAs, measured slower for one sequence at
         // depth 4096 on the H200: bench/GPU_NOTES.md session 3)
-        let grid = (n_rows as u32, (n_kv * group.div_ceil(4)) as u32, n_splits as u32);
-        self.launch(&format!("attn_hd{hd}"), grid, ATTN_THREADS, &args);
+        let (name, g, threads) = match self.attn128 {
+            (name, g, threads) if hd == 128 => (name.to_string(), g, threads),
+            _ => (format!("attn_hd{hd}"), 4, ATTN_THREADS),
+        };
+        let grid = (n_rows as u32, (n_kv * group.div_ceil(g)) as u32, n_splits as u32);
+        self.launch(&name, grid, threads, &args);
         if n_splits > 1 {
             let args = [A::P(po), A::P(pml), A::P(rows_p), A::I(n_heads as i32), A::I(hd as i32), A::I(n_splits as i32), A::P(op)];
             self.launch("attn_merge", ((n_rows * n_heads) as u32, 1, 1), hd as u32, &args);
