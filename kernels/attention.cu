@@ -120,13 +120,23 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
         }
         return;
     }
-    // lane c holds q elements c, c + 32, ... of each head, rounded to f16
-    float qr[G][QPL];
+    // The CPU's dot_f16 order (cpu_tree_sum): 32 FMA chains a_c over elements c, c + 32, ..., then
+    //   v_j = (a_j + a_{j+8}) + (a_{j+16} + a_{j+24}),  w_j = v_j + v_{j+4},  x_j = w_j + w_{j+2},  s = x_0 + x_1.
+    // Head dims up to 128 (QUAD): 8 lanes per key, 4 keys per warp step; lane j of a key runs the chains
+    // j, j+8, j+16, j+24 and v_j in registers, then 3 shuffles inside its 8 lanes (the same float
+    // operations, 4 keys per instruction). Larger heads: one warp per key, lane c running chain c.
+    constexpr bool QUAD = HD <= 128;
+    constexpr int QR = QUAD ? 4 * QPL : QPL;  // q values per lane and head
+    const int j8 = lane & 7;
+    float qr[G][QR];
 #pragma unroll
     for (int hh = 0; hh < G; hh++)
 #pragma unroll
-        for (int e = 0; e < QPL; e++)
-            qr[hh][e] = hh < nh ? f16_round(q[((long long)t * n_heads + h0 + hh) * HD + lane + 32 * e]) : 0.0f;
+        for (int i = 0; i < QR; i++) {
+            // QUAD: i = 4e + mq holds element j8 + 8 mq + 32 e; else element lane + 32 i
+            const int el = QUAD ? j8 + 8 * (i % 4) + 32 * (i / 4) : lane + 32 * i;
+            qr[hh][i] = hh < nh ? f16_round(q[((long long)t * n_heads + h0 + hh) * HD + el]) : 0.0f;
+        }
     __syncthreads();
 
     // K (then V) rows of the split staged through shared memory CH keys at a time, double-buffered
@@ -135,7 +145,8 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
     constexpr int NT = WARPS * 32;
     constexpr int VPR = HD / 8;              // 16-byte pieces per row
     constexpr int PER = CH * VPR / NT;  // pieces per thread per chunk
-    __shared__ __align__(16) u16 kvs[CH * HD];
+    constexpr int KS = HD + 8;  // row stride in kvs: 4 banks apart, so the 4 keys of a quad do not collide
+    __shared__ __align__(16) u16 kvs[CH * KS];
     uint4 tmp[PER];
     auto fetch = [&](const u16* __restrict__ pool, int c0) {
         const int nk = min(CH, n - c0);
@@ -150,7 +161,7 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
 #pragma unroll
         for (int j = 0; j < PER; j++) {
             const int idx = threadIdx.x + j * NT;
-            if (idx / VPR < nk) ((uint4*)kvs)[idx] = tmp[j];
+            if (idx / VPR < nk) ((uint4*)kvs)[(idx / VPR) * (KS / 8) + idx % VPR] = tmp[j];
         }
     };
 
@@ -165,19 +176,56 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
         put(nk);
         __syncthreads();
         if (c0 + CH < n) fetch(kc, c0 + CH);
-        for (int u = warp; u < nk; u += WARPS) {
-            float kf[QPL];
+        if constexpr (QUAD) {
+            // every lane of the warp takes part in the shuffles: a warp runs whole quads
+            for (int ub = 4 * warp; ub < nk; ub += 4 * WARPS) {
+                const int u = ub + (lane >> 3);
+                const bool valid = u < nk;
+                float kf[QR];
 #pragma unroll
-            for (int e = 0; e < QPL; e++) kf[e] = h2f(kvs[u * HD + lane + 32 * e]);
+                for (int i = 0; i < QR; i++) kf[i] = valid ? h2f(kvs[u * KS + j8 + 8 * (i % 4) + 32 * (i / 4)]) : 0.0f;
 #pragma unroll
-            for (int hh = 0; hh < G; hh++) {
-                float a = 0.0f;
+                for (int hh = 0; hh < G; hh++) {
+                    float a[4];
 #pragma unroll
-                for (int e = 0; e < QPL; e++) a = fmaf(kf[e], qr[hh][e], a);
-                const float s = cpu_tree_sum0(a) * scale;  // lane 0's is the score; its m is the one kept
-                m[hh] = fmaxf(m[hh], s);
-                if (lane == 0) sc[hh][c0 + u] = s;
+                    for (int mq = 0; mq < 4; mq++) {
+                        a[mq] = 0.0f;
+#pragma unroll
+                        for (int e = 0; e < QPL; e++) a[mq] = fmaf(kf[4 * e + mq], qr[hh][4 * e + mq], a[mq]);
+                    }
+                    const float v = (a[0] + a[1]) + (a[2] + a[3]);
+                    const float w = v + __shfl_down_sync(0xffffffffu, v, 4);
+                    const float x = w + __shfl_down_sync(0xffffffffu, w, 2);
+                    const float s = (x + __shfl_down_sync(0xffffffffu, x, 1)) * scale;
+                    if (valid && j8 == 0) {  // lane 0 of the key's 8 holds its score
+                        m[hh] = fmaxf(m[hh], s);
+                        sc[hh][c0 + u] = s;
+                    }
+                }
             }
+        } else {
+            for (int u = warp; u < nk; u += WARPS) {
+                float kf[QPL];
+#pragma unroll
+                for (int e = 0; e < QPL; e++) kf[e] = h2f(kvs[u * KS + lane + 32 * e]);
+#pragma unroll
+                for (int hh = 0; hh < G; hh++) {
+                    float a = 0.0f;
+#pragma unroll
+                    for (int e = 0; e < QPL; e++) a = fmaf(kf[e], qr[hh][e], a);
+                    const float s = cpu_tree_sum0(a) * scale;  // lane 0's is the score; its m is the one kept
+                    m[hh] = fmaxf(m[hh], s);
+                    if (lane == 0) sc[hh][c0 + u] = s;
+                }
+            }
+        }
+    }
+    // QUAD: the maxima of the warp's 4 key lanes (0, 8, 16, 24) into lane 0 (max is exact in any order)
+    if constexpr (QUAD) {
+#pragma unroll
+        for (int hh = 0; hh < G; hh++) {
+            m[hh] = fmaxf(m[hh], __shfl_down_sync(0xffffffffu, m[hh], 16));
+            m[hh] = fmaxf(m[hh], __shfl_down_sync(0xffffffffu, m[hh], 8));
         }
     }
     // the first V chunk's loads in flight during the softmax
@@ -242,7 +290,7 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
         __syncthreads();
         if (c0 + CH < n) fetch(vc, c0 + CH);
         for (int u = 0; u < nk; u++) {
-            const float v = h2f(kvs[u * HD + d]);
+            const float v = h2f(kvs[u * KS + d]);
 #pragma unroll
             for (int k = 0; k < HPT; k++) o[k] = fmaf(sc[hb + k][c0 + u], v, o[k]);
         }
@@ -284,10 +332,8 @@ ATTN(attn_hd64, 64, 4, 8, 64)
 ATTN(attn_hd128, 128, 4, 8, 64)
 ATTN(attn_hd256, 256, 4, 8, 64)
 // variants for head dim 128, picked by PAGELLM_CUDA_ATTN (measured against each other on the GPU)
-ATTN(attn_hd128_g4c128, 128, 4, 8, 128)
 ATTN(attn_hd128_g2c64, 128, 2, 8, 64)
 ATTN(attn_hd128_w16, 128, 4, 16, 64)
-ATTN(attn_hd128_w16c128, 128, 4, 16, 128)
 
 // The splits of a row folded left in order, as the CPU's `merge`: one block of head_dim threads per
 // (query row, head); rows with one split were written by the attention kernel. Splits with no live key

@@ -163,21 +163,20 @@ pub struct CudaBackend {
     /// (activations pointer, row length, rounding) of the last products that quantized their input:
     /// an op writing that buffer next time quantizes it on the way out (one launch fewer).
     quant_hints: Mutex<Vec<(u64, usize, Act)>>,
-    /// The head-dim-128 attention kernel, its query heads per CTA and threads (`PAGELLM_CUDA_ATTN`,
-    /// see [`attn128`]).
-    attn128: (&'static str, usize, u32),
+    /// The head-dim-128 attention kernel `PAGELLM_CUDA_ATTN` forces (see [`attn128`]); `None`: `attn_hd128`.
+    attn128: Option<(&'static str, usize, u32)>,
 }
 
-/// The attention kernel for head dim 128 named by `PAGELLM_CUDA_ATTN` (`g4c64`, `g4c128`, `g2c64`,
-/// `w16`, `w16c128`: query heads per CTA, keys per staged chunk, 16 warps), with its heads per CTA and
-/// threads.
-fn attn128() -> (&'static str, usize, u32) {
+/// The head-dim-128 attention kernel `PAGELLM_CUDA_ATTN` picks (`g4c64`, the default: 4 query heads per
+/// CTA; `g2c64`: 2; `w16`: 4 with 16 warps), with its heads per CTA and threads. g2 is 11% faster for a
+/// decode step of one sequence at 4096 keys on the H200 and slower with many CTAs (bench/GPU_NOTES.md,
+/// session 4); choosing it per call by the CTA count is the next step, once its GPU tests have run.
+fn attn128() -> Option<(&'static str, usize, u32)> {
     match std::env::var("PAGELLM_CUDA_ATTN").as_deref() {
-        Ok("g4c128") => ("attn_hd128_g4c128", 4, ATTN_THREADS),
-        Ok("g2c64") => ("attn_hd128_g2c64", 2, ATTN_THREADS),
-        Ok("w16") => ("attn_hd128_w16", 4, 512),
-        Ok("w16c128") => ("attn_hd128_w16c128", 4, 512),
-        _ => ("attn_hd128", 4, ATTN_THREADS),
+        Ok("g4c64") => Some(("attn_hd128", 4, ATTN_THREADS)),
+        Ok("g2c64") => Some(("attn_hd128_g2c64", 2, ATTN_THREADS)),
+        Ok("w16") => Some(("attn_hd128_w16", 4, 512)),
+        _ => None,
     }
 }
 
@@ -891,7 +890,7 @@ impl Backend for CudaBackend {
         // 4 query heads per CTA (one head per CTA, 4x the CTAs, measured slower for one sequence at
         // depth 4096 on the H200: bench/GPU_NOTES.md session 3)
         let (name, g, threads) = match self.attn128 {
-            (name, g, threads) if hd == 128 => (name.to_string(), g, threads),
+            Some((name, g, threads)) if hd == 128 => (name.to_string(), g, threads),
             _ => (format!("attn_hd{hd}"), 4, ATTN_THREADS),
         };
         let grid = (n_rows as u32, (n_kv * group.div_ceil(g)) as u32, n_splits as u32);

@@ -76,10 +76,8 @@ const NAMES: &[&str] = &[
     "attn_hd64",
     "attn_hd128",
     "attn_hd256",
-    "attn_hd128_g4c128",
     "attn_hd128_g2c64",
     "attn_hd128_w16",
-    "attn_hd128_w16c128",
     "attn_merge",
     "attn_scores",
 ];
