@@ -35,7 +35,7 @@ mod imp {
             q4_k: gemm::<Q4K>,
             q6_k: gemm::<Q6K>,
             // one token goes faster through the per-row dots than through a scratch round trip
-            min_tokens: 2,
+            min_tokens: |_| 2,
             pack: None,
         }
     }

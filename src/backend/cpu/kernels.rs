@@ -204,8 +204,9 @@ pub struct GemmKernels {
     pub q8_0: GemmFn,
     pub q4_k: GemmFn,
     pub q6_k: GemmFn,
-    /// Batches of fewer tokens go through the per-row dots instead (both give the same results).
-    pub min_tokens: usize,
+    /// Batches of fewer tokens of a weight type go through the per-row dots instead (both give the same
+    /// results).
+    pub min_tokens: fn(GgmlType) -> usize,
     /// The one type whose weights this table repacks at load (where the decoded layout costs little
     /// more memory than the file's and saves the per-call decode: Q8_0 on AVX-512).
     pub pack: Option<PackKernels>,

@@ -75,7 +75,7 @@ enum Plan {
 
 fn plan(k: &Kernels, ty: GgmlType, n_tokens: usize) -> Plan {
     use GgmlType as T;
-    let gemm = k.gemm.filter(|g| n_tokens >= g.min_tokens).and_then(|g| g.get(ty));
+    let gemm = k.gemm.filter(|g| n_tokens >= (g.min_tokens)(ty)).and_then(|g| g.get(ty));
     let q8_0 = |dot| Plan::Quant { elems: 32, bytes: 34, quantize: k.quantize_q8_0, dot, gemm };
     let q8_k = |dot| Plan::Quant { elems: 256, bytes: 292, quantize: k.quantize_q8_k, dot, gemm };
     match ty {
