@@ -49,11 +49,12 @@ fn split_models_equal_one_backend() {
                 assert_eq!(differ, 0, "{rel}, last {dev_layers} of {n_layers} layers split off: step {step}, {differ} logits differ");
             }
             // the output projection ran on the device side: that side packed the Q8_0 output matrix
-            // (where the kernel table packs Q8_0); SmolLM2 has no other Q8_0 tensor, so its host packed none
+            // (where the kernel table packs Q8_0: 576 bytes per 16 rows x 32 columns)
             if dev.repacks(pagellm::dtype::GgmlType::Q8_0) {
-                let (d, h) = (dev.weight_bytes_copied(), host.weight_bytes_copied());
-                assert!(d > 0, "{rel}: the output projection did not run on the device side");
-                assert!(rel != common::SMOLLM2 || h == 0, "{rel}: the host side ran a Q8_0 product ({h} bytes packed)");
+                let cfg = pagellm::model::Config::from_gguf(&file).unwrap();
+                let out_packed = cfg.n_vocab.div_ceil(16) * (cfg.dim / 32) * 576;
+                let d = dev.weight_bytes_copied();
+                assert!(d >= out_packed, "{rel}: the output projection did not run on the device side ({d} bytes packed there)");
             }
             println!("{rel}: last {dev_layers} of {n_layers} layers on the second backend: 9 steps of logits equal, bit for bit");
         }

@@ -36,7 +36,7 @@ mod imp {
             q6_k: gemm::<Q6K>,
             // one token goes faster through the per-row dots than through a scratch round trip
             min_tokens: |_| 2,
-            pack: None,
+            pack: &[],
         }
     }
 

@@ -59,13 +59,20 @@ mod imp {
                 // per-row dots; the k-quants' per-row dots (AVX2) beat a scratch round trip 1.5-1.9x
                 // (backend_cpu `throughput`, 2 threads: Q4_K 22.4 vs 14.8 GB/s, Q6_K 24.0 vs 12.9)
                 min_tokens: |ty| if matches!(ty, crate::dtype::GgmlType::Q4K | crate::dtype::GgmlType::Q6K) { 2 } else { 1 },
-                // 576 bytes per 16 x 34: 6% over the file, and a decode step reads one stream
-                pack: Some(PackKernels {
-                    ty: crate::dtype::GgmlType::Q8_0,
-                    block_bytes: <Q8_0 as Tile>::SB,
-                    pack: pack::<Q8_0>,
-                    gemm: packed::<Q8_0>,
-                }),
+                // a decode step reads one stream instead of 16 interleaved rows: Q8_0 as the scratch
+                // layout (576 bytes per 16 x 34, +6%), Q4_0 / Q4_1 with their nibbles transposed and
+                // left packed (320 bytes per 16 x 18 / 16 x 20: +11% / +0%)
+                pack: &[
+                    PackKernels {
+                        ty: crate::dtype::GgmlType::Q8_0,
+                        block_bytes: <Q8_0 as Tile>::SB,
+                        pack: pack::<Q8_0>,
+                        gemm: packed::<Q8_0>,
+                        max_tokens: usize::MAX,
+                    },
+                    PackKernels { ty: crate::dtype::GgmlType::Q4_0, block_bytes: NIB_SB, pack: pack_nib::<Q4_0>, gemm: packed_nib::<Q4_0>, max_tokens: NIB_MAX_TOKENS },
+                    PackKernels { ty: crate::dtype::GgmlType::Q4_1, block_bytes: NIB_SB, pack: pack_nib::<Q4_1>, gemm: packed_nib::<Q4_1>, max_tokens: NIB_MAX_TOKENS },
+                ],
             }),
             ..base
         }
@@ -200,6 +207,117 @@ mod imp {
         // SAFETY: table() is only built after feature detection; the tile holds nb decoded blocks and
         // the activations match them (checked above); `out` is the caller's promise.
         unsafe { every_token::<K>(tile.as_ptr(), n, nb, acts, out, out_stride) }
+    }
+
+    // ---- 4-bit types packed with their nibbles kept: per block of 16 rows, the 16 code bytes of every
+    // row transposed (4 vectors: lane r = dword k of row r) and the header dword of every row (d, and
+    // Q4_1's m): 320 bytes, read as one stream; the codes are split into nibbles at use, exactly as
+    // `nibble_codes` splits them, so results equal the other paths bit for bit.
+
+    /// Bytes of one nibble-packed block of 16 rows.
+    const NIB_SB: usize = 320;
+    /// Up to this many tokens (one register tile) the nibble-packed layout wins (SmolLM2 tg128 +35%);
+    /// a 512-token prefill split the nibbles 128 times per block and ran ~10% slower than the tile path.
+    const NIB_MAX_TOKENS: usize = T_MAX;
+
+    /// The 4-bit types that pack this way: where their codes start in a block.
+    trait Nibbles: Legacy {
+        const QS_AT: usize;
+    }
+    impl Nibbles for Q4_0 {
+        const QS_AT: usize = 2;
+    }
+    impl Nibbles for Q4_1 {
+        const QS_AT: usize = 4;
+    }
+
+    /// Packs the tile `w` (1..=16 rows of `row_bytes`) of a 4-bit type.
+    ///
+    /// # Safety
+    /// See [`PackFn`](super::super::kernels::PackFn).
+    unsafe fn pack_nib<L: Nibbles>(w: &[u8], row_bytes: usize, dst: &mut [u8]) {
+        let n = w.len() / row_bytes.max(1);
+        let nb = row_bytes / L::WB;
+        assert!((1..=16).contains(&n) && n * row_bytes == w.len() && nb * L::WB == row_bytes, "pack: bad tile");
+        assert!(dst.len() >= nb * NIB_SB && (dst.as_ptr() as usize).is_multiple_of(64), "pack: destination too small or unaligned");
+        let offs = Offsets { at: std::array::from_fn(|r| r.min(n - 1) * row_bytes) };
+        // SAFETY: reads of 16 bytes at offsets 0 and QS_AT of each row's block lie in `w` (QS_AT + 16 <=
+        // WB); writes within `dst` (checked above).
+        unsafe { pack_nib_blocks::<L>(w.as_ptr(), w.len(), &offs, nb, dst.as_mut_ptr()) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    unsafe fn pack_nib_blocks<L: Nibbles>(w: *const u8, n_bytes: usize, offs: &Offsets, nb: usize, dst: *mut u8) {
+        let mut pf = Prefetch::after(w, n_bytes, nb * 2);
+        for b in 0..nb {
+            let base = w.add(b * L::WB);
+            let o = transpose16x4(base, offs, L::QS_AT, &mut pf);
+            let head = transpose16x4(base, offs, 0, &mut pf)[0];
+            let p = dst.add(b * NIB_SB);
+            for (k, v) in o.into_iter().enumerate() {
+                store(p.add(64 * k), v);
+            }
+            store(p.add(256), head);
+        }
+    }
+
+    /// A tile packed by [`pack_nib`] times every token of `acts`.
+    ///
+    /// # Safety
+    /// See [`PackedFn`](super::super::kernels::PackedFn).
+    unsafe fn packed_nib<L: Nibbles>(tile: &[u8], n: usize, nb: usize, acts: &QActs<'_>, out: *mut f32, out_stride: usize) {
+        assert!((1..=16).contains(&n), "packed: bad tile");
+        assert!(tile.len() >= nb * NIB_SB && (tile.as_ptr() as usize).is_multiple_of(64), "packed: tile too small or unaligned");
+        assert!(acts.fit(nb, L::AB, 1), "gemm: activations do not match the weights");
+        let nt = acts.n_tok;
+        let mut t0 = 0;
+        while t0 < nt {
+            let o = Out { p: out.add(t0 * out_stride), stride: out_stride, mask: ((1u32 << n) - 1) as u16 };
+            // SAFETY: as in `packed`: the tile holds nb packed blocks, the activations fit them.
+            unsafe {
+                match (nt - t0).min(T_MAX) {
+                    4 => packed_nib_t::<L, 4>(tile.as_ptr(), nb, acts, t0, &o),
+                    3 => packed_nib_t::<L, 3>(tile.as_ptr(), nb, acts, t0, &o),
+                    2 => packed_nib_t::<L, 2>(tile.as_ptr(), nb, acts, t0, &o),
+                    _ => packed_nib_t::<L, 1>(tile.as_ptr(), nb, acts, t0, &o),
+                }
+            }
+            t0 += T_MAX;
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    unsafe fn packed_nib_t<L: Nibbles, const T: usize>(tile: *const u8, nb: usize, acts: &QActs<'_>, t0: usize, out: &Out) {
+        let a = Acts::<T> {
+            bytes: std::array::from_fn(|t| acts.bytes.as_ptr().add((t0 + t) * acts.row_bytes)),
+            d: std::array::from_fn(|t| acts.d.as_ptr().add((t0 + t) * nb)),
+            aux: std::array::from_fn(|t| acts.aux.as_ptr().add((t0 + t) * nb)),
+        };
+        legacy::<T, _>(nb, &a, out, &mut NibPacked::<L> { p: tile, _l: PhantomData });
+    }
+
+    /// Blocks of a nibble-packed tile.
+    struct NibPacked<L> {
+        p: *const u8,
+        _l: PhantomData<L>,
+    }
+
+    impl<L: Nibbles, const T: usize> Blocks<T> for NibPacked<L> {
+        #[inline(always)]
+        unsafe fn block(&mut self, b: usize, a: &Acts<T>, acc: &mut [__m512; T]) {
+            let p = self.p.add(b * NIB_SB);
+            let c = split_nibbles([load(p), load(p.add(64)), load(p.add(128)), load(p.add(192))]);
+            let head = load(p.add(256));
+            let dw = f16_lanes::<false>(head);
+            let mw = if L::MIN { f16_lanes::<true>(head) } else { dw };
+            let mut dp = legacy_init::<T>(L::MIN, b, a);
+            for (i, ci) in c.into_iter().enumerate() {
+                for t in 0..T {
+                    dp[t] = _mm512_dpbusd_epi32(dp[t], ci, splat_i32(a.bytes[t].add(b * L::AB + L::QS + 4 * i)));
+                }
+            }
+            legacy_tail::<T>(dp, dw, mw, L::MIN, b, a, acc);
+        }
     }
 
     /// Decodes every block of the tile at `w` (`n_bytes` long) while prefetching the bytes that follow it
@@ -362,7 +480,12 @@ mod imp {
     /// elements j and j + 16).
     #[inline(always)]
     unsafe fn nibble_codes(base: *const u8, offs: &Offsets, qs: usize, pf: &mut Prefetch) -> [__m512i; 8] {
-        let o = transpose16x4(base, offs, qs, pf);
+        split_nibbles(transpose16x4(base, offs, qs, pf))
+    }
+
+    /// 4 vectors of nibble pairs -> the 8 code vectors (low nibbles, then high).
+    #[inline(always)]
+    unsafe fn split_nibbles(o: [__m512i; 4]) -> [__m512i; 8] {
         [
             lo_nibbles(o[0]),
             lo_nibbles(o[1]),

@@ -65,6 +65,10 @@ pub struct PackKernels {
     pub block_bytes: usize,
     pub pack: PackFn,
     pub gemm: PackedFn,
+    /// Batches of more tokens read the file's layout through the tile kernel instead (a layout that
+    /// still needs per-use work, such as splitting nibbles, loses to the tile's decode-once scratch
+    /// when many tokens share each block).
+    pub max_tokens: usize,
 }
 
 impl PackKernels {
@@ -207,9 +211,17 @@ pub struct GemmKernels {
     /// Batches of fewer tokens of a weight type go through the per-row dots instead (both give the same
     /// results).
     pub min_tokens: fn(GgmlType) -> usize,
-    /// The one type whose weights this table repacks at load (where the decoded layout costs little
-    /// more memory than the file's and saves the per-call decode: Q8_0 on AVX-512).
-    pub pack: Option<PackKernels>,
+    /// The types whose weights this table repacks at their first product (where the packed layout
+    /// costs little more memory than the file's and saves the per-call decode: on AVX-512, Q8_0 and the
+    /// 4-bit Q4_0 / Q4_1).
+    pub pack: &'static [PackKernels],
+}
+
+impl GemmKernels {
+    /// How this table packs `ty`, if it does.
+    pub fn pack_for(&self, ty: GgmlType) -> Option<PackKernels> {
+        self.pack.iter().find(|p| p.ty == ty).copied()
+    }
 }
 
 impl GemmKernels {

@@ -42,7 +42,7 @@ impl Packed {
 /// packs that type and the memory is there (otherwise the matmul reads `w` in place). Call inside the
 /// backend's pool.
 pub(super) fn pack(k: &Kernels, ty: GgmlType, w: &[u8], row_len: usize, n_rows: usize) -> Option<Packed> {
-    let fns = k.gemm.and_then(|g| g.pack).filter(|p| p.ty == ty)?;
+    let fns = k.gemm.and_then(|g| g.pack_for(ty))?;
     let (row_bytes, n_tiles) = (w.len() / n_rows.max(1), n_rows.div_ceil(TILE_ROWS));
     let nb = row_len / ty.block_size();
     let tile_bytes = fns.tile_bytes(nb);
@@ -163,6 +163,7 @@ pub(super) fn matmul(
     out: &mut [f32],
 ) {
     let row_bytes = w.len() / n_rows;
+    let packed = packed.filter(|p| n_tokens <= p.fns.max_tokens);
     let fits = |p: &Packed| p.fns.ty == ty && p.nb * ty.block_size() == row_len && p.bytes() >= n_rows.div_ceil(TILE_ROWS) * p.fns.tile_bytes(p.nb);
     assert!(packed.is_none_or(fits), "matmul: packed weight does not match the matrix");
     assert!(x.len() >= n_tokens * row_len && out.len() >= n_tokens * n_rows, "matmul: buffers too small");

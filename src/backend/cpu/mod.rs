@@ -91,7 +91,7 @@ impl CpuBackend {
 
     /// Whether a matrix of `ty` gets a packed copy (this table packs it and repacking is on).
     pub fn repacks(&self, ty: crate::dtype::GgmlType) -> bool {
-        self.repack && self.k.gemm.and_then(|g| g.pack).is_some_and(|p| p.ty == ty)
+        self.repack && self.k.gemm.and_then(|g| g.pack_for(ty)).is_some()
     }
 
     pub fn kernels(&self) -> &Kernels {
