@@ -68,7 +68,7 @@ fn backends() -> Vec<(String, CpuBackend)> {
     }
     let mut v = Vec::new();
     for k in all {
-        let packs = k.gemm.is_some_and(|g| g.pack.is_some());
+        let packs = k.gemm.is_some_and(|g| !g.pack.is_empty());
         v.push((k.name().to_string(), CpuBackend::new(2, k).unwrap()));
         if packs {
             v.push((format!("{} in place", k.name()), CpuBackend::new(2, k).unwrap().with_repack(false)));
@@ -216,7 +216,7 @@ fn simd_tiles_equal_scalar_dots_bit_for_bit() {
                 unsafe { tile(&w, row_bytes, &acts, &mut scratch, out.as_mut_ptr(), 17) };
                 let mut outs = vec![("tile", out)];
                 // the packed kernel, where the table packs this type: same results from the packed copy
-                if let Some(p) = gemm.pack.filter(|p| p.ty == wty) {
+                if let Some(p) = gemm.pack_for(wty) {
                     let mut packed = Scratch::default();
                     let dst = &mut packed.get(p.tile_bytes(nb))[..p.tile_bytes(nb)];
                     // SAFETY: the table was built after feature detection; dst is 64-byte aligned and
@@ -735,7 +735,8 @@ fn model_weights_stay_in_the_map() {
     let (peak, packed) = (PEAK.load(Ordering::Relaxed).saturating_sub(before), cpu.weight_bytes_copied());
     println!("repacking ({}): {} MiB packed, peak heap growth {} MiB", cpu.kernels().name(), packed >> 20, peak >> 20);
     assert_eq!(packed > 0, cpu.repacks(GgmlType::Q8_0), "gemma-3's Q8_0 matrices are packed where the table packs Q8_0");
-    assert!(packed < size / 8 * 7, "packed {packed} bytes of a {size}-byte model");
+    // only matrices are packed, each layout at most 11% larger than the file's bytes
+    assert!(packed < size + size / 8, "packed {packed} bytes of a {size}-byte model");
     assert!(peak < packed + size / 8, "heap grew by {peak} bytes, {packed} of them packed weights");
 }
 

@@ -59,24 +59,27 @@ mod imp {
                 // per-row dots; the k-quants' per-row dots (AVX2) beat a scratch round trip 1.5-1.9x
                 // (backend_cpu `throughput`, 2 threads: Q4_K 22.4 vs 14.8 GB/s, Q6_K 24.0 vs 12.9)
                 min_tokens: |ty| if matches!(ty, crate::dtype::GgmlType::Q4K | crate::dtype::GgmlType::Q6K) { 2 } else { 1 },
-                // a decode step reads one stream instead of 16 interleaved rows: Q8_0 as the scratch
-                // layout (576 bytes per 16 x 34, +6%), Q4_0 / Q4_1 with their nibbles transposed and
-                // left packed (320 bytes per 16 x 18 / 16 x 20: +11% / +0%)
-                pack: &[
-                    PackKernels {
-                        ty: crate::dtype::GgmlType::Q8_0,
-                        block_bytes: <Q8_0 as Tile>::SB,
-                        pack: pack::<Q8_0>,
-                        gemm: packed::<Q8_0>,
-                        max_tokens: usize::MAX,
-                    },
-                    PackKernels { ty: crate::dtype::GgmlType::Q4_0, block_bytes: NIB_SB, pack: pack_nib::<Q4_0>, gemm: packed_nib::<Q4_0>, max_tokens: NIB_MAX_TOKENS },
-                    PackKernels { ty: crate::dtype::GgmlType::Q4_1, block_bytes: NIB_SB, pack: pack_nib::<Q4_1>, gemm: packed_nib::<Q4_1>, max_tokens: NIB_MAX_TOKENS },
-                ],
+                pack: &PACK,
             }),
             ..base
         }
     }
+
+    /// The weight types this table repacks: a decode step reads one stream instead of 16 interleaved
+    /// rows. Q8_0 as the scratch layout (576 bytes per 16 x 34, +6%); Q4_0 / Q4_1 / Q5_0 with their
+    /// nibbles transposed and left packed (320 / 320 / 384 bytes per 16 x 18 / 20 / 22: +11% / 0 / +9%).
+    static PACK: [PackKernels; 4] = [
+        PackKernels {
+            ty: crate::dtype::GgmlType::Q8_0,
+            block_bytes: <Q8_0 as Tile>::SB,
+            pack: pack::<Q8_0>,
+            gemm: packed::<Q8_0>,
+            max_tokens: usize::MAX,
+        },
+        nib_pack::<Q4_0>(crate::dtype::GgmlType::Q4_0),
+        nib_pack::<Q4_1>(crate::dtype::GgmlType::Q4_1),
+        nib_pack::<Q5_0>(crate::dtype::GgmlType::Q5_0),
+    ];
 
     /// Tokens per register tile.
     const T_MAX: usize = 4;
@@ -214,21 +217,47 @@ mod imp {
     // Q4_1's m): 320 bytes, read as one stream; the codes are split into nibbles at use, exactly as
     // `nibble_codes` splits them, so results equal the other paths bit for bit.
 
-    /// Bytes of one nibble-packed block of 16 rows.
-    const NIB_SB: usize = 320;
+    /// The table entry of a nibble-packed type.
+    const fn nib_pack<L: Nibbles>(ty: crate::dtype::GgmlType) -> PackKernels {
+        PackKernels { ty, block_bytes: L::SB_PACKED, pack: pack_nib::<L>, gemm: packed_nib::<L>, max_tokens: NIB_MAX_TOKENS }
+    }
     /// Up to this many tokens (one register tile) the nibble-packed layout wins (SmolLM2 tg128 +35%);
     /// a 512-token prefill split the nibbles 128 times per block and ran ~10% slower than the tile path.
     const NIB_MAX_TOKENS: usize = T_MAX;
 
-    /// The 4-bit types that pack this way: where their codes start in a block.
+    /// The types that pack this way: where their code bytes start in a block, how many header vectors
+    /// (16 bytes of each row from its block's start, transposed: d, m, Q5_0's qh) they keep, and how
+    /// their codes and scales come out of the packed vectors (as `Legacy::codes` makes them).
     trait Nibbles: Legacy {
         const QS_AT: usize;
+        const HEADS: usize;
+        const SB_PACKED: usize = 256 + 64 * Self::HEADS;
+        unsafe fn from_packed(o: [__m512i; 4], head: [__m512i; 2]) -> ([__m512i; 8], __m512, __m512);
     }
     impl Nibbles for Q4_0 {
         const QS_AT: usize = 2;
+        const HEADS: usize = 1;
+        #[inline(always)]
+        unsafe fn from_packed(o: [__m512i; 4], head: [__m512i; 2]) -> ([__m512i; 8], __m512, __m512) {
+            let dw = f16_lanes::<false>(head[0]);
+            (split_nibbles(o), dw, dw)
+        }
     }
     impl Nibbles for Q4_1 {
         const QS_AT: usize = 4;
+        const HEADS: usize = 1;
+        #[inline(always)]
+        unsafe fn from_packed(o: [__m512i; 4], head: [__m512i; 2]) -> ([__m512i; 8], __m512, __m512) {
+            (split_nibbles(o), f16_lanes::<false>(head[0]), f16_lanes::<true>(head[0]))
+        }
+    }
+    impl Nibbles for Q5_0 {
+        const QS_AT: usize = 6;
+        const HEADS: usize = 2;
+        #[inline(always)]
+        unsafe fn from_packed(o: [__m512i; 4], head: [__m512i; 2]) -> ([__m512i; 8], __m512, __m512) {
+            q5_0_codes(split_nibbles(o), head)
+        }
     }
 
     /// Packs the tile `w` (1..=16 rows of `row_bytes`) of a 4-bit type.
@@ -239,7 +268,7 @@ mod imp {
         let n = w.len() / row_bytes.max(1);
         let nb = row_bytes / L::WB;
         assert!((1..=16).contains(&n) && n * row_bytes == w.len() && nb * L::WB == row_bytes, "pack: bad tile");
-        assert!(dst.len() >= nb * NIB_SB && (dst.as_ptr() as usize).is_multiple_of(64), "pack: destination too small or unaligned");
+        assert!(dst.len() >= nb * L::SB_PACKED && (dst.as_ptr() as usize).is_multiple_of(64), "pack: destination too small or unaligned");
         let offs = Offsets { at: std::array::from_fn(|r| r.min(n - 1) * row_bytes) };
         // SAFETY: reads of 16 bytes at offsets 0 and QS_AT of each row's block lie in `w` (QS_AT + 16 <=
         // WB); writes within `dst` (checked above).
@@ -252,12 +281,14 @@ mod imp {
         for b in 0..nb {
             let base = w.add(b * L::WB);
             let o = transpose16x4(base, offs, L::QS_AT, &mut pf);
-            let head = transpose16x4(base, offs, 0, &mut pf)[0];
-            let p = dst.add(b * NIB_SB);
+            let head = transpose16x4(base, offs, 0, &mut pf);
+            let p = dst.add(b * L::SB_PACKED);
             for (k, v) in o.into_iter().enumerate() {
                 store(p.add(64 * k), v);
             }
-            store(p.add(256), head);
+            for k in 0..L::HEADS {
+                store(p.add(256 + 64 * k), head[k]);
+            }
         }
     }
 
@@ -267,7 +298,7 @@ mod imp {
     /// See [`PackedFn`](super::super::kernels::PackedFn).
     unsafe fn packed_nib<L: Nibbles>(tile: &[u8], n: usize, nb: usize, acts: &QActs<'_>, out: *mut f32, out_stride: usize) {
         assert!((1..=16).contains(&n), "packed: bad tile");
-        assert!(tile.len() >= nb * NIB_SB && (tile.as_ptr() as usize).is_multiple_of(64), "packed: tile too small or unaligned");
+        assert!(tile.len() >= nb * L::SB_PACKED && (tile.as_ptr() as usize).is_multiple_of(64), "packed: tile too small or unaligned");
         assert!(acts.fit(nb, L::AB, 1), "gemm: activations do not match the weights");
         let nt = acts.n_tok;
         let mut t0 = 0;
@@ -305,11 +336,10 @@ mod imp {
     impl<L: Nibbles, const T: usize> Blocks<T> for NibPacked<L> {
         #[inline(always)]
         unsafe fn block(&mut self, b: usize, a: &Acts<T>, acc: &mut [__m512; T]) {
-            let p = self.p.add(b * NIB_SB);
-            let c = split_nibbles([load(p), load(p.add(64)), load(p.add(128)), load(p.add(192))]);
-            let head = load(p.add(256));
-            let dw = f16_lanes::<false>(head);
-            let mw = if L::MIN { f16_lanes::<true>(head) } else { dw };
+            let p = self.p.add(b * L::SB_PACKED);
+            let o = [load(p), load(p.add(64)), load(p.add(128)), load(p.add(192))];
+            let head = [load(p.add(256)), if L::HEADS > 1 { load(p.add(320)) } else { _mm512_setzero_si512() }];
+            let (c, dw, mw) = L::from_packed(o, head);
             let mut dp = legacy_init::<T>(L::MIN, b, a);
             for (i, ci) in c.into_iter().enumerate() {
                 for t in 0..T {
@@ -627,8 +657,16 @@ mod imp {
         #[inline(always)]
         unsafe fn codes(base: *const u8, offs: &Offsets, pf: &mut Prefetch) -> ([__m512i; 8], __m512, __m512) {
             let w = nibble_codes(base, offs, 6, pf);
-            // bytes 0..8 = d | qh | qs[0..2]
             let head = transpose16x4(base, offs, 0, pf);
+            q5_0_codes(w, [head[0], head[1]])
+        }
+    }
+
+    /// Q5_0's codes from its low nibbles `w` and the first two head dwords of each row (bytes 0..8 =
+    /// d | qh | qs[0..2]), and its scale.
+    #[inline(always)]
+    unsafe fn q5_0_codes(w: [__m512i; 8], head: [__m512i; 2]) -> ([__m512i; 8], __m512, __m512) {
+        {
             let qh = _mm512_or_si512(_mm512_srli_epi32::<16>(head[0]), _mm512_slli_epi32::<16>(head[1]));
             // element 4i + j has its fifth bit at bit 4i + j of qh
             let hi = [

@@ -46,6 +46,9 @@ pub(super) fn pack(k: &Kernels, ty: GgmlType, w: &[u8], row_len: usize, n_rows: 
     let (row_bytes, n_tiles) = (w.len() / n_rows.max(1), n_rows.div_ceil(TILE_ROWS));
     let nb = row_len / ty.block_size();
     let tile_bytes = fns.tile_bytes(nb);
+    if !memory_allows(n_tiles * tile_bytes) {
+        return None;
+    }
     let mut data = Scratch::try_zeroed(n_tiles * tile_bytes)?;
     data.get(n_tiles * tile_bytes)[..n_tiles * tile_bytes].par_chunks_mut(tile_bytes).enumerate().for_each(|(t, dst)| {
         let rows = t * TILE_ROWS..((t + 1) * TILE_ROWS).min(n_rows);
@@ -54,6 +57,16 @@ pub(super) fn pack(k: &Kernels, ty: GgmlType, w: &[u8], row_len: usize, n_rows: 
         unsafe { (fns.pack)(&w[rows.start * row_bytes..rows.end * row_bytes], row_bytes, dst) }
     });
     Some(Packed { fns, nb, data })
+}
+
+/// Whether a packed copy of `bytes` leaves most of the memory available (Linux's MemAvailable): a model
+/// near the size of RAM keeps its weights in place rather than push the system into swap.
+fn memory_allows(bytes: usize) -> bool {
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        line.split_whitespace().nth(1)?.parse::<usize>().ok().map(|kib| kib << 10)
+    });
+    available.is_none_or(|a| bytes < a / 2)
 }
 
 /// Tokens per tile of the per-row path: an activation tile of 64 rows stays in L2 while a chunk of
