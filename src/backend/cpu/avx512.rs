@@ -119,6 +119,52 @@ mod imp {
         aux: [*const i32; T],
     }
 
+    impl<const T: usize> Acts<T> {
+        /// Rows `t0..t0 + T` of `acts`, against `nb` weight blocks with `aux` side values each.
+        ///
+        /// # Safety
+        /// Those rows exist in `acts` (they are only pointed at here).
+        #[inline(always)]
+        unsafe fn rows(acts: &QActs<'_>, t0: usize, nb: usize, aux: usize) -> Acts<T> {
+            Acts {
+                bytes: std::array::from_fn(|t| acts.bytes.as_ptr().add((t0 + t) * acts.row_bytes)),
+                d: std::array::from_fn(|t| acts.d.as_ptr().add((t0 + t) * nb)),
+                aux: std::array::from_fn(|t| acts.aux.as_ptr().add((t0 + t) * nb * aux)),
+            }
+        }
+    }
+
+    /// A tile's rows (1..=16) and blocks of `wb` bytes, and each row's offset (rows past the tile repeat
+    /// its last one, whose lanes are masked off at the store). Panics (`what: bad tile`) on a tile that
+    /// is not whole rows of whole blocks.
+    fn tile_shape(w: &[u8], row_bytes: usize, wb: usize, what: &str) -> (usize, usize, Offsets) {
+        let n = w.len() / row_bytes.max(1);
+        let nb = row_bytes / wb;
+        assert!((1..=16).contains(&n) && n * row_bytes == w.len() && nb * wb == row_bytes, "{what}: bad tile");
+        (n, nb, Offsets { at: std::array::from_fn(|r| r.min(n - 1) * row_bytes) })
+    }
+
+    /// One register tile of `T` tokens of some layout of weight blocks: rows `t0..t0 + T` of `acts`
+    /// into `out` ([`every_token`] walks the batch with it).
+    trait TokenTile {
+        /// # Safety
+        /// The layout and `acts` match (the caller checked), `out` is writable for the tile's lanes.
+        unsafe fn tokens<const T: usize>(&self, acts: &QActs<'_>, t0: usize, out: &Out);
+    }
+
+    /// Blocks decoded into the scratch layout ([`Tile::decode`]): the tile kernels' and Q8_0's packed.
+    struct Decoded<K> {
+        scr: *const u8,
+        nb: usize,
+        _k: PhantomData<K>,
+    }
+
+    impl<K: Tile> TokenTile for Decoded<K> {
+        unsafe fn tokens<const T: usize>(&self, acts: &QActs<'_>, t0: usize, out: &Out) {
+            compute::<K, T>(self.scr, self.nb, acts, t0, out)
+        }
+    }
+
     /// # Safety
     /// See [`GemmFn`](super::super::kernels::GemmFn): `out` rows `t * out_stride` hold `n` writable lanes.
     unsafe fn gemm<K: Tile>(
@@ -129,42 +175,36 @@ mod imp {
         out: *mut f32,
         out_stride: usize,
     ) {
-        let n = w.len() / row_bytes.max(1);
-        let nb = row_bytes / K::WB;
-        let nt = acts.n_tok;
-        assert!((1..=16).contains(&n) && n * row_bytes == w.len() && nb * K::WB == row_bytes, "gemm: bad tile");
+        let (n, nb, offs) = tile_shape(w, row_bytes, K::WB, "gemm");
         assert!(acts.fit(nb, K::AB, K::AUX), "gemm: activations do not match the weights");
-        let at: [usize; 16] = std::array::from_fn(|r| r.min(n - 1) * row_bytes);
         let scr = scratch.get(nb * K::SB).as_mut_ptr();
         // SAFETY: table() is only built after feature detection; every block read lies in `w` (offsets
         // of rows < n, blocks < nb), every activation read in `acts` (checked above), the scratch holds
         // nb * SB bytes; the stores are masked to the n lanes the caller vouches for.
         unsafe {
-            let offs = Offsets { at };
-            if nt == 1 && K::FUSED {
+            if acts.n_tok == 1 && K::FUSED {
                 let o = Out { p: out, stride: out_stride, mask: ((1u32 << n) - 1) as u16 };
                 return gemv::<K>(w.as_ptr(), w.len(), &offs, nb, acts, &o);
             }
             decode_all::<K>(w.as_ptr(), w.len(), &offs, nb, scr);
-            every_token::<K>(scr, n, nb, acts, out, out_stride);
+            every_token(&Decoded::<K> { scr, nb, _k: PhantomData }, n, acts, out, out_stride);
         }
     }
 
-    /// Every token of `acts`, T_MAX at a time, over the decoded blocks at `scr`.
+    /// Every token of `acts`, T_MAX at a time, through `tile`.
     ///
     /// # Safety
-    /// `scr` holds `nb` decoded blocks (64-byte aligned), `acts` fit them ([`QActs::fit`]), and `out` is as
-    /// [`gemm`] requires for `n` rows.
-    unsafe fn every_token<K: Tile>(scr: *const u8, n: usize, nb: usize, acts: &QActs<'_>, out: *mut f32, out_stride: usize) {
+    /// `tile`'s blocks and `acts` match ([`QActs::fit`]), and `out` is as [`gemm`] requires for `n` rows.
+    unsafe fn every_token<G: TokenTile>(tile: &G, n: usize, acts: &QActs<'_>, out: *mut f32, out_stride: usize) {
         let nt = acts.n_tok;
         let mut t0 = 0;
         while t0 < nt {
             let o = Out { p: out.add(t0 * out_stride), stride: out_stride, mask: ((1u32 << n) - 1) as u16 };
             match (nt - t0).min(T_MAX) {
-                4 => compute::<K, 4>(scr, nb, acts, t0, &o),
-                3 => compute::<K, 3>(scr, nb, acts, t0, &o),
-                2 => compute::<K, 2>(scr, nb, acts, t0, &o),
-                _ => compute::<K, 1>(scr, nb, acts, t0, &o),
+                4 => tile.tokens::<4>(acts, t0, &o),
+                3 => tile.tokens::<3>(acts, t0, &o),
+                2 => tile.tokens::<2>(acts, t0, &o),
+                _ => tile.tokens::<1>(acts, t0, &o),
             }
             t0 += T_MAX;
         }
@@ -217,12 +257,7 @@ mod imp {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
     unsafe fn compute<K: Tile, const T: usize>(scr: *const u8, nb: usize, acts: &QActs<'_>, t0: usize, out: &Out) {
-        let a = Acts::<T> {
-            bytes: std::array::from_fn(|t| acts.bytes.as_ptr().add((t0 + t) * acts.row_bytes)),
-            d: std::array::from_fn(|t| acts.d.as_ptr().add((t0 + t) * nb)),
-            aux: std::array::from_fn(|t| acts.aux.as_ptr().add((t0 + t) * nb * K::AUX)),
-        };
-        K::compute::<T>(scr, nb, &a, out);
+        K::compute::<T>(scr, nb, &Acts::<T>::rows(acts, t0, nb, K::AUX), out);
     }
 
     // ---- shared helpers ----

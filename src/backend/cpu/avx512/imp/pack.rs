@@ -29,11 +29,8 @@ pub(super) static PACK: [PackKernels; 4] = [
 /// # Safety
 /// See [`PackFn`](crate::backend::cpu::kernels::PackFn).
 unsafe fn pack<K: Tile>(w: &[u8], row_bytes: usize, dst: &mut [u8]) {
-    let n = w.len() / row_bytes.max(1);
-    let nb = row_bytes / K::WB;
-    assert!((1..=16).contains(&n) && n * row_bytes == w.len() && nb * K::WB == row_bytes, "pack: bad tile");
+    let (_, nb, offs) = tile_shape(w, row_bytes, K::WB, "pack");
     assert!(dst.len() >= nb * K::SB && (dst.as_ptr() as usize).is_multiple_of(64), "pack: destination too small or unaligned");
-    let offs = Offsets { at: std::array::from_fn(|r| r.min(n - 1) * row_bytes) };
     // SAFETY: as in gemm: reads within `w`, writes within `dst` (checked above).
     unsafe { decode_all::<K>(w.as_ptr(), w.len(), &offs, nb, dst.as_mut_ptr()) }
 }
@@ -48,7 +45,7 @@ unsafe fn packed<K: Tile>(tile: &[u8], n: usize, nb: usize, acts: &QActs<'_>, ou
     assert!(acts.fit(nb, K::AB, K::AUX), "gemm: activations do not match the weights");
     // SAFETY: table() is only built after feature detection; the tile holds nb decoded blocks and
     // the activations match them (checked above); `out` is the caller's promise.
-    unsafe { every_token::<K>(tile.as_ptr(), n, nb, acts, out, out_stride) }
+    unsafe { every_token(&Decoded::<K> { scr: tile.as_ptr(), nb, _k: PhantomData }, n, acts, out, out_stride) }
 }
 
 // ---- 4-bit types packed with their nibbles kept: per block of 16 rows, the 16 code bytes of every
@@ -104,11 +101,8 @@ impl Nibbles for Q5_0 {
 /// # Safety
 /// See [`PackFn`](crate::backend::cpu::kernels::PackFn).
 unsafe fn pack_nib<L: Nibbles>(w: &[u8], row_bytes: usize, dst: &mut [u8]) {
-    let n = w.len() / row_bytes.max(1);
-    let nb = row_bytes / L::WB;
-    assert!((1..=16).contains(&n) && n * row_bytes == w.len() && nb * L::WB == row_bytes, "pack: bad tile");
+    let (_, nb, offs) = tile_shape(w, row_bytes, L::WB, "pack");
     assert!(dst.len() >= nb * L::SB_PACKED && (dst.as_ptr() as usize).is_multiple_of(64), "pack: destination too small or unaligned");
-    let offs = Offsets { at: std::array::from_fn(|r| r.min(n - 1) * row_bytes) };
     // SAFETY: reads of 16 bytes at offsets 0 and QS_AT of each row's block lie in `w` (QS_AT + 16 <=
     // WB); writes within `dst` (checked above).
     unsafe { pack_nib_blocks::<L>(w.as_ptr(), w.len(), &offs, nb, dst.as_mut_ptr()) }
@@ -139,36 +133,26 @@ unsafe fn packed_nib<L: Nibbles>(tile: &[u8], n: usize, nb: usize, acts: &QActs<
     assert!((1..=16).contains(&n), "packed: bad tile");
     assert!(tile.len() >= nb * L::SB_PACKED && (tile.as_ptr() as usize).is_multiple_of(64), "packed: tile too small or unaligned");
     assert!(acts.fit(nb, L::AB, 1), "gemm: activations do not match the weights");
-    let nt = acts.n_tok;
-    let mut t0 = 0;
-    while t0 < nt {
-        let o = Out { p: out.add(t0 * out_stride), stride: out_stride, mask: ((1u32 << n) - 1) as u16 };
-        // SAFETY: as in `packed`: the tile holds nb packed blocks, the activations fit them.
-        unsafe {
-            match (nt - t0).min(T_MAX) {
-                4 => packed_nib_t::<L, 4>(tile.as_ptr(), nb, acts, t0, &o),
-                3 => packed_nib_t::<L, 3>(tile.as_ptr(), nb, acts, t0, &o),
-                2 => packed_nib_t::<L, 2>(tile.as_ptr(), nb, acts, t0, &o),
-                _ => packed_nib_t::<L, 1>(tile.as_ptr(), nb, acts, t0, &o),
-            }
-        }
-        t0 += T_MAX;
+    // SAFETY: as in `packed`: the tile holds nb packed blocks, the activations fit them.
+    unsafe { every_token(&NibPacked::<L> { p: tile.as_ptr(), nb, _l: PhantomData }, n, acts, out, out_stride) }
+}
+
+impl<L: Nibbles> TokenTile for NibPacked<L> {
+    unsafe fn tokens<const T: usize>(&self, acts: &QActs<'_>, t0: usize, out: &Out) {
+        packed_nib_t::<L, T>(self, acts, t0, out)
     }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-unsafe fn packed_nib_t<L: Nibbles, const T: usize>(tile: *const u8, nb: usize, acts: &QActs<'_>, t0: usize, out: &Out) {
-    let a = Acts::<T> {
-        bytes: std::array::from_fn(|t| acts.bytes.as_ptr().add((t0 + t) * acts.row_bytes)),
-        d: std::array::from_fn(|t| acts.d.as_ptr().add((t0 + t) * nb)),
-        aux: std::array::from_fn(|t| acts.aux.as_ptr().add((t0 + t) * nb)),
-    };
-    legacy::<T, _>(nb, &a, out, &mut NibPacked::<L> { p: tile, _l: PhantomData });
+unsafe fn packed_nib_t<L: Nibbles, const T: usize>(tile: &NibPacked<L>, acts: &QActs<'_>, t0: usize, out: &Out) {
+    let mut src = NibPacked::<L> { p: tile.p, nb: tile.nb, _l: PhantomData };
+    legacy::<T, _>(tile.nb, &Acts::<T>::rows(acts, t0, tile.nb, 1), out, &mut src);
 }
 
-/// Blocks of a nibble-packed tile.
+/// A nibble-packed tile of `nb` blocks.
 struct NibPacked<L> {
     p: *const u8,
+    nb: usize,
     _l: PhantomData<L>,
 }
 
