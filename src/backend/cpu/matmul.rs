@@ -276,14 +276,9 @@ pub(super) fn matmul(
 
 /// The tile kernel over runs of 16-row tiles; each task writes its tiles' output columns.
 fn tiles(gemm: GemmFn, threads: usize, w: &[u8], row_bytes: usize, n_rows: usize, acts: &QActs<'_>, out: OutPtr) {
-    let n_tiles = n_rows.div_ceil(TILE_ROWS);
-    // several tasks per thread, for balance on a busy machine; a task covers whole tiles
-    let per_task = n_tiles.div_ceil(threads.max(1) * 8).max(1);
-    (0..n_tiles.div_ceil(per_task)).into_par_iter().for_each(|task| {
+    tile_tasks(threads, n_rows, |run| {
         with_buf(&SCRATCH, |scratch| {
-            for tile in task * per_task..((task + 1) * per_task).min(n_tiles) {
-                let r0 = tile * TILE_ROWS;
-                let n = TILE_ROWS.min(n_rows - r0);
+            for (r0, n) in run {
                 // SAFETY: see OutPtr: elements t * n_rows + r0 + (0..n) are this task's, and in bounds
                 // (out.len() >= n_tokens * n_rows was asserted by matmul).
                 unsafe { gemm(&w[r0 * row_bytes..(r0 + n) * row_bytes], row_bytes, acts, scratch, out.at(r0), n_rows) };
@@ -294,17 +289,25 @@ fn tiles(gemm: GemmFn, threads: usize, w: &[u8], row_bytes: usize, n_rows: usize
 
 /// [`tiles`] over a packed weight: each task reads its tiles as one sequential stream.
 fn packed_tiles(p: &Packed, threads: usize, n_rows: usize, acts: &QActs<'_>, out: OutPtr) {
-    let n_tiles = n_rows.div_ceil(TILE_ROWS);
     let tile_bytes = p.fns.tile_bytes(p.nb);
-    let per_task = n_tiles.div_ceil(threads.max(1) * 8).max(1);
     let data = p.data.bytes();
-    (0..n_tiles.div_ceil(per_task)).into_par_iter().for_each(|task| {
-        for tile in task * per_task..((task + 1) * per_task).min(n_tiles) {
-            let r0 = tile * TILE_ROWS;
-            let n = TILE_ROWS.min(n_rows - r0);
+    tile_tasks(threads, n_rows, |run| {
+        for (r0, n) in run {
+            let tile = r0 / TILE_ROWS;
             // SAFETY: as in `tiles`; the tile was packed by this table (Packed::fns).
             unsafe { (p.fns.gemm)(&data[tile * tile_bytes..(tile + 1) * tile_bytes], n, p.nb, acts, out.at(r0), n_rows) };
         }
+    });
+}
+
+/// The 16-row tiles of `n_rows` rows in runs, `f(run)` per run on the pool: several runs per thread, for
+/// balance on a busy machine. A run yields each tile's first row and row count.
+fn tile_tasks(threads: usize, n_rows: usize, f: impl Fn(&mut dyn Iterator<Item = (usize, usize)>) + Sync) {
+    let n_tiles = n_rows.div_ceil(TILE_ROWS);
+    let per_task = n_tiles.div_ceil(threads.max(1) * 8).max(1);
+    (0..n_tiles.div_ceil(per_task)).into_par_iter().for_each(|task| {
+        let tiles = task * per_task..((task + 1) * per_task).min(n_tiles);
+        f(&mut tiles.map(|t| (t * TILE_ROWS, TILE_ROWS.min(n_rows - t * TILE_ROWS))))
     });
 }
 
