@@ -370,32 +370,33 @@ pub fn select_for(dev: DeviceOptions, cpu_opts: CpuOptions, n_layers: usize, out
         Some(n) if n < n_layers => n,
         _ => return select(dev.device, cpu_opts),
     };
-    if n == 0 || dev.device == DeviceChoice::Cpu {
-        return cpu(cpu_opts);
+    match if n == 0 { None } else { gpu(dev.device)? } {
+        Some(gpu) => Ok(Arc::new(split::SplitBackend::new(cpu(cpu_opts)?, gpu, n_layers, n, output_tied))),
+        None => cpu(cpu_opts),
     }
-    let gpu: Arc<dyn Backend> = match (cuda::CudaBackend::new(0), dev.device) {
-        (Ok(g), _) => Arc::new(g),
-        (Err(e), DeviceChoice::Cuda) => return Err(e),
-        (Err(e), _) => {
-            eprintln!("note: using the CPU for every layer ({e})");
-            return cpu(cpu_opts);
+}
+
+/// The GPU `device` asks for: none for `Cpu`; for `Auto` none when no CUDA library or GPU is usable,
+/// saying why on stderr; for `Cuda` that is an error.
+fn gpu(device: DeviceChoice) -> Result<Option<Arc<dyn Backend>>, BackendError> {
+    if device == DeviceChoice::Cpu {
+        return Ok(None);
+    }
+    match cuda::CudaBackend::new(0) {
+        Ok(b) => Ok(Some(Arc::new(b))),
+        Err(e) if device == DeviceChoice::Cuda => Err(e),
+        Err(e) => {
+            eprintln!("note: using the CPU ({e})");
+            Ok(None)
         }
-    };
-    Ok(Arc::new(split::SplitBackend::new(cpu(cpu_opts)?, gpu, n_layers, n, output_tied)))
+    }
 }
 
 /// The backend for `device` (`cpu`: how to build the CPU one). `Auto` falls back to the CPU, saying why on
 /// stderr, when no CUDA library or GPU is usable; `Cuda` is then an error.
 pub fn select(device: DeviceChoice, cpu_opts: CpuOptions) -> Result<Arc<dyn Backend>, BackendError> {
-    match device {
-        DeviceChoice::Cpu => cpu(cpu_opts),
-        DeviceChoice::Cuda => Ok(Arc::new(cuda::CudaBackend::new(0)?)),
-        DeviceChoice::Auto => match cuda::CudaBackend::new(0) {
-            Ok(b) => Ok(Arc::new(b)),
-            Err(e) => {
-                eprintln!("note: using the CPU ({e})");
-                cpu(cpu_opts)
-            }
-        },
+    match gpu(device)? {
+        Some(gpu) => Ok(gpu),
+        None => cpu(cpu_opts),
     }
 }
