@@ -347,7 +347,7 @@ fn paged_attention_matches_reference() {
         let on_cpu = run_attention(cpu.as_ref(), &p, &specs, &data, &tables, num_blocks);
         let err_cpu = rel_l2(&on_cpu, &want);
         let ctxs: Vec<String> = specs.iter().map(|s| format!("{}/{}", s.n_q, s.ctx)).collect();
-        let differ = got.iter().zip(&on_cpu).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        let differ = common::bits_differ(&got, &on_cpu);
         println!("attention hd={hd} heads={nh}/{nkv} window={window:?} q/ctx={ctxs:?}: cuda {err:.3e}, cpu {err_cpu:.3e}, {differ} values differ from the cpu's");
         assert!(err < 2e-3, "attention: relative L2 {err:e}");
         // the same function as the CPU's, float op for float op (whatever PAGELLM_CUDA_ATTN picks)
@@ -1065,21 +1065,15 @@ fn split_cpu_gpu_matches_cpu() {
         let tied = file.tensor("output.weight").is_none();
         // 8 prompt tokens (the integer path: the CPU's exact rounding), then 8 greedy steps
         let prompt: Vec<u32> = (0..8).map(|_| r.gen_range(0..sh.vocab as u32)).collect();
-        let logits = |b: Arc<dyn Backend>| -> Vec<Vec<f32>> {
+        let logits = |b: Arc<dyn Backend>| {
             let model = Model::load_on(file.clone(), ModelOptions { ctx: 64, threads: 4 }, b).unwrap();
-            let mut sess = model.new_session(64).unwrap();
-            let mut rows = vec![model.forward(&mut sess, &prompt, Logits::Last).unwrap()];
-            for _ in 0..8 {
-                let next = pagellm::sampling::argmax(rows.last().unwrap());
-                rows.push(model.forward(&mut sess, &[next], Logits::Last).unwrap());
-            }
-            rows
+            common::greedy_logits(&model, &prompt, 8)
         };
         let want = logits(cpu());
         for dev_layers in [1, n_layers / 2] {
             let split = Arc::new(pagellm::backend::split::SplitBackend::new(cpu(), gpu.clone(), n_layers, dev_layers, tied));
             let got = logits(split);
-            let differ: usize = got.iter().zip(&want).map(|(g, w)| g.iter().zip(w).filter(|(a, b)| a.to_bits() != b.to_bits()).count()).sum();
+            let differ: usize = got.iter().zip(&want).map(|(g, w)| common::bits_differ(g, w)).sum();
             println!("{shape} {ty}: last {dev_layers} of {n_layers} layers on the GPU: {differ} logits of 9 steps differ from the CPU's");
             assert_eq!(differ, 0, "{shape} {ty}: split CPU/GPU differs from the CPU");
         }

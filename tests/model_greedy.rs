@@ -22,6 +22,8 @@
 //!
 //! A missing model or fixture fails under `CI`, and is skipped (printed) otherwise.
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 
@@ -198,7 +200,7 @@ fn every_kernel_table_gives_the_same_logits() {
             match &simd {
                 None => simd = Some((k.name(), got)),
                 Some((name, want)) => {
-                    let differ: usize = got.iter().zip(want).map(|(g, w)| g.iter().zip(w).filter(|(a, b)| a.to_bits() != b.to_bits()).count()).sum();
+                    let differ: usize = got.iter().zip(want).map(|(g, w)| common::bits_differ(g, w)).sum();
                     println!("{fixture}: {} vs {name}: {differ} logits of 9 steps differ", k.name());
                     assert_eq!(differ, 0, "{fixture}: the {} table's logits differ from the {name} table's", k.name());
                 }

@@ -13,21 +13,10 @@ use pagellm::backend::split::SplitBackend;
 use pagellm::backend::Backend;
 use pagellm::engine::{Engine, EngineOptions};
 use pagellm::gguf::GgufFile;
-use pagellm::model::{Logits, Model, ModelOptions};
+use pagellm::model::{Model, ModelOptions};
 
 fn cpu() -> Arc<dyn Backend> {
     Arc::new(CpuBackend::new(2, Kernels::detect()).unwrap())
-}
-
-/// Logits of a prompt and then of 8 greedy steps, one row per step.
-fn greedy_logits(model: &Model, prompt: &[u32]) -> Vec<Vec<f32>> {
-    let mut sess = model.new_session(64).unwrap();
-    let mut rows = vec![model.forward(&mut sess, prompt, Logits::Last).unwrap()];
-    for _ in 0..8 {
-        let next = pagellm::sampling::argmax(rows.last().unwrap());
-        rows.push(model.forward(&mut sess, &[next], Logits::Last).unwrap());
-    }
-    rows
 }
 
 #[test]
@@ -36,16 +25,16 @@ fn split_models_equal_one_backend() {
         let Some(path) = common::model_or_skip(rel) else { continue };
         let file = Arc::new(GgufFile::open(&path).unwrap());
         let opts = ModelOptions { ctx: 64, threads: 2 };
-        let want = greedy_logits(&Model::load_on(file.clone(), opts, cpu()).unwrap(), &prompt);
+        let want = common::greedy_logits(&Model::load_on(file.clone(), opts, cpu()).unwrap(), &prompt, 8);
         let n_layers = pagellm::model::Config::from_gguf(&file).unwrap().n_layers;
         let tied = file.tensor("output.weight").is_none();
         for dev_layers in [1, n_layers / 2, n_layers - 1] {
             let (host, dev) = (Arc::new(CpuBackend::new(2, Kernels::detect()).unwrap()), Arc::new(CpuBackend::new(2, Kernels::detect()).unwrap()));
             let split = Arc::new(SplitBackend::new(host.clone(), dev.clone(), n_layers, dev_layers, tied));
             let model = Model::load_on(file.clone(), opts, split).unwrap();
-            let got = greedy_logits(&model, &prompt);
+            let got = common::greedy_logits(&model, &prompt, 8);
             for (step, (g, w)) in got.iter().zip(&want).enumerate() {
-                let differ = g.iter().zip(w).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                let differ = common::bits_differ(g, w);
                 assert_eq!(differ, 0, "{rel}, last {dev_layers} of {n_layers} layers split off: step {step}, {differ} logits differ");
             }
             // the output projection ran on the device side: that side packed the Q8_0 output matrix

@@ -27,3 +27,20 @@ pub fn fixture(rel: &str) -> serde_json::Value {
     let p = root().join("tests/fixtures").join(rel);
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
 }
+
+/// How many elements of `a` and `b` differ in their bits.
+pub fn bits_differ(a: &[f32], b: &[f32]) -> usize {
+    a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count()
+}
+
+/// The logits after `prompt`, then after each of `steps` greedy tokens: one row per step.
+pub fn greedy_logits(model: &pagellm::model::Model, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
+    use pagellm::model::Logits;
+    let mut sess = model.new_session(prompt.len() + steps + 1).unwrap();
+    let mut rows = vec![model.forward(&mut sess, prompt, Logits::Last).unwrap()];
+    for _ in 0..steps {
+        let next = pagellm::sampling::argmax(rows.last().unwrap());
+        rows.push(model.forward(&mut sess, &[next], Logits::Last).unwrap());
+    }
+    rows
+}
