@@ -325,6 +325,7 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
         const float* q, const u16* kc, const u16* vc, const int* rows, const u32* bt, const u64* live,             \
         int n_heads, int n_kv, int block_size, float scale, int n_splits, float* out, float* part_o, float* part_ml, \
         float* wsc) {                                                                                              \
+        pdl_enter();                                                                                               \
         attn_body<HD, G, WARPS, CH>(q, kc, vc, rows, bt, live, n_heads, n_kv, block_size, scale, n_splits, out, \
                                         part_o, part_ml, wsc);                                                     \
     }
@@ -342,6 +343,7 @@ ATTN(attn_hd128_w16, 128, 4, 16, 64)
 extern "C" __global__ void attn_merge(const float* __restrict__ part_o, float* __restrict__ part_ml,
                                       const int* __restrict__ rows, int n_heads, int head_dim, int n_splits,
                                       float* __restrict__ out) {
+    pdl_enter();
     const long long th = blockIdx.x;
     const int t = (int)(th / n_heads), d = threadIdx.x;
     const int* row = rows + ATT_ROW * t;
@@ -392,6 +394,7 @@ extern "C" __global__ void attn_scores(const int* __restrict__ rows, const int* 
                                        const u64* __restrict__ live, const float* __restrict__ wsc,
                                        const float* __restrict__ part_ml, int n_heads, int n_kv, int block_size,
                                        int n_splits, float* __restrict__ scores) {
+    pdl_enter();
     const int* sq = seqs + 5 * blockIdx.z;
     const int q_start = sq[0], n_q = sq[1], ctx = sq[2];
     const int e = blockIdx.x * blockDim.x + threadIdx.x, g = blockIdx.y;

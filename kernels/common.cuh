@@ -22,6 +22,22 @@ __device__ __forceinline__ u16 f2h(float f) {
     return h;
 }
 
+// Programmatic dependent launch (sm_90+; a no-op before): a kernel launched with the
+// programmatic-serialization attribute may start while the previous kernel of the stream is finishing.
+// pdl_enter() waits until that kernel has completed and its writes are visible (nothing a kernel reads
+// or writes through its arguments may be touched before it, only the weights, which no kernel writes),
+// then lets the next kernel start early in turn. Every kernel calls it, so every launch may carry the
+// attribute (CudaBackend::pdl).
+__device__ __forceinline__ void pdl_enter() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Asks L2 for the 128-byte line at p (no register is loaded).
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
 // f32 -> nearest f16 -> f32.
 __device__ __forceinline__ float f16_round(float f) { return h2f(f2h(f)); }
 

@@ -28,6 +28,7 @@ __device__ __forceinline__ float rms_scale(const float* __restrict__ xr, int row
 
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w, int row_len, float eps,
                                     float* __restrict__ out) {
+    pdl_enter();
     const long long r = blockIdx.x;
     const float* xr = x + r * row_len;
     float* o = out + r * row_len;
@@ -44,6 +45,7 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
 extern "C" __global__ void rms_norm_q(const float* __restrict__ x, const float* __restrict__ w, int row_len, float eps,
                                       float* __restrict__ out, i8* __restrict__ qa, float* __restrict__ da,
                                       int* __restrict__ sa, float* __restrict__ ss, int qact) {
+    pdl_enter();
     const long long r = blockIdx.x;
     const float* xr = x + r * row_len;
     float* o = out + r * row_len;
@@ -78,6 +80,7 @@ extern "C" __global__ void rms_norm_q(const float* __restrict__ x, const float* 
 // mode 0: NORM (adjacent pairs), 1: NEOX (half split). ff: n_rot/2 frequency divisors or null.
 extern "C" __global__ void rope(float* __restrict__ x, const u32* __restrict__ pos, int n_tok, int n_heads, int head_dim,
                                 int n_rot, int mode, float theta_scale, float freq_scale, const float* __restrict__ ff) {
+    pdl_enter();
     const int half = n_rot / 2;
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long long)n_tok * n_heads * half) return;
@@ -114,6 +117,7 @@ __device__ __forceinline__ float glu1(float x, float y, int act) {
 
 // gate = act(gate) * up.
 extern "C" __global__ void glu(float* __restrict__ g, const float* __restrict__ u, long long n, int act) {
+    pdl_enter();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     g[i] = glu1(g[i], u[i], act);
@@ -125,6 +129,7 @@ extern "C" __global__ void glu(float* __restrict__ g, const float* __restrict__ 
 extern "C" __global__ void glu_q(float* __restrict__ g, const float* __restrict__ u, long long n, int act,
                                  i8* __restrict__ qa, float* __restrict__ da, int* __restrict__ sa,
                                  float* __restrict__ ss, int qact) {
+    pdl_enter();
     const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (qact == 1) {
         if (t >= n) return;
@@ -150,17 +155,20 @@ extern "C" __global__ void glu_q(float* __restrict__ g, const float* __restrict_
 }
 
 extern "C" __global__ void add(float* __restrict__ x, const float* __restrict__ y, long long n) {
+    pdl_enter();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] += y[i];
 }
 
 extern "C" __global__ void scale(float* __restrict__ x, float s, long long n) {
+    pdl_enter();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] *= s;
 }
 
 // x [n x len] += bias [len]
 extern "C" __global__ void add_bias(float* __restrict__ x, const float* __restrict__ b, int len, long long n) {
+    pdl_enter();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] += b[i % len];
 }
@@ -168,6 +176,7 @@ extern "C" __global__ void add_bias(float* __restrict__ x, const float* __restri
 // out[i] = src row rows[i]
 extern "C" __global__ void get_rows(const float* __restrict__ src, int row_len, const u32* __restrict__ rows, int n,
                                     float* __restrict__ out) {
+    pdl_enter();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)n * row_len) return;
     const int r = (int)(i / row_len), c = (int)(i % row_len);
@@ -177,6 +186,7 @@ extern "C" __global__ void get_rows(const float* __restrict__ src, int row_len, 
 // K and V rows of n_tok tokens (width = n_kv_heads * head_dim) to f16 slots of the pools.
 extern "C" __global__ void kv_write(u16* __restrict__ kc, u16* __restrict__ vc, const float* __restrict__ k,
                                     const float* __restrict__ v, const u32* __restrict__ slots, int n_tok, int width) {
+    pdl_enter();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)n_tok * width) return;
     const int t = (int)(i / width), c = (int)(i % width);
@@ -187,6 +197,7 @@ extern "C" __global__ void kv_write(u16* __restrict__ kc, u16* __restrict__ vc, 
 
 // Copy-on-write: block src to block dst, K and V (n = block_size * width f16 elements per block).
 extern "C" __global__ void kv_copy_blocks(u16* __restrict__ kc, u16* __restrict__ vc, u32 src, u32 dst, long long n) {
+    pdl_enter();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     kc[(long long)dst * n + i] = kc[(long long)src * n + i];
@@ -199,6 +210,7 @@ extern "C" __global__ void kv_copy_blocks(u16* __restrict__ kc, u16* __restrict_
 // destination slot of move m (destinations distinct: the host keeps the last move to each).
 extern "C" __global__ void kv_gather(const u16* __restrict__ kc, const u16* __restrict__ vc, const u32* __restrict__ moves,
                                      int n, int width, u16* __restrict__ tmp) {
+    pdl_enter();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)n * width) return;
     const int m = (int)(i / width), c = (int)(i % width);
@@ -209,6 +221,7 @@ extern "C" __global__ void kv_gather(const u16* __restrict__ kc, const u16* __re
 
 extern "C" __global__ void kv_scatter(u16* __restrict__ kc, u16* __restrict__ vc, const u32* __restrict__ moves, int n,
                                       int width, const u16* __restrict__ tmp) {
+    pdl_enter();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)n * width) return;
     const int m = (int)(i / width), c = (int)(i % width);

@@ -156,6 +156,7 @@ __device__ __forceinline__ void q8_store(float v, long long blk, i8* __restrict_
 
 extern "C" __global__ void quantize_q8(const float* __restrict__ x, i8* __restrict__ qa, float* __restrict__ da,
                                        int* __restrict__ sa, float* __restrict__ ss, int n_blocks) {
+    pdl_enter();
     const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (blk >= n_blocks) return;
     q8_store(x[(long long)blk * 32 + (threadIdx.x & 31)], blk, qa, da, sa, ss);
@@ -222,6 +223,7 @@ __device__ __forceinline__ void q8k_store(const int q[8], float d, long long sb,
 
 extern "C" __global__ void quantize_q8k(const float* __restrict__ x, i8* __restrict__ qa, float* __restrict__ da,
                                         int* __restrict__ sa, float* __restrict__ ss, int n_super) {
+    pdl_enter();
     const int sb = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (sb >= n_super) return;
     float v[8], d;
@@ -233,6 +235,7 @@ extern "C" __global__ void quantize_q8k(const float* __restrict__ x, i8* __restr
 // The large-batch path multiplies f16 activations; they are first rounded through the same Q8 blocks
 // as the small-batch path (and the CPU), so prefill and decode see the same activation values.
 extern "C" __global__ void q8_to_f16(const float* __restrict__ x, u16* __restrict__ out, int n_blocks) {
+    pdl_enter();
     const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     if (blk >= n_blocks) return;
     const float v = x[(long long)blk * 32 + lane];
@@ -243,6 +246,7 @@ extern "C" __global__ void q8_to_f16(const float* __restrict__ x, u16* __restric
 }
 
 extern "C" __global__ void q8k_to_f16(const float* __restrict__ x, u16* __restrict__ out, int n_super) {
+    pdl_enter();
     const int sb = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     if (sb >= n_super) return;
     float v[8], d;
@@ -555,7 +559,8 @@ extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32, 6) mmvp_q4_0r(
     mmvp_row(R, K, w0, r0, o0, w1, r1, o1, w2, o2, wrow, out);
     int b0 = 0;
     Q4r_raw cur, nxt;
-    q4r_load(cur, wrow, nb, b0);
+    q4r_load(cur, wrow, nb, b0);  // the weights only: before the inputs are ready (pdl_enter)
+    pdl_enter();
     float acc = 0.0f;
     while (true) {
         // the next batch's loads first
@@ -613,6 +618,15 @@ extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32, 6) mmvp_q4_0r(
     }
 }
 
+// The first 4 KB of the warp's weight row asked of L2 (one line per lane) before the kernel waits for
+// its inputs (pdl_enter): under programmatic dependent launch the reads overlap the previous kernel.
+template <int T>
+__device__ __forceinline__ void mmv_prefetch(const u8* __restrict__ w, int K, int n_rows, int row) {
+    if (row >= n_rows) return;
+    const long long rb = row_bytes_of(T, K), at = 128LL * (threadIdx.x & 31);
+    if (at < rb) prefetch_l2(w + (long long)row * rb + at);
+}
+
 // A launch takes up to 3 products of the same activations (Q, K, V; gate, up): part p has its weight
 // w_p, rows r_p and output o_p (r_p = 0: absent). Blocks are handed out part after part, MMV_WARPS rows
 // each. Returns this warp's part and sets its row.
@@ -635,15 +649,17 @@ __device__ __forceinline__ int mmv_part(int r0, int r1, int& row) {
 #define MMV_ARGS                                                                                              \
     const i8 *qa, const float *da, const int *sa, const float *ss, int K, int n_tok, const u8 *w0, int r0,     \
         float *o0, const u8 *w1, int r1, float *o1, const u8 *w2, int r2, float *o2
-#define MMV_PICK                                                                                              \
+#define MMV_PICK(T)                                                                                           \
     int row;                                                                                                  \
     const int p = mmv_part(r0, r1, row);                                                                      \
     const u8* w = p == 0 ? w0 : p == 1 ? w1 : w2;                                                             \
     const int n_rows = p == 0 ? r0 : p == 1 ? r1 : r2;                                                        \
-    float* out = p == 0 ? o0 : p == 1 ? o1 : o2;
+    float* out = p == 0 ? o0 : p == 1 ? o1 : o2;                                                             \
+    mmv_prefetch<T>(w, K, n_rows, row);                                                                       \
+    pdl_enter();
 #define MMV_Q(suffix, T)                                                                                      \
     extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32) mmv_##suffix(MMV_ARGS) {                      \
-        MMV_PICK                                                                                              \
+        MMV_PICK(T)                                                                                           \
         mmv_q<T>(w, K, n_rows, row, qa, da, sa, ss, n_tok, out);                                              \
     }
 // One-token kernels, 4 rounds in flight per lane for the 32-weight types; for Q4_K and Q6_K 4 rounds
@@ -652,7 +668,7 @@ __device__ __forceinline__ int mmv_part(int r0, int r1, int& row) {
 #define MMV_Q1(suffix, T)                                                                                     \
     MMV_Q(suffix, T)                                                                                          \
     extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32) mmv1_##suffix(MMV_ARGS) {                     \
-        MMV_PICK                                                                                              \
+        MMV_PICK(T)                                                                                           \
         mmv1_q<T>(w, K, n_rows, row, qa, da, sa, ss, out);                                                    \
     }
 MMV_Q1(q4_0, T_Q4_0)
@@ -665,16 +681,18 @@ MMV_Q(q6_k, T_Q6_K)
 // k-quants, one token, 2 rounds in flight per lane
 #define MMV1K(suffix, T)                                                                                      \
     extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32) mmv1_##suffix(MMV_ARGS) {                     \
-        MMV_PICK                                                                                              \
+        MMV_PICK(T)                                                                                           \
         mmv1_q<T, 2>(w, K, n_rows, row, qa, da, sa, ss, out);                                                 \
     }
 MMV1K(q4_k, T_Q4_K)
 MMV1K(q6_k, T_Q6_K)
 
 extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32) mmv_f32(const u8* w, int K, int n_rows, const float* x, int n_tok, float* out) {
+    pdl_enter();
     mmv_f<T_F32>(w, K, n_rows, x, n_tok, out);
 }
 extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32) mmv_f16(const u8* w, int K, int n_rows, const float* x, int n_tok, float* out) {
+    pdl_enter();
     mmv_f<T_F16>(w, K, n_rows, x, n_tok, out);
 }
 
@@ -741,9 +759,11 @@ __device__ __forceinline__ void embed_rows(const u8* __restrict__ w, int K, cons
 
 #define DEQ(suffix, T)                                                                                 \
     extern "C" __global__ void dequant_f16_##suffix(const u8* w, int K, int n_rows, u16* out) {         \
+        pdl_enter();                                                                                   \
         dequant_f16<T>(w, K, n_rows, out);                                                             \
     }                                                                                                  \
     extern "C" __global__ void embed_##suffix(const u8* w, int K, const u32* tokens, int n_tok, float* out) { \
+        pdl_enter();                                                                                   \
         embed_rows<T>(w, K, tokens, n_tok, out);                                                       \
     }
 DEQ(f32, T_F32)
@@ -758,6 +778,7 @@ DEQ(q6_k, T_Q6_K)
 
 // f32 activations -> f16 (the cuBLAS path).
 extern "C" __global__ void f32_to_f16(const float* __restrict__ x, u16* __restrict__ out, long long n) {
+    pdl_enter();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = f2h(x[i]);
 }

@@ -69,8 +69,10 @@ impl Op {
         }));
     }
 
-    /// Issues the launch on `stream` (queued or captured by the driver).
-    pub fn issue(&self, stream: &CudaStream) {
+    /// Issues the launch on `stream` (queued or captured by the driver); `pdl`: with programmatic
+    /// stream serialization, so it may start while the stream's previous kernel finishes (every kernel
+    /// waits for its predecessor in `pdl_enter`, kernels/common.cuh).
+    pub fn issue(&self, stream: &CudaStream, pdl: bool) {
         let mut vals = self.args.clone();
         let mut ptrs: Vec<*mut c_void> = vals
             .iter_mut()
@@ -86,7 +88,33 @@ impl Op {
         // declaration), every pointer is a live device allocation of the size the kernel reads (the
         // queue is flushed before any of them is freed or reallocated), and the driver copies the
         // argument values before returning.
-        unsafe { cudarc::driver::result::launch_kernel(self.f as drv::CUfunction, self.grid, (self.block, 1, 1), 0, stream.cu_stream(), &mut ptrs) }
+        let f = self.f as drv::CUfunction;
+        if !pdl {
+            // SAFETY: as above.
+            unsafe { cudarc::driver::result::launch_kernel(f, self.grid, (self.block, 1, 1), 0, stream.cu_stream(), &mut ptrs) }
+                .unwrap_or_else(|e| panic!("cuda launch failed: {e}"));
+            return;
+        }
+        // SAFETY: a zeroed attribute value is a valid union (plain integers), and the id says which
+        // member the driver reads.
+        let mut attr: drv::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = drv::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = drv::CUlaunchConfig {
+            gridDimX: self.grid.0,
+            gridDimY: self.grid.1,
+            gridDimZ: self.grid.2,
+            blockDimX: self.block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: 0,
+            hStream: stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: as above; `config` and `attr` outlive the call, which copies them.
+        unsafe { drv::cuLaunchKernelEx(&config, f, ptrs.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
             .unwrap_or_else(|e| panic!("cuda launch failed: {e}"));
     }
 }
@@ -108,6 +136,8 @@ pub(super) struct Queue {
     use_graphs: bool,
     /// Whether products of one input are merged (`PAGELLM_CUDA_FUSE=0` turns it off).
     fuse: bool,
+    /// Whether launches use programmatic dependent launch ([`Op::issue`]).
+    pub pdl: bool,
     /// Bumped by every flush: an upload made in this epoch may be read by a queued launch.
     pub epoch: u64,
     ops: Vec<Op>,
@@ -120,8 +150,8 @@ pub(super) struct Queue {
 }
 
 impl Queue {
-    pub fn new(use_graphs: bool, fuse: bool) -> Queue {
-        Queue { recording: false, use_graphs, fuse, epoch: 0, ops: Vec::new(), last: Vec::new(), graphs: Vec::new(), replays: 0, captures: 0 }
+    pub fn new(use_graphs: bool, fuse: bool, pdl: bool) -> Queue {
+        Queue { recording: false, use_graphs, fuse, pdl, epoch: 0, ops: Vec::new(), last: Vec::new(), graphs: Vec::new(), replays: 0, captures: 0 }
     }
 
     /// Whether launches inside `run` are deferred (with neither graphs nor merging they are issued at once).
@@ -171,7 +201,7 @@ impl Queue {
                 return;
             }
             if key == self.last {
-                if let Some(exec) = capture(stream, &ops) {
+                if let Some(exec) = capture(stream, &ops, self.pdl) {
                     exec.launch().unwrap_or_else(|e| panic!("cuda graph launch failed: {e}"));
                     if self.graphs.len() == GRAPH_CACHE {
                         self.graphs.remove(0);
@@ -185,16 +215,16 @@ impl Queue {
             self.last = key;
         }
         for op in &ops {
-            op.issue(stream);
+            op.issue(stream, self.pdl);
         }
     }
 }
 
 /// Records `ops` into a graph (nothing runs); `None` when the driver refuses (then they are issued).
-fn capture(stream: &Arc<CudaStream>, ops: &[Op]) -> Option<CudaGraph> {
+fn capture(stream: &Arc<CudaStream>, ops: &[Op], pdl: bool) -> Option<CudaGraph> {
     stream.begin_capture(drv::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).ok()?;
     for op in ops {
-        op.issue(stream);
+        op.issue(stream, pdl);
     }
     stream.end_capture(drv::CUgraphInstantiate_flags(0)).ok().flatten()
 }
@@ -219,7 +249,7 @@ mod tests {
 
     #[test]
     fn products_of_one_input_merge_into_three_parts() {
-        let mut q = Queue::new(true, true);
+        let mut q = Queue::new(true, true, false);
         q.push(other(1)); // the quantize launch
         q.push(mmv(7, 100, 1000, 4096, 50)); // Q
         q.push(mmv(7, 100, 2000, 1024, 60)); // K
@@ -235,7 +265,7 @@ mod tests {
         assert_eq!(&m.args[6..], &[A::P(1000), A::I(4096), A::P(50), A::P(2000), A::I(1024), A::P(60), A::P(3000), A::I(1024), A::P(70)]);
         assert_eq!(q.ops[2].args[7], A::I(1024));
         assert_eq!(q.ops[2].args[10], A::I(0));
-        let mut off = Queue::new(true, false);
+        let mut off = Queue::new(true, false, false);
         off.push(mmv(7, 100, 1000, 4096, 50));
         off.push(mmv(7, 100, 2000, 1024, 60));
         assert_eq!(off.ops.len(), 2, "PAGELLM_CUDA_FUSE=0 merges nothing");

@@ -163,14 +163,14 @@ pub struct CudaBackend {
     /// (activations pointer, row length, rounding) of the last products that quantized their input:
     /// an op writing that buffer next time quantizes it on the way out (one launch fewer).
     quant_hints: Mutex<Vec<(u64, usize, Act)>>,
-    /// The head-dim-128 attention kernel `PAGELLM_CUDA_ATTN` forces (see [`attn128`]); `None`: `attn_hd128`.
+    /// The head-dim-128 attention kernel `PAGELLM_CUDA_ATTN` forces (see [`attn128`]); `None`: chosen per call.
     attn128: Option<(&'static str, usize, u32)>,
 }
 
-/// The head-dim-128 attention kernel `PAGELLM_CUDA_ATTN` picks (`g4c64`, the default: 4 query heads per
-/// CTA; `g2c64`: 2; `w16`: 4 with 16 warps), with its heads per CTA and threads. g2 is 11% faster for a
-/// decode step of one sequence at 4096 keys on the H200 and slower with many CTAs (bench/GPU_NOTES.md,
-/// session 4); choosing it per call by the CTA count is the next step, once its GPU tests have run.
+/// The head-dim-128 attention kernel `PAGELLM_CUDA_ATTN` forces (`g4c64`: 4 query heads per CTA;
+/// `g2c64`: 2; `w16`: 4 with 16 warps), with its heads per CTA and threads. Unset, each call picks g2
+/// when g4 would leave SMs idle, else g4 ([`CudaBackend::attention`]): g2 is 11% faster for a decode
+/// step of one sequence at 4096 keys on the H200 and slower with many CTAs (bench/GPU_NOTES.md, session 4).
 fn attn128() -> Option<(&'static str, usize, u32)> {
     match std::env::var("PAGELLM_CUDA_ATTN").as_deref() {
         Ok("g4c64") => Some(("attn_hd128", 4, ATTN_THREADS)),
@@ -272,7 +272,10 @@ impl CudaBackend {
         // PAGELLM_CUDA_MMV1=0 (no one-token kernels), PAGELLM_CUDA_MMVP=0 (Q4_0 one-token products by mmv1
         // instead of the persistent mmvp), PAGELLM_CUDA_MMV1K=0 (k-quant one-token products by mmv)
         let off = |v: &str| std::env::var(v).as_deref() == Ok("0");
-        let queue = Mutex::new(graph::Queue::new(!off("PAGELLM_CUDA_GRAPH"), !off("PAGELLM_CUDA_FUSE")));
+        // programmatic dependent launch on sm_90 and later (PAGELLM_CUDA_PDL=0: every launch waits for
+        // the previous kernel to finish before it starts, as before)
+        let pdl = major >= 9 && !off("PAGELLM_CUDA_PDL");
+        let queue = Mutex::new(graph::Queue::new(!off("PAGELLM_CUDA_GRAPH"), !off("PAGELLM_CUDA_FUSE"), pdl));
         let mmv1 = !off("PAGELLM_CUDA_MMV1");
         let fuse = !off("PAGELLM_CUDA_FUSE");
         let mmvp_blocks = if off("PAGELLM_CUDA_MMVP") {
@@ -358,9 +361,10 @@ impl CudaBackend {
         if q.recording {
             q.push(op);
         } else {
+            let pdl = q.pdl;
             drop(q);
             self.bind();
-            op.issue(&self.stream);
+            op.issue(&self.stream, pdl);
         }
     }
 
@@ -888,9 +892,12 @@ impl Backend for CudaBackend {
             A::P(wp),
         ];
         // 4 query heads per CTA (one head per CTA, 4x the CTAs, measured slower for one sequence at
-        // depth 4096 on the H200: bench/GPU_NOTES.md session 3)
+        // depth 4096 on the H200: bench/GPU_NOTES.md session 3); 2 when 4 leave SMs idle (one sequence
+        // at 4096 keys: 34.1 vs 38.3 us per layer on the H200, session 4). Both give the same values.
+        let ctas_g4 = n_rows * n_kv * group.div_ceil(4) * n_splits;
         let (name, g, threads) = match self.attn128 {
             Some((name, g, threads)) if hd == 128 => (name.to_string(), g, threads),
+            None if hd == 128 && group > 2 && ctas_g4 < self.sms => ("attn_hd128_g2c64".to_string(), 2, ATTN_THREADS),
             _ => (format!("attn_hd{hd}"), 4, ATTN_THREADS),
         };
         let grid = (n_rows as u32, (n_kv * group.div_ceil(g)) as u32, n_splits as u32);
