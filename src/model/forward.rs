@@ -92,6 +92,14 @@ impl Model {
     /// Runs `batch` through the model, writing its K/V into `kv` (one store per layer), and returns the
     /// logits of `batch.out_rows`, `[out_rows.len() x n_vocab]`.
     pub fn forward_batch(&self, kv: &mut [KvStore], batch: &ForwardBatch, scratch: &mut Scratch) -> Result<Vec<f32>, ModelError> {
+        let mut logits = Vec::new();
+        self.forward_batch_into(kv, batch, scratch, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// [`Model::forward_batch`] into `logits` (resized to `[out_rows.len() x n_vocab]`; its memory is
+    /// re-used when it is large enough already).
+    pub fn forward_batch_into(&self, kv: &mut [KvStore], batch: &ForwardBatch, scratch: &mut Scratch, logits: &mut Vec<f32>) -> Result<(), ModelError> {
         let n = batch.tokens.len();
         assert!(batch.positions.len() == n && batch.slot_mapping.len() == n && kv.len() == self.cfg.n_layers);
         let want = batch.score_len * self.cfg.n_layers;
@@ -101,14 +109,15 @@ impl Model {
         }
         let mut scores = if want > 0 { scratch.scores.take() } else { None };
         let s = scratch.ensure(self, n, batch.out_rows.len().clamp(1, OUT_CHUNK))?;
-        let mut logits = vec![0.0f32; batch.out_rows.len() * self.cfg.n_vocab];
-        self.backend.run(&mut || self.run_layers(kv, batch, s, scores.as_mut(), &mut logits));
+        // every element is written by run_layers: only new memory is zeroed
+        logits.resize(batch.out_rows.len() * self.cfg.n_vocab, 0.0);
+        self.backend.run(&mut || self.run_layers(kv, batch, s, scores.as_mut(), logits));
         if let Some(buf) = scores {
             scratch.scores_host.resize(want, 0.0);
             self.backend.read_buffer(&buf, 0, &mut scratch.scores_host);
             scratch.scores = Some(buf);
         }
-        Ok(logits)
+        Ok(())
     }
 
     /// The ops of [`Model::forward_batch`], inside one [`Backend::run`](crate::backend::Backend::run).
