@@ -2,14 +2,17 @@
 // visible in the logits: RMS norm sums squares in f64 and scales before the weight; RoPE angles come
 // from ggml's running product; GELU goes through f16 like ggml's table.
 
-// RMS norm of n_rows rows of row_len; one block per row. w may be null.
-// The row's 1 / sqrt(mean(x^2) + eps) (every thread gets it).
-__device__ __forceinline__ float rms_scale(const float* __restrict__ xr, int row_len, float eps) {
-    double s = 0.0;
-    for (int i = threadIdx.x; i < row_len; i += blockDim.x) {
-        const float v = xr[i];
-        s += (double)(v * v);
-    }
+// RMS norm of n_rows rows of row_len; one block per row. w may be null. y, if not null, is first added
+// to x in place (x += y, the residual add before the norm: one launch instead of two, the same values).
+//
+// When row_len = PER * blockDim.x (PER = 1, 2, 4, 8; the host picks such a block), a thread keeps its
+// values x[tid + k * blockDim.x] in registers, every load issued before the first use, and the
+// quantizing epilogue runs its PER per-block reductions side by side, with no bounds checks: the
+// one-CTA kernel is issue-bound (ncu: 1,200 instructions per warp, 40% of them branches of guarded
+// loops, 11.7 us for a 4096-wide row). Other rows take the loops.
+
+// The sum of every thread's s over the block (every thread gets it).
+__device__ __forceinline__ double block_sum(double s) {
     __shared__ double part[32];
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
@@ -22,17 +25,148 @@ __device__ __forceinline__ float rms_scale(const float* __restrict__ xr, int row
         if (threadIdx.x == 0) part[0] = t;
     }
     __syncthreads();
-    const float mean = (float)(part[0] / (double)row_len);
+    return part[0];
+}
+
+__device__ __forceinline__ float rms_of(double sum, int row_len, float eps) {
+    const float mean = (float)(sum / (double)row_len);
     return 1.0f / sqrtf(mean + eps);
 }
 
-extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w, int row_len, float eps,
-                                    float* __restrict__ out) {
+// The row's 1 / sqrt(mean(x^2) + eps) (every thread gets it; the block's x writes are visible after it).
+__device__ __forceinline__ float rms_scale(float* xr, const float* __restrict__ yr, int row_len, float eps) {
+    double s = 0.0;
+    for (int i = threadIdx.x; i < row_len; i += blockDim.x) {
+        float v = xr[i];
+        if (yr) {
+            v = v + yr[i];
+            xr[i] = v;
+        }
+        s += (double)(v * v);
+    }
+    return rms_of(block_sum(s), row_len, eps);
+}
+
+// The register path (row_len = PER * blockDim.x): v[k] = the normalized, weighted value of element
+// tid + k * blockDim.x, also written to o. The same float operations, in the same order, as the loops.
+template <int PER>
+__device__ __forceinline__ void rms_regs(float* xr, const float* __restrict__ yr, const float* __restrict__ w,
+                                         int row_len, float eps, float* __restrict__ o, float v[PER]) {
+    float yv[PER], wv[PER];
+#pragma unroll
+    for (int k = 0; k < PER; k++) {
+        const int i = threadIdx.x + k * blockDim.x;
+        v[k] = xr[i];
+        yv[k] = yr ? yr[i] : 0.0f;
+        wv[k] = w ? w[i] : 1.0f;
+    }
+    double s = 0.0;
+#pragma unroll
+    for (int k = 0; k < PER; k++) {
+        if (yr) {
+            v[k] = v[k] + yv[k];
+            xr[threadIdx.x + k * blockDim.x] = v[k];
+        }
+        s += (double)(v[k] * v[k]);
+    }
+    const float scale = rms_of(block_sum(s), row_len, eps);
+#pragma unroll
+    for (int k = 0; k < PER; k++) {
+        const float t = v[k] * scale;
+        v[k] = w ? t * wv[k] : t;
+        o[threadIdx.x + k * blockDim.x] = v[k];
+    }
+}
+
+// Q8 blocks of the warp's values v[k] (lane order; block blk0 + k * stride), each as q8_store makes
+// it, the PER reductions side by side.
+template <int PER>
+__device__ __forceinline__ void q8_store_regs(const float v[PER], long long blk0, int stride, i8* __restrict__ qa,
+                                              float* __restrict__ da, int* __restrict__ sa, float* __restrict__ ss) {
+    const int lane = threadIdx.x & 31;
+    float amax[PER];
+    int q[PER];
+#pragma unroll
+    for (int k = 0; k < PER; k++) amax[k] = fabsf(v[k]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+        for (int k = 0; k < PER; k++) amax[k] = fmaxf(amax[k], __shfl_xor_sync(0xffffffffu, amax[k], o));
+#pragma unroll
+    for (int k = 0; k < PER; k++) {
+        const float id = amax[k] != 0.0f ? 127.0f / amax[k] : 0.0f;
+        q[k] = __float2int_rn(v[k] * id);
+        qa[(blk0 + (long long)k * stride) * 32 + lane] = (i8)q[k];
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+        for (int k = 0; k < PER; k++) q[k] += __shfl_xor_sync(0xffffffffu, q[k], o);
+    if (lane < PER) {  // lane k stores block k's scale and sums
+        float am = amax[0];
+        int qs = q[0];
+#pragma unroll
+        for (int k = 1; k < PER; k++)
+            if (lane == k) {
+                am = amax[k];
+                qs = q[k];
+            }
+        const long long blk = blk0 + (long long)lane * stride;
+        const float d = am / 127.0f;
+        da[blk] = f16_round(d);
+        sa[blk] = qs;
+        ss[blk] = f16_round(d * (float)qs);  // as q8_store
+    }
+}
+
+// The row's Q8_K super-blocks from o (complete: the caller synced), a warp per super-block.
+__device__ __forceinline__ void q8k_from(const float* __restrict__ o, long long r, int row_len, i8* __restrict__ qa,
+                                         float* __restrict__ da, int* __restrict__ sa, float* __restrict__ ss) {
+    const int lane = threadIdx.x & 31;
+    for (int sb = threadIdx.x >> 5; sb < row_len / 256; sb += blockDim.x >> 5) {
+        float yv[8];
+        int q[8];
+        float d;
+#pragma unroll
+        for (int k = 0; k < 8; k++) yv[k] = o[sb * 256 + 8 * lane + k];
+        q8k_vals(yv, q, d);
+        q8k_store(q, d, r * (row_len / 256) + sb, qa, da, sa, ss);
+    }
+}
+
+template <int PER>
+__device__ __forceinline__ void rms_norm_q_regs(float* xr, const float* __restrict__ yr, const float* __restrict__ w,
+                                                int row_len, float eps, float* __restrict__ o, long long r,
+                                                i8* __restrict__ qa, float* __restrict__ da, int* __restrict__ sa,
+                                                float* __restrict__ ss, int qact) {
+    float v[PER];
+    rms_regs<PER>(xr, yr, w, row_len, eps, o, v);
+    if (qact == 1) {
+        q8_store_regs<PER>(v, (r * row_len + threadIdx.x - (threadIdx.x & 31)) / 32, blockDim.x / 32, qa, da, sa, ss);
+    } else if (qact == 2) {
+        __syncthreads();  // o complete: the super-blocks read other threads' values
+        q8k_from(o, r, row_len, qa, da, sa, ss);
+    }
+}
+
+extern "C" __global__ void rms_norm(float* x, const float* __restrict__ w, int row_len, float eps,
+                                    float* __restrict__ out, const float* __restrict__ y) {
     pdl_enter();
     const long long r = blockIdx.x;
-    const float* xr = x + r * row_len;
+    float* xr = x + r * row_len;
     float* o = out + r * row_len;
-    const float scale = rms_scale(xr, row_len, eps);
+    const float* yr = y ? y + r * row_len : nullptr;
+    const int per = row_len / (int)blockDim.x;
+    if (per * (int)blockDim.x == row_len) {
+        switch (per) {
+            case 1: rms_norm_q_regs<1>(xr, yr, w, row_len, eps, o, r, nullptr, nullptr, nullptr, nullptr, 0); return;
+            case 2: rms_norm_q_regs<2>(xr, yr, w, row_len, eps, o, r, nullptr, nullptr, nullptr, nullptr, 0); return;
+            case 4: rms_norm_q_regs<4>(xr, yr, w, row_len, eps, o, r, nullptr, nullptr, nullptr, nullptr, 0); return;
+            case 8: rms_norm_q_regs<8>(xr, yr, w, row_len, eps, o, r, nullptr, nullptr, nullptr, nullptr, 0); return;
+            default: break;
+        }
+    }
+    const float scale = rms_scale(xr, yr, row_len, eps);
     for (int i = threadIdx.x; i < row_len; i += blockDim.x) {
         const float v = xr[i] * scale;
         o[i] = w ? v * w[i] : v;
@@ -42,47 +176,58 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
 // rms_norm, then its output quantized for the next product as `quantize_q8` (qact 1; row_len a multiple
 // of 32: each warp holds whole blocks) or `quantize_q8k` (qact 2; row_len a multiple of 256: a warp per
 // super-block) would: one launch instead of two, the same values.
-extern "C" __global__ void rms_norm_q(const float* __restrict__ x, const float* __restrict__ w, int row_len, float eps,
-                                      float* __restrict__ out, i8* __restrict__ qa, float* __restrict__ da,
-                                      int* __restrict__ sa, float* __restrict__ ss, int qact) {
+extern "C" __global__ void rms_norm_q(float* x, const float* __restrict__ w, int row_len, float eps,
+                                      float* __restrict__ out, const float* __restrict__ y, i8* __restrict__ qa,
+                                      float* __restrict__ da, int* __restrict__ sa, float* __restrict__ ss, int qact) {
     pdl_enter();
     const long long r = blockIdx.x;
-    const float* xr = x + r * row_len;
+    float* xr = x + r * row_len;
     float* o = out + r * row_len;
-    const float scale = rms_scale(xr, row_len, eps);
+    const float* yr = y ? y + r * row_len : nullptr;
+    const int per = row_len / (int)blockDim.x;
+    if (per * (int)blockDim.x == row_len) {
+        switch (per) {
+            case 1: rms_norm_q_regs<1>(xr, yr, w, row_len, eps, o, r, qa, da, sa, ss, qact); return;
+            case 2: rms_norm_q_regs<2>(xr, yr, w, row_len, eps, o, r, qa, da, sa, ss, qact); return;
+            case 4: rms_norm_q_regs<4>(xr, yr, w, row_len, eps, o, r, qa, da, sa, ss, qact); return;
+            case 8: rms_norm_q_regs<8>(xr, yr, w, row_len, eps, o, r, qa, da, sa, ss, qact); return;
+            default: break;
+        }
+    }
+    const float scale = rms_scale(xr, yr, row_len, eps);
     if (qact == 1) {
         for (int i = threadIdx.x; i < row_len; i += blockDim.x) {
-            const float v = xr[i] * scale;
-            const float y = w ? v * w[i] : v;
-            o[i] = y;
-            q8_store(y, (r * row_len + i) / 32, qa, da, sa, ss);
+            const float t = xr[i] * scale;
+            const float yv = w ? t * w[i] : t;
+            o[i] = yv;
+            q8_store(yv, (r * row_len + i) / 32, qa, da, sa, ss);
         }
     } else {
-        const int lane = threadIdx.x & 31;
-        for (int sb = threadIdx.x >> 5; sb < row_len / 256; sb += blockDim.x >> 5) {
-            float y[8];
-            int q[8];
-            float d;
-#pragma unroll
-            for (int k = 0; k < 8; k++) {
-                const int i = sb * 256 + 8 * lane + k;
-                const float v = xr[i] * scale;
-                y[k] = w ? v * w[i] : v;
-                o[i] = y[k];
-            }
-            q8k_vals(y, q, d);
-            q8k_store(q, d, r * (row_len / 256) + sb, qa, da, sa, ss);
+        for (int i = threadIdx.x; i < row_len; i += blockDim.x) {
+            const float t = xr[i] * scale;
+            o[i] = w ? t * w[i] : t;
         }
+        __syncthreads();
+        q8k_from(o, r, row_len, qa, da, sa, ss);
     }
 }
 
 // RoPE in place on x [n_tok x n_heads x head_dim]; one thread per (token, head, pair).
 // mode 0: NORM (adjacent pairs), 1: NEOX (half split). ff: n_rot/2 frequency divisors or null.
+// A second tensor xb of n_heads1 heads (0: none) at the same positions is rotated by the same launch
+// (Q and K: one launch instead of two, the same values); threads past the first tensor's take it.
 extern "C" __global__ void rope(float* __restrict__ x, const u32* __restrict__ pos, int n_tok, int n_heads, int head_dim,
-                                int n_rot, int mode, float theta_scale, float freq_scale, const float* __restrict__ ff) {
+                                int n_rot, int mode, float theta_scale, float freq_scale, const float* __restrict__ ff,
+                                float* __restrict__ xb, int n_heads1) {
     pdl_enter();
     const int half = n_rot / 2;
-    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long total0 = (long long)n_tok * n_heads * half;
+    if (idx >= total0) {
+        idx -= total0;
+        x = xb;
+        n_heads = n_heads1;
+    }
     if (idx >= (long long)n_tok * n_heads * half) return;
     const int i = (int)(idx % half);
     const long long th = idx / half;  // token * n_heads + head

@@ -174,6 +174,50 @@ fn embed_matches_cpu() {
 /// An op under test: (backend, input buffers, output buffer).
 type OpFn<'a> = dyn Fn(&dyn Backend, &mut [Buffer], &mut Buffer) + 'a;
 
+/// The norm's epilogues inside a forward step: a residual add queued right before the norm is done by
+/// the norm's launch, and the norm quantizes its output for the product that reads it next (learned on
+/// the first run). x, the normalized rows and the product must equal the CPU's bit for bit, for rows
+/// narrower than the block, wider (values kept in registers, some warps with fewer blocks) and past the
+/// register path.
+#[test]
+fn fused_norm_epilogues_match_cpu() {
+    let Some((_g, gpu)) = gpu() else { return };
+    let cpu = cpu();
+    let mut r = rng(17);
+    let n_rows = 3;
+    for (row_len, ty) in [(576, GgmlType::Q4_0), (1536, GgmlType::Q4_0), (1536, GgmlType::Q4K), (4096, GgmlType::Q4_0), (4096, GgmlType::Q4K), (8448, GgmlType::Q4_0), (8448, GgmlType::Q4K)] {
+        let out_rows = 40;
+        let wb = random_weights(&mut r, ty, out_rows, row_len);
+        let (norm_w, x0, y) = (randn(&mut r, row_len), randn(&mut r, n_rows * row_len), randn(&mut r, n_rows * row_len));
+        let n = n_rows * row_len;
+        let run = |b: &dyn Backend| -> Vec<[Vec<f32>; 3]> {
+            let w = upload(b, ty, wb.clone(), row_len, out_rows);
+            let nw = vector(b, &norm_w);
+            let (mut x, yb) = (buffer(b, &x0), buffer(b, &y));
+            let (mut xn, mut o) = (poisoned(b, n), poisoned(b, n_rows * out_rows));
+            let mut runs = Vec::new();
+            for _ in 0..2 {
+                b.write_buffer(&mut x, 0, &x0);
+                b.run(&mut || {
+                    b.add(&mut x, &yb, n);
+                    b.rms_norm(&x, Some(&nw), row_len, n_rows, 1e-5, &mut xn);
+                    b.matmul(&w, &xn, n_rows, &mut o);
+                });
+                runs.push([read(b, &x, n), read(b, &xn, n), read(b, &o, n_rows * out_rows)]);
+            }
+            runs
+        };
+        let (g, c) = (run(gpu.as_ref()), run(cpu.as_ref()));
+        for (i, (g, c)) in g.iter().zip(&c).enumerate() {
+            for (what, gv, cv) in [("x + y", &g[0], &c[0]), ("norm", &g[1], &c[1]), ("product", &g[2], &c[2])] {
+                let d = common::bits_differ(gv, cv);
+                println!("{row_len} {ty} run {i}: {what}: {d} values differ from the cpu's");
+                assert_eq!(d, 0, "{row_len} {ty} run {i}: {what}");
+            }
+        }
+    }
+}
+
 #[test]
 fn elementwise_ops_match_cpu() {
     let Some((_g, gpu)) = gpu() else { return };

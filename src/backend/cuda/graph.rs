@@ -40,10 +40,10 @@ const MMV_PART0: usize = 6;
 /// One kernel launch.
 pub(super) struct Op {
     /// The `CUfunction` (a raw pointer, kept as an integer so the queue is `Send`).
-    f: usize,
-    grid: (u32, u32, u32),
+    pub f: usize,
+    pub grid: (u32, u32, u32),
     block: u32,
-    args: Vec<A>,
+    pub args: Vec<A>,
     /// An `mmv_*` launch: later products of the same activations may join it (blocks per part).
     mmv_rows_per_block: Option<u32>,
 }
@@ -161,6 +161,21 @@ impl Queue {
 
     pub fn has_pending(&self) -> bool {
         !self.ops.is_empty()
+    }
+
+    /// The last queued launch, while launches are queued (the backend folds a launch into the next one
+    /// that can do its work: a residual add into the norm after it, RoPE of K into RoPE of Q).
+    pub fn last_mut(&mut self) -> Option<&mut Op> {
+        if self.recording {
+            self.ops.last_mut()
+        } else {
+            None
+        }
+    }
+
+    /// Drops the last queued launch (its work folded into the next one).
+    pub fn pop(&mut self) {
+        self.ops.pop();
     }
 
     /// Queues `op`; an `mmv_*` launch joins the previous one when that is an `mmv_*` launch of the same

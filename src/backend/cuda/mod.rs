@@ -401,6 +401,25 @@ impl CudaBackend {
 
     /// The Q8 scratch for `n` rows of `k` (qa, da, sa, ss), for an op that quantizes on the way out;
     /// forgets the record if an array is reallocated.
+    /// The y of a residual add x += y of `len` values queued just before (0: none), taken out of the
+    /// queue: the norm of x that follows does it (`rms_norm` / `rms_norm_q`'s y).
+    fn take_add(&self, x: u64, len: usize) -> u64 {
+        if !self.fuse {
+            return 0;
+        }
+        let add = self.k.get("add").cu_function() as usize;
+        let mut q = self.queue();
+        let y = match q.last_mut() {
+            Some(op) if op.f == add && op.args[0] == A::P(x) && op.args[2] == A::L(len as i64) => match op.args[1] {
+                A::P(y) => y,
+                _ => return 0,
+            },
+            _ => return 0,
+        };
+        q.pop();
+        y
+    }
+
     fn quant_scratch(&self, s: &mut Scratch, n: usize, k: usize) -> [u64; 4] {
         let nblk = n * k / 32;
         let fits = s.qa.0.as_ref().is_some_and(|a| a.len() >= n * k)
@@ -724,9 +743,14 @@ impl Backend for CudaBackend {
         if n_rows == 0 {
             return;
         }
-        let threads = (row_len.div_ceil(32) * 32).clamp(32, 1024) as u32;
+        // a block with row_len = PER x threads, PER = 1, 2, 4 or 8, takes the kernels' register path
+        let threads = [1, 2, 4, 8]
+            .into_iter()
+            .find(|&per| row_len.is_multiple_of(32 * per) && row_len / per <= 1024)
+            .map_or((row_len.div_ceil(32) * 32).clamp(32, 1024), |per| row_len / per) as u32;
         let (xp, op) = (self.p(x), self.p(out));
-        let args = [A::P(xp), A::P(wp), A::I(row_len as i32), A::F(eps), A::P(op)];
+        let y = self.take_add(xp, row_len * n_rows);
+        let args = [A::P(xp), A::P(wp), A::I(row_len as i32), A::F(eps), A::P(op), A::P(y)];
         match self.quant_hint(op, row_len) {
             // the next product of out quantizes it: do it here (kernels/elementwise.cu, rms_norm_q)
             Some((_, qact)) if n_rows <= INT_PATH_MAX_TOK && op != xp => {
@@ -774,7 +798,26 @@ impl Backend for CudaBackend {
             A::F(theta_scale),
             A::F(p.freq_scale),
             A::P(ff),
+            A::P(0),
+            A::I(0),
         ];
+        // RoPE of K right after RoPE of Q (same positions and angles): one launch of both
+        if self.fuse {
+            let rope = self.k.get("rope").cu_function() as usize;
+            let mut q = self.queue();
+            if let Some(prev) = q.last_mut() {
+                let same = prev.f == rope && prev.args[11] == A::I(0) && prev.args[1..3] == args[1..3] && prev.args[4..10] == args[4..10];
+                if same && prev.args[0] != args[0] {
+                    let A::I(heads0) = prev.args[3] else { unreachable!("rope's argument 3 is n_heads") };
+                    prev.args[10] = args[0];
+                    prev.args[11] = args[3];
+                    prev.grid.0 = blocks(n * heads0 as usize * p.n_rot / 2 + total, 256);
+                    drop(q);
+                    self.forget_quantized();
+                    return;
+                }
+            }
+        }
         self.launch("rope", (blocks(total, 256), 1, 1), 256, &args);
     }
 
