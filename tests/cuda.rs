@@ -103,7 +103,7 @@ fn matmul_every_type_matches_reference() {
             let wf = dequant(ty, &wb, n_rows * k);
             let wg = upload(gpu.as_ref(), ty, wb.clone(), k, n_rows);
             let wc = upload(cpu.as_ref(), ty, wb, k, n_rows);
-            for n in [1, 3, 8, 9, 64] {
+            for n in [1, 3, 8, 9, 64, 100] {
                 let x = randn(&mut r, n * k);
                 let quantized = !matches!(ty, GgmlType::F16 | GgmlType::F32);
                 let small = n <= pagellm::backend::cuda::MMV_MAX_TOK;
@@ -143,6 +143,13 @@ fn matmul_every_type_matches_reference() {
                 assert!(err < bound, "{ty} k={k} n={n}: relative L2 {err:e} >= {bound:e}");
                 let cpu_bound = if small { 1e-5 } else { 3e-3 };
                 assert!(vs_cpu < cpu_bound, "{ty} k={k} n={n}: {vs_cpu:e} from the CPU backend");
+                // the integer paths (mmv; mmq for the k-quants) equal the CPU bit for bit
+                let kquant = matches!(ty, GgmlType::Q4K | GgmlType::Q6K);
+                let mmq = kquant && n <= pagellm::backend::cuda::MMQ_MAX_TOK && std::env::var("PAGELLM_CUDA_MMQ").as_deref() != Ok("0");
+                if quantized && (n <= pagellm::backend::cuda::INT_PATH_MAX_TOK || mmq) {
+                    let d = common::bits_differ(&read(gpu.as_ref(), &og, n * n_rows), &read(cpu.as_ref(), &oc, n * n_rows));
+                    assert_eq!(d, 0, "{ty} k={k} n={n}: {d} outputs differ from the CPU's");
+                }
             }
         }
     }

@@ -66,6 +66,15 @@ const _: () = assert!(ATTN_SPLIT == 512, "kernels/attention.cu hard-codes ATT_SP
 /// exactly as the CPU does; larger batches go through dequantize + cuBLAS f16 (faster, not exact).
 /// 24: up to here the chunked integer kernels also beat dequantize + cuBLAS on an H100 (bench/GPU_NOTES.md).
 pub const INT_PATH_MAX_TOK: usize = 24;
+/// Most tokens a k-quant product runs on the integer tensor cores (`mmq_*`); more: dequantize + cuBLAS.
+/// At 64 tokens mmq measured slower than cuBLAS on the H200 (Q4_K 14336 x 4096: 0.117 vs 0.128 ms, but
+/// 4096 x 14336: 0.236 vs 0.134 ms: 64 CTAs for 4096 rows), at 16-24 faster than mmv in launches of 8
+/// (0.073-0.080 vs 0.157-0.236 ms; bench/GPU_NOTES.md, session 5).
+pub const MMQ_MAX_TOK: usize = INT_PATH_MAX_TOK;
+/// Weight rows and tokens of one `mmq_*` CTA (kernels/mmq.cu MMQ_ROWS, MMQ_TOK) and its threads.
+const MMQ_ROWS: usize = 64;
+const MMQ_TOK: usize = 64;
+const MMQ_THREADS: u32 = 128;
 /// Threads per attention CTA (`ATT_WARPS` x 32 in kernels/attention.cu).
 const ATTN_THREADS: u32 = 256;
 /// Head sizes the attention kernel is instantiated for.
@@ -114,6 +123,9 @@ struct CudaWeight {
     /// `mmv1_*` (or `mmvp_q4_0r`): one token (32-weight types), and the most blocks a launch needs
     /// (0: one per 4 rows; the persistent `mmvp` fills the GPU once).
     mmv1: Option<(CudaFunction, u32)>,
+    /// `mmq_*` (k-quants on sm_80+): batches of more than `MMV_MAX_TOK` up to [`MMQ_MAX_TOK`] tokens
+    /// on the integer tensor cores, exact like the CPU (kernels/mmq.cu).
+    mmq: Option<CudaFunction>,
     dequant: Option<CudaFunction>,
     embed: Option<CudaFunction>,
 }
@@ -155,6 +167,9 @@ pub struct CudaBackend {
     /// Whether one-token k-quant products use `mmv1_q4_k` / `mmv1_q6_k` (2 rounds in flight) instead
     /// of `mmv` (`PAGELLM_CUDA_MMV1K=0`: `mmv`).
     mmv1k: bool,
+    /// Whether k-quant products of 9 to [`MMQ_MAX_TOK`] tokens use `mmq_*` (sm_80+; `PAGELLM_CUDA_MMQ=0`:
+    /// `mmv` up to [`INT_PATH_MAX_TOK`], then cuBLAS).
+    mmq: bool,
     /// Blocks of `mmvp_q4_0r` that fit the GPU at once (0: not used, `PAGELLM_CUDA_MMVP=0`).
     mmvp_blocks: u32,
     /// Whether rms_norm and glu also quantize their output for the product that reads it next
@@ -297,6 +312,7 @@ impl CudaBackend {
             queue,
             mmv1,
             mmv1k: !off("PAGELLM_CUDA_MMV1K"),
+            mmq: major >= 8 && !off("PAGELLM_CUDA_MMQ"),
             mmvp_blocks,
             fuse,
             quant_hints: Mutex::new(Vec::new()),
@@ -384,6 +400,15 @@ impl CudaBackend {
             Act::Q8 if len.is_multiple_of(32) => Some((len, 1)),
             Act::Q8K if len.is_multiple_of(256) => Some((len, 2)),
             _ => None,
+        }
+    }
+
+    /// Most tokens whose products take quantized activations (rounding `qact`, as [`Self::quant_hint`]).
+    fn int_tokens(&self, qact: i32) -> usize {
+        if qact == 2 && self.mmq {
+            MMQ_MAX_TOK
+        } else {
+            INT_PATH_MAX_TOK
         }
     }
 
@@ -530,7 +555,7 @@ impl Backend for CudaBackend {
             return match vector {
                 Some(vector) => {
                     let data = self.stream.alloc_zeros::<u8>(1).map_err(|_| self.alloc_err(&w.name, 1))?;
-                    let inner = CudaWeight { data, vector: Some(vector), mmv: None, mmv1: None, dequant: None, embed: None };
+                    let inner = CudaWeight { data, vector: Some(vector), mmv: None, mmv1: None, mmq: None, dequant: None, embed: None };
                     Ok(Weight::new(w.ty, w.row_len, w.n_rows, Box::new(inner)))
                 }
                 None => Err(unsupported()),
@@ -559,6 +584,7 @@ impl Backend for CudaBackend {
                 "q4_0r" if self.mmvp_blocks > 0 => Some((self.k.get("mmvp_q4_0r").clone(), self.mmvp_blocks)),
                 _ => Some((self.k.get(&format!("mmv1_{suffix}")).clone(), 0)),
             },
+            mmq: (act == Act::Q8K && self.mmq).then(|| self.k.get(&format!("mmq_{suffix}")).clone()),
             dequant: Some(self.k.get(&format!("dequant_f16_{suffix}")).clone()),
             embed: Some(self.k.get(&format!("embed_{suffix}")).clone()),
         };
@@ -652,7 +678,8 @@ impl Backend for CudaBackend {
         let wp = dptr(&cw.data, &self.stream);
         let (xp, op) = (self.p(x), self.p(out));
         let mut s = self.lock();
-        if n <= INT_PATH_MAX_TOK {
+        let mmq = cw.mmq.as_ref().filter(|_| n > MMV_MAX_TOK && n <= MMQ_MAX_TOK);
+        if n <= INT_PATH_MAX_TOK || mmq.is_some() {
             let grid = (blocks(n_rows, 4), 1, 1);
             if *act != Act::F32 {
                 let nblk = n * k / 32;
@@ -671,6 +698,12 @@ impl Backend for CudaBackend {
                     *q = None;
                 }
                 drop(q);
+                if let Some(f) = mmq {
+                    let args = [A::P(qa), A::P(da), A::P(sa), A::I(k as i32), A::I(n as i32), A::P(wp), A::I(n_rows as i32), A::P(op)];
+                    let grid = (n_rows.div_ceil(MMQ_ROWS) as u32, n.div_ceil(MMQ_TOK) as u32, 1);
+                    self.launch_keep(f, grid, MMQ_THREADS, &args);
+                    return;
+                }
                 // per launch of up to MMV_MAX_TOK tokens: offsets of its first token's activation blocks
                 // (kernels/quant.cu MMV_ARGS: activations, then up to three (weight, rows, output) parts;
                 // inside `run` the queue merges products of the same activations into one launch)
@@ -753,7 +786,7 @@ impl Backend for CudaBackend {
         let args = [A::P(xp), A::P(wp), A::I(row_len as i32), A::F(eps), A::P(op), A::P(y)];
         match self.quant_hint(op, row_len) {
             // the next product of out quantizes it: do it here (kernels/elementwise.cu, rms_norm_q)
-            Some((_, qact)) if n_rows <= INT_PATH_MAX_TOK && op != xp => {
+            Some((_, qact)) if n_rows <= self.int_tokens(qact) && op != xp => {
                 let mut s = self.lock();
                 let [qa, da, sa, ss] = self.quant_scratch(&mut s, n_rows, row_len);
                 let q = [A::P(qa), A::P(da), A::P(sa), A::P(ss), A::I(qact)];
@@ -989,7 +1022,7 @@ impl Backend for CudaBackend {
         let args = [A::P(gp), A::P(up), A::L(len as i64), A::I(act)];
         match self.quant_hint(gp, 0) {
             // the next product of gate quantizes it: do it here (kernels/elementwise.cu, glu_q)
-            Some((k, qact)) if len.is_multiple_of(k) && len / k <= INT_PATH_MAX_TOK => {
+            Some((k, qact)) if len.is_multiple_of(k) && len / k <= self.int_tokens(qact) => {
                 let mut s = self.lock();
                 let [qa, da, sa, ss] = self.quant_scratch(&mut s, len / k, k);
                 let q = [A::P(qa), A::P(da), A::P(sa), A::P(ss), A::I(qact)];

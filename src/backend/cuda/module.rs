@@ -11,11 +11,12 @@ use cudarc::driver::{CudaContext, CudaFunction};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 /// The kernel sources, in the order they are concatenated (helpers first).
-const SOURCES: [(&str, &str); 4] = [
+const SOURCES: [(&str, &str); 5] = [
     ("common.cuh", include_str!("../../../kernels/common.cuh")),
     ("quant.cu", include_str!("../../../kernels/quant.cu")),
     ("elementwise.cu", include_str!("../../../kernels/elementwise.cu")),
     ("attention.cu", include_str!("../../../kernels/attention.cu")),
+    ("mmq.cu", include_str!("../../../kernels/mmq.cu")),
 ];
 
 /// Every `extern "C"` kernel the backend launches.
@@ -39,6 +40,8 @@ const NAMES: &[&str] = &[
     "mmv1_q4_1",
     "mmv1_q5_0",
     "mmv1_q8_0",
+    "mmq_q4_k",
+    "mmq_q6_k",
     "mmv_f32",
     "mmv_f16",
     "dequant_f16_f32",
