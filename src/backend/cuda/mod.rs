@@ -11,11 +11,12 @@
 //!   block tables) are uploaded per op into small device arrays, skipped when equal to the last upload of
 //!   the same kind (the layers of one step share them).
 //! - **One stream.** Every op is queued on the backend's stream in call order; only `read_buffer` waits.
-//! - **Products.** Activations are rounded as the CPU backend rounds them (Q8 blocks of 32 for the
-//!   legacy types, Q8_K for the k-quants, none for float weights). Up to [`INT_PATH_MAX_TOK`] tokens:
-//!   integer dot products straight from the weight blocks (`kernels/quant.cu`, launches of
-//!   [`MMV_MAX_TOK`] tokens). More tokens: the weight dequantized to f16, the rounded activations as f16,
-//!   one cuBLAS GEMM (f32 accumulation).
+//! - **Products** (products.rs). Activations are rounded as the CPU backend rounds them (Q8 blocks of 32
+//!   for the legacy types, Q8_K for the k-quants, none for float weights). Up to [`INT_PATH_MAX_TOK`]
+//!   tokens: integer dot products straight from the weight blocks (`kernels/quant.cu`, launches of
+//!   [`MMV_MAX_TOK`] tokens; k-quant batches of more than [`MMV_MAX_TOK`] on the int8 tensor cores,
+//!   `kernels/mmq.cu`, sm_80+). More tokens: the weight dequantized to f16, the rounded activations as
+//!   f16, one cuBLAS GEMM (f32 accumulation).
 //! - **The CPU's numbers.** On the integer path every op gives the CPU backend's result bit for bit
 //!   (measured: logits equal on every synthetic model and SmolLM2): the dots keep the CPU's float order
 //!   (per-block terms, 4 accumulators / per-super-block sums, `reduce4`), attention keeps its 512-key
@@ -30,30 +31,33 @@
 //! - **Few launches** (graph.rs): inside [`Backend::run`] launches are deferred and issued at the next
 //!   flush; a step whose launch list repeats the last one (decode) is captured once into a CUDA graph and
 //!   then replayed with one driver call per step. Products of one input (Q, K, V; gate, up) share one
-//!   launch, and rms_norm / glu quantize their output for the product that reads it (`rms_norm_q`,
-//!   `glu_q`). One-token products use `mmv1_*` (more loads in flight per warp: 4 rounds of 32 blocks,
-//!   2 for the k-quants), Q4_0 the persistent, software-pipelined `mmvp_q4_0r`. `PAGELLM_CUDA_GRAPH=0`,
-//!   `PAGELLM_CUDA_FUSE=0`, `PAGELLM_CUDA_MMV1=0`, `PAGELLM_CUDA_MMVP=0`, `PAGELLM_CUDA_MMV1K=0` turn each
-//!   off (comparisons, bench/GPU_NOTES.md).
+//!   launch, rms_norm / glu quantize their output for the product that reads it (`rms_norm_q`,
+//!   `glu_q`), a residual add queued right before a norm of its sum is done by the norm, and RoPE of K
+//!   joins RoPE of Q. One-token products use `mmv1_*` (more loads in flight per warp: 4 rounds of 32
+//!   blocks, 2 for the k-quants), Q4_0 the persistent, software-pipelined `mmvp_q4_0r`. On sm_90 every
+//!   launch is a programmatic dependent launch (kernels/common.cuh `pdl_enter`): a kernel starts while
+//!   the previous one finishes and reads its weights before it waits for its inputs.
+//!   `PAGELLM_CUDA_GRAPH=0`, `PAGELLM_CUDA_FUSE=0`, `PAGELLM_CUDA_MMV1=0`, `PAGELLM_CUDA_MMVP=0`,
+//!   `PAGELLM_CUDA_MMV1K=0`, `PAGELLM_CUDA_MMQ=0`, `PAGELLM_CUDA_PDL=0` turn each off (comparisons,
+//!   bench/GPU_NOTES.md).
 //!
 //! Not yet: batch invariance across the two product paths (above [`INT_PATH_MAX_TOK`] tokens the f16
-//! GEMM path gives a token different logits, up to 4e-2 relative L2 on the tiny models), `--gpu-layers`.
+//! GEMM path gives a token different logits, up to 4e-2 relative L2 on the tiny models).
 
+mod attn;
 mod attn_meta;
 mod graph;
 mod module;
+mod products;
 mod scratch;
 
-use std::ffi::c_void;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::cublas::{sys as blas_sys, CudaBlas};
 use cudarc::driver::{sys as drv, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
 
 use super::{AttnParams, AttnSeq, Backend, BackendError, Buffer, Glu, HostWeight, KvShape, KvStore, RopeMode, RopeParams, Weight};
-use crate::dtype::GgmlType;
-use attn_meta::attn_meta;
 use scratch::{Grow, Scratch, Tag, Upload};
 
 /// Most tokens the matrix-vector kernels take in one launch (`MMV_MAX_TOK` in kernels/quant.cu).
@@ -182,19 +186,6 @@ pub struct CudaBackend {
     attn128: Option<(&'static str, usize, u32)>,
 }
 
-/// The head-dim-128 attention kernel `PAGELLM_CUDA_ATTN` forces (`g4c64`: 4 query heads per CTA;
-/// `g2c64`: 2; `w16`: 4 with 16 warps), with its heads per CTA and threads. Unset, each call picks g2
-/// when g4 would leave SMs idle, else g4 ([`CudaBackend::attention`]): g2 is 11% faster for a decode
-/// step of one sequence at 4096 keys on the H200 and slower with many CTAs (bench/GPU_NOTES.md, session 4).
-fn attn128() -> Option<(&'static str, usize, u32)> {
-    match std::env::var("PAGELLM_CUDA_ATTN").as_deref() {
-        Ok("g4c64") => Some(("attn_hd128", 4, ATTN_THREADS)),
-        Ok("g2c64") => Some(("attn_hd128_g2c64", 2, ATTN_THREADS)),
-        Ok("w16") => Some(("attn_hd128_w16", 4, 512)),
-        _ => None,
-    }
-}
-
 fn dptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
     let (p, _sync) = s.device_ptr(stream);
     p
@@ -212,37 +203,8 @@ fn kv_ref(kv: &KvStore) -> &CudaKv {
     kv.inner().downcast_ref::<CudaKv>().expect("kv store from another backend")
 }
 
-/// The kernel-name suffix of a weight type, if the kernels read it.
-fn type_suffix(ty: GgmlType) -> Option<&'static str> {
-    Some(match ty {
-        GgmlType::F32 => "f32",
-        GgmlType::F16 => "f16",
-        GgmlType::Q4_0 => "q4_0",
-        GgmlType::Q4_1 => "q4_1",
-        GgmlType::Q5_0 => "q5_0",
-        GgmlType::Q8_0 => "q8_0",
-        GgmlType::Q4K => "q4_k",
-        GgmlType::Q6K => "q6_k",
-        _ => return None,
-    })
-}
-
 fn blocks(n: usize, per: usize) -> u32 {
     u32::try_from(n.div_ceil(per)).expect("grid too large")
-}
-
-/// Q4_0 blocks `[d f16, qs 16 bytes] x nb` per row -> `[qs x nb][d x nb]` per row (same size).
-fn repack_q4_0(bytes: &[u8], nb: usize) -> Vec<u8> {
-    let row_bytes = nb * 18;
-    let mut out = vec![0u8; bytes.len()];
-    for (src, dst) in bytes.chunks_exact(row_bytes).zip(out.chunks_exact_mut(row_bytes)) {
-        let (qs, ds) = dst.split_at_mut(nb * 16);
-        for (b, blk) in src.chunks_exact(18).enumerate() {
-            ds[2 * b..2 * b + 2].copy_from_slice(&blk[..2]);
-            qs[16 * b..16 * b + 16].copy_from_slice(&blk[2..]);
-        }
-    }
-    out
 }
 
 thread_local! {
@@ -316,7 +278,7 @@ impl CudaBackend {
             mmvp_blocks,
             fuse,
             quant_hints: Mutex::new(Vec::new()),
-            attn128: attn128(),
+            attn128: attn::attn128(),
         })
     }
 
@@ -388,44 +350,6 @@ impl CudaBackend {
         dptr(slice(b), &self.stream)
     }
 
-    /// How the next product of `x` (rows of `k`, or any row length when `k` is 0) will round it, if a
-    /// product read it last time: `(row length, 1 = Q8 | 2 = Q8K)`.
-    fn quant_hint(&self, x: u64, k: usize) -> Option<(usize, i32)> {
-        if !self.fuse {
-            return None;
-        }
-        let hints = self.quant_hints.lock().unwrap_or_else(|e| e.into_inner());
-        let &(_, len, act) = hints.iter().find(|h| h.0 == x && (k == 0 || h.1 == k))?;
-        match act {
-            Act::Q8 if len.is_multiple_of(32) => Some((len, 1)),
-            Act::Q8K if len.is_multiple_of(256) => Some((len, 2)),
-            _ => None,
-        }
-    }
-
-    /// Most tokens whose products take quantized activations (rounding `qact`, as [`Self::quant_hint`]).
-    fn int_tokens(&self, qact: i32) -> usize {
-        if qact == 2 && self.mmq {
-            MMQ_MAX_TOK
-        } else {
-            INT_PATH_MAX_TOK
-        }
-    }
-
-    fn note_quant_hint(&self, x: u64, k: usize, act: Act) {
-        let mut hints = self.quant_hints.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(h) = hints.iter_mut().find(|h| h.0 == x && h.1 == k) {
-            h.2 = act;
-        } else {
-            if hints.len() == 8 {
-                hints.remove(0);
-            }
-            hints.push((x, k, act));
-        }
-    }
-
-    /// The Q8 scratch for `n` rows of `k` (qa, da, sa, ss), for an op that quantizes on the way out;
-    /// forgets the record if an array is reallocated.
     /// The y of a residual add x += y of `len` values queued just before (0: none), taken out of the
     /// queue: the norm of x that follows does it (`rms_norm` / `rms_norm_q`'s y).
     fn take_add(&self, x: u64, len: usize) -> u64 {
@@ -443,28 +367,6 @@ impl CudaBackend {
         };
         q.pop();
         y
-    }
-
-    fn quant_scratch(&self, s: &mut Scratch, n: usize, k: usize) -> [u64; 4] {
-        let nblk = n * k / 32;
-        let fits = s.qa.0.as_ref().is_some_and(|a| a.len() >= n * k)
-            && [&s.da.0, &s.ss.0].iter().all(|a| a.as_ref().is_some_and(|a| a.len() >= nblk))
-            && s.sa.0.as_ref().is_some_and(|a| a.len() >= nblk);
-        if !fits {
-            self.forget_quantized();
-        }
-        [
-            s.qa.ensure(&self.stream, n * k, &self.flusher()),
-            s.da.ensure(&self.stream, nblk, &self.flusher()),
-            s.sa.ensure(&self.stream, nblk, &self.flusher()),
-            s.ss.ensure(&self.stream, nblk, &self.flusher()),
-        ]
-    }
-
-    /// Records that the Q8 scratch now holds `x` (`n` rows of `k`) rounded as `qact`.
-    fn set_quantized(&self, x: u64, n: usize, k: usize, qact: i32) {
-        let act = if qact == 1 { Act::Q8 } else { Act::Q8K };
-        *self.quantized.lock().unwrap_or_else(|e| e.into_inner()) = Some((x, n, k, act as u8));
     }
 
     /// The device copy of a host list. A queued launch may read the current copy: a different list
@@ -489,38 +391,6 @@ impl CudaBackend {
         self.scratch.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// cuBLAS: `out[t][r] = sum_k w[r][k] x[t][k]` on f16 copies, f32 accumulation.
-    fn gemm_f16(&self, w16: u64, x16: u64, n_rows: usize, n_tok: usize, k: usize, out: u64) {
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        let i = |v: usize| i32::try_from(v).expect("GEMM dimension over i32");
-        // Column-major view: out (n_rows x n_tok, ld n_rows) = W^T (W is k x n_rows, ld k) * X (k x n_tok).
-        // SAFETY: the pointers are device arrays of n_rows*k and n_tok*k f16 and n_tok*n_rows f32.
-        unsafe {
-            blas::gemm_ex(
-                *self.blas.handle(),
-                blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                i(n_rows),
-                i(n_tok),
-                i(k),
-                &alpha as *const f32 as *const c_void,
-                w16 as *const c_void,
-                blas_sys::cudaDataType_t::CUDA_R_16F,
-                i(k),
-                x16 as *const c_void,
-                blas_sys::cudaDataType_t::CUDA_R_16F,
-                i(k),
-                &beta as *const f32 as *const c_void,
-                out as *mut c_void,
-                blas_sys::cudaDataType_t::CUDA_R_32F,
-                i(n_rows),
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .unwrap_or_else(|e| panic!("cuBLAS GEMM failed: {e:?}"));
-    }
-
     fn alloc_err(&self, what: &str, bytes: usize) -> BackendError {
         BackendError::OutOfMemory { what: what.into(), bytes, backend: "cuda".into() }
     }
@@ -532,63 +402,7 @@ impl Backend for CudaBackend {
     }
 
     fn upload_weight(&self, w: &HostWeight) -> Result<Weight, BackendError> {
-        let bad = |problem: String| BackendError::BadWeight { name: w.name.clone(), problem };
-        let unsupported = || BackendError::UnsupportedType { name: w.name.clone(), ty: w.ty, backend: "cuda".into() };
-        let row_bytes = crate::quant::row_bytes(w.ty, w.row_len)
-            .ok_or_else(|| bad(format!("rows of {} are not whole {} blocks", w.row_len, w.ty)))?;
-        let len = row_bytes.checked_mul(w.n_rows).ok_or_else(|| bad("size overflows".into()))?;
-        let host = w.source.host_bytes();
-        if w.offset.checked_add(len).is_none_or(|end| end > host.len()) {
-            return Err(bad(format!("{len} bytes at offset {} run past the {} bytes of the file", w.offset, host.len())));
-        }
-        let bytes = &host[w.offset..w.offset + len];
-        let suffix = type_suffix(w.ty).filter(|_| w.row_len.is_multiple_of(32));
-        self.bind();
-        let vector = if w.n_rows == 1 {
-            let mut v = vec![0.0f32; w.row_len];
-            crate::quant::dequantize(w.ty, bytes, &mut v).map_err(|_| unsupported())?;
-            Some(self.stream.clone_htod(&v).map_err(|_| self.alloc_err(&w.name, w.row_len * 4))?)
-        } else {
-            None
-        };
-        let Some(suffix) = suffix else {
-            return match vector {
-                Some(vector) => {
-                    let data = self.stream.alloc_zeros::<u8>(1).map_err(|_| self.alloc_err(&w.name, 1))?;
-                    let inner = CudaWeight { data, vector: Some(vector), mmv: None, mmv1: None, mmq: None, dequant: None, embed: None };
-                    Ok(Weight::new(w.ty, w.row_len, w.n_rows, Box::new(inner)))
-                }
-                None => Err(unsupported()),
-            };
-        };
-        // Q4_0 rows of an even number of blocks are repacked for 16-byte loads (kernels/quant.cu, T_Q4_0R)
-        let (suffix, data) = if w.ty == GgmlType::Q4_0 && (w.row_len / 32).is_multiple_of(2) {
-            let packed = repack_q4_0(bytes, w.row_len / 32);
-            ("q4_0r", self.stream.clone_htod(&packed).map_err(|_| self.alloc_err(&w.name, len))?)
-        } else {
-            (suffix, self.stream.clone_htod(bytes).map_err(|_| self.alloc_err(&w.name, len))?)
-        };
-        self.copied.fetch_add(len, Ordering::Relaxed);
-        let act = match w.ty {
-            GgmlType::F32 | GgmlType::F16 => Act::F32,
-            GgmlType::Q4K | GgmlType::Q6K => Act::Q8K,
-            _ => Act::Q8,
-        };
-        let inner = CudaWeight {
-            data,
-            vector,
-            mmv: Some((self.k.get(&format!("mmv_{suffix}")).clone(), act)),
-            mmv1: match suffix {
-                _ if act == Act::Q8K && self.mmv1 && self.mmv1k => Some((self.k.get(&format!("mmv1_{suffix}")).clone(), 0)),
-                _ if act != Act::Q8 || !self.mmv1 => None,
-                "q4_0r" if self.mmvp_blocks > 0 => Some((self.k.get("mmvp_q4_0r").clone(), self.mmvp_blocks)),
-                _ => Some((self.k.get(&format!("mmv1_{suffix}")).clone(), 0)),
-            },
-            mmq: (act == Act::Q8K && self.mmq).then(|| self.k.get(&format!("mmq_{suffix}")).clone()),
-            dequant: Some(self.k.get(&format!("dequant_f16_{suffix}")).clone()),
-            embed: Some(self.k.get(&format!("embed_{suffix}")).clone()),
-        };
-        Ok(Weight::new(w.ty, w.row_len, w.n_rows, Box::new(inner)))
+        self.upload_matrix(w)
     }
 
     fn weight_bytes_copied(&self) -> usize {
@@ -668,93 +482,7 @@ impl Backend for CudaBackend {
     }
 
     fn matmul(&self, w: &Weight, x: &Buffer, n_tokens: usize, out: &mut Buffer) {
-        let cw = weight(w);
-        let (k, n_rows, n) = (w.row_len(), w.n_rows(), n_tokens);
-        assert!(x.len() >= n * k && out.len() >= n * n_rows, "matmul: buffers too small");
-        if n == 0 {
-            return;
-        }
-        let (mmv, act) = cw.mmv.as_ref().expect("matrix of a supported type");
-        let wp = dptr(&cw.data, &self.stream);
-        let (xp, op) = (self.p(x), self.p(out));
-        let mut s = self.lock();
-        let mmq = cw.mmq.as_ref().filter(|_| n > MMV_MAX_TOK && n <= MMQ_MAX_TOK);
-        if n <= INT_PATH_MAX_TOK || mmq.is_some() {
-            let grid = (blocks(n_rows, 4), 1, 1);
-            if *act != Act::F32 {
-                let nblk = n * k / 32;
-                // a scratch array about to be reallocated loses what the record says it holds
-                let [qa, da, sa, ss] = self.quant_scratch(&mut s, n, k);
-                self.note_quant_hint(xp, k, *act);
-                let (name, groups) = if *act == Act::Q8K { ("quantize_q8k", nblk / 8) } else { ("quantize_q8", nblk) };
-                let key = Some((xp, n, k, *act as u8));
-                let mut q = self.quantized.lock().unwrap_or_else(|e| e.into_inner());
-                if *q != key {
-                    let args = [A::P(xp), A::P(qa), A::P(da), A::P(sa), A::P(ss), A::I(groups as i32)];
-                    self.launch_keep(self.k.get(name), (blocks(groups * 32, 256), 1, 1), 256, &args);
-                    *q = key;
-                }
-                if op == xp {
-                    *q = None;
-                }
-                drop(q);
-                if let Some(f) = mmq {
-                    let args = [A::P(qa), A::P(da), A::P(sa), A::I(k as i32), A::I(n as i32), A::P(wp), A::I(n_rows as i32), A::P(op)];
-                    let grid = (n_rows.div_ceil(MMQ_ROWS) as u32, n.div_ceil(MMQ_TOK) as u32, 1);
-                    self.launch_keep(f, grid, MMQ_THREADS, &args);
-                    return;
-                }
-                // per launch of up to MMV_MAX_TOK tokens: offsets of its first token's activation blocks
-                // (kernels/quant.cu MMV_ARGS: activations, then up to three (weight, rows, output) parts;
-                // inside `run` the queue merges products of the same activations into one launch)
-                for t0 in (0..n).step_by(MMV_MAX_TOK) {
-                    let nt = (n - t0).min(MMV_MAX_TOK);
-                    let b0 = (t0 * k / 32) as u64;
-                    let args = [
-                        A::P(qa + t0 as u64 * k as u64),
-                        A::P(da + 4 * b0),
-                        A::P(sa + 4 * b0),
-                        A::P(ss + 4 * b0),
-                        A::I(k as i32),
-                        A::I(nt as i32),
-                        A::P(wp),
-                        A::I(n_rows as i32),
-                        A::P(op + 4 * (t0 * n_rows) as u64),
-                        A::P(0),
-                        A::I(0),
-                        A::P(0),
-                        A::P(0),
-                        A::I(0),
-                        A::P(0),
-                    ];
-                    let (f, grid) = match (&cw.mmv1, nt) {
-                        (Some((f1, 0)), 1) => (f1, grid),
-                        (Some((f1, cap)), 1) => (f1, (grid.0.min(*cap), 1, 1)),
-                        _ => (mmv, grid),
-                    };
-                    self.enqueue(graph::Op::mmv(f.cu_function(), grid, 128, &args, 4));
-                }
-            } else {
-                for t0 in (0..n).step_by(MMV_MAX_TOK) {
-                    let nt = (n - t0).min(MMV_MAX_TOK);
-                    let args = [A::P(wp), A::I(k as i32), A::I(n_rows as i32), A::P(xp + 4 * (t0 * k) as u64), A::I(nt as i32), A::P(op + 4 * (t0 * n_rows) as u64)];
-                    self.launch_fn(mmv, grid, 128, &args);
-                }
-            }
-        } else {
-            let w16 = s.wf16.ensure(&self.stream, n_rows * k, &self.flusher());
-            let x16 = s.xf16.ensure(&self.stream, n * k, &self.flusher());
-            let deq = cw.dequant.as_ref().expect("matrix of a supported type");
-            self.launch_fn(deq, (blocks(n_rows * k / 32, 256), 1, 1), 256, &[A::P(wp), A::I(k as i32), A::I(n_rows as i32), A::P(w16)]);
-            match act {
-                Act::F32 => self.launch("f32_to_f16", (blocks(n * k, 256), 1, 1), 256, &[A::P(xp), A::P(x16), A::L((n * k) as i64)]),
-                Act::Q8 => self.launch("q8_to_f16", (blocks(n * k, 256), 1, 1), 256, &[A::P(xp), A::P(x16), A::I((n * k / 32) as i32)]),
-                Act::Q8K => self.launch("q8k_to_f16", (blocks(n * k / 8, 256), 1, 1), 256, &[A::P(xp), A::P(x16), A::I((n * k / 256) as i32)]),
-            }
-            self.flush();
-            self.bind();
-            self.gemm_f16(w16, x16, n_rows, n, k, op);
-        }
+        self.product(w, x, n_tokens, out)
     }
 
     fn add_bias(&self, x: &mut Buffer, bias: &Weight, n_tokens: usize) {
@@ -916,90 +644,7 @@ impl Backend for CudaBackend {
     }
 
     fn attention(&self, q: &Buffer, kv: &KvStore, seqs: &[AttnSeq], p: &AttnParams, out: &mut Buffer, scores: Option<(&mut Buffer, usize)>) {
-        let shape = kv.shape();
-        let (hd, n_heads, n_kv) = (p.head_dim, p.n_heads, p.n_kv_heads);
-        assert!(shape.head_dim == hd && shape.n_kv_heads == n_kv && n_heads % n_kv == 0);
-        let bs = shape.block_size;
-        let n_rows = seqs.iter().map(|s| s.q_start + s.n_q).max().unwrap_or(0);
-        if n_rows == 0 {
-            return;
-        }
-        assert!(q.len() >= n_rows * n_heads * hd && out.len() >= n_rows * n_heads * hd, "attention: buffers too small");
-        let (scores_p, scores_out) = match &scores {
-            Some((b, base)) => (self.p(b), Some((*base, b.len()))),
-            None => (0, None),
-        };
-        let meta = attn_meta(seqs, p, bs, scores_out);
-        if let Some(&b) = meta.bt.iter().find(|&&b| b as usize >= shape.num_blocks) {
-            panic!("attention: block {b} outside a pool of {} blocks", shape.num_blocks);
-        }
-        let n_splits = meta.n_splits;
-        let group = n_heads / n_kv;
-
-        let c = kv_ref(kv);
-        let (kp, vp) = (dptr(&c.k, &self.stream), dptr(&c.v, &self.stream));
-        let (qp, op) = (self.p(q), self.p(out));
-        let mut s = self.lock();
-        let rows_p = self.upload(&mut s, Tag::AttnRows, &meta.rows);
-        let bt_p = self.upload(&mut s, Tag::AttnBt, &meta.bt);
-        let live_p = if meta.live.is_empty() { 0 } else { self.upload(&mut s, Tag::AttnLive, &meta.live) };
-        let (po, pml) = if n_splits > 1 {
-            let po = s.part_o.ensure(&self.stream, n_rows * n_heads * n_splits * hd, &self.flusher());
-            (po, s.part_ml.ensure(&self.stream, n_rows * n_heads * n_splits * 4, &self.flusher()))
-        } else {
-            (0, 0)
-        };
-        let wp = if meta.weights_len > 0 { s.weights.ensure(&self.stream, meta.weights_len, &self.flusher()) } else { 0 };
-        let args = [
-            A::P(qp),
-            A::P(kp),
-            A::P(vp),
-            A::P(rows_p),
-            A::P(bt_p),
-            A::P(live_p),
-            A::I(n_heads as i32),
-            A::I(n_kv as i32),
-            A::I(bs as i32),
-            A::F(p.scale),
-            A::I(n_splits as i32),
-            A::P(op),
-            A::P(po),
-            A::P(pml),
-            A::P(wp),
-        ];
-        // 4 query heads per CTA (one head per CTA, 4x the CTAs, measured slower for one sequence at
-        // depth 4096 on the H200: bench/GPU_NOTES.md session 3); 2 when 4 leave SMs idle (one sequence
-        // at 4096 keys: 34.1 vs 38.3 us per layer on the H200, session 4). Both give the same values.
-        let ctas_g4 = n_rows * n_kv * group.div_ceil(4) * n_splits;
-        let (name, g, threads) = match self.attn128 {
-            Some((name, g, threads)) if hd == 128 => (name.to_string(), g, threads),
-            None if hd == 128 && group > 2 && ctas_g4 < self.sms => ("attn_hd128_g2c64".to_string(), 2, ATTN_THREADS),
-            _ => (format!("attn_hd{hd}"), 4, ATTN_THREADS),
-        };
-        let grid = (n_rows as u32, (n_kv * group.div_ceil(g)) as u32, n_splits as u32);
-        self.launch(&name, grid, threads, &args);
-        if n_splits > 1 {
-            let args = [A::P(po), A::P(pml), A::P(rows_p), A::I(n_heads as i32), A::I(hd as i32), A::I(n_splits as i32), A::P(op)];
-            self.launch("attn_merge", ((n_rows * n_heads) as u32, 1, 1), hd as u32, &args);
-        }
-        // the probabilities, summed over heads and rows in the CPU's order (every element written)
-        if !meta.score_seqs.is_empty() {
-            let seqs_p = self.upload(&mut s, Tag::AttnScoreSeqs, &meta.score_seqs);
-            let args = [
-                A::P(rows_p),
-                A::P(seqs_p),
-                A::P(live_p),
-                A::P(wp),
-                A::P(pml),
-                A::I(n_heads as i32),
-                A::I(n_kv as i32),
-                A::I(bs as i32),
-                A::I(n_splits as i32),
-                A::P(scores_p),
-            ];
-            let grid = (blocks(meta.max_score_ctx, 128), n_kv as u32, (meta.score_seqs.len() / 5) as u32);
-            self.launch("attn_scores", grid, 128, &args);
-        }
+        self.attend(q, kv, seqs, p, out, scores)
     }
 
     fn add(&self, x: &mut Buffer, y: &Buffer, len: usize) {
