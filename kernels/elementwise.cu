@@ -9,7 +9,8 @@
 // values x[tid + k * blockDim.x] in registers, every load issued before the first use, and the
 // quantizing epilogue runs its PER per-block reductions side by side, with no bounds checks: the
 // one-CTA kernel is issue-bound (ncu: 1,200 instructions per warp, 40% of them branches of guarded
-// loops, 11.7 us for a 4096-wide row). Other rows take the loops.
+// loops, 11.7 us for a 4096-wide row). Other rows take the loops. __launch_bounds__(1024): the host launches
+// up to 1024 threads, so the register budget must allow it on every architecture NVRTC compiles for.
 
 // The sum of every thread's s over the block (every thread gets it).
 __device__ __forceinline__ double block_sum(double s) {
@@ -149,7 +150,7 @@ __device__ __forceinline__ void rms_norm_q_regs(float* xr, const float* __restri
     }
 }
 
-extern "C" __global__ void rms_norm(float* x, const float* __restrict__ w, int row_len, float eps,
+extern "C" __global__ void __launch_bounds__(1024) rms_norm(float* x, const float* __restrict__ w, int row_len, float eps,
                                     float* __restrict__ out, const float* __restrict__ y) {
     pdl_enter();
     const long long r = blockIdx.x;
@@ -176,7 +177,7 @@ extern "C" __global__ void rms_norm(float* x, const float* __restrict__ w, int r
 // rms_norm, then its output quantized for the next product as `quantize_q8` (qact 1; row_len a multiple
 // of 32: each warp holds whole blocks) or `quantize_q8k` (qact 2; row_len a multiple of 256: a warp per
 // super-block) would: one launch instead of two, the same values.
-extern "C" __global__ void rms_norm_q(float* x, const float* __restrict__ w, int row_len, float eps,
+extern "C" __global__ void __launch_bounds__(1024) rms_norm_q(float* x, const float* __restrict__ w, int row_len, float eps,
                                       float* __restrict__ out, const float* __restrict__ y, i8* __restrict__ qa,
                                       float* __restrict__ da, int* __restrict__ sa, float* __restrict__ ss, int qact) {
     pdl_enter();
