@@ -14,7 +14,7 @@
 //!   reply; a stop string that matched, and everything after it, is never part of it.
 //! - Dropping the ticket cancels the request: a waiting one leaves the queue at once, a running one stops
 //!   at the engine's next step (one forward pass) and frees its sequence.
-//! - `Done.usage.cached_tokens` is the engine's prefix-cache hit for that choice ([`Generation`]).
+//! - `Done.usage.cached_tokens` is the engine's prefix-cache hit for that choice ([`Generation`](crate::engine::Generation)).
 //! - Logprobs are of the model's distribution (log-softmax of the raw logits, before penalties and
 //!   temperature), as OpenAI and llama-server report them.
 //! - `json_object`: each choice samples only tokens that keep its text a prefix of one JSON object

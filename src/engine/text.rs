@@ -39,7 +39,7 @@ pub fn score(model: &Model, prompt: &[u32], reply: &[u32], k: usize) -> Result<V
 /// A token's logprob and the most likely tokens at its position with theirs.
 pub type TokenScore = (f32, Vec<(u32, f32)>);
 
-/// ln softmax(row)[id], and the `k` largest entries of ln softmax(row) (ties by id).
+/// ln softmax(row)\[id\], and the `k` largest entries of ln softmax(row) (ties by id).
 pub fn log_softmax_pick(row: &[f32], id: u32, k: usize) -> TokenScore {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = row.iter().map(|&l| ((l - max) as f64).exp()).sum();

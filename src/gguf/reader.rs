@@ -13,7 +13,7 @@ use crate::dtype::GgmlType;
 #[derive(Clone, Debug)]
 pub struct TensorInfo {
     pub name: String,
-    /// ne[0] first: ne[0] is the row length (contiguous), as in ggml.
+    /// `ne[0]` first: `ne[0]` is the row length (contiguous), as in ggml.
     pub dims: Vec<u64>,
     pub ty: GgmlType,
     pub offset: u64,

@@ -8,7 +8,7 @@ use super::value::{Value, ValueType};
 use super::{keys, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_DIMS};
 use crate::dtype::GgmlType;
 
-/// A tensor to write: name, dims (ne[0] first) and type. Its byte size follows from them.
+/// A tensor to write: name, dims (`ne[0]` first) and type. Its byte size follows from them.
 #[derive(Clone, Debug)]
 pub struct TensorSpec {
     pub name: String,
