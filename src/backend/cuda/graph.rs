@@ -24,7 +24,7 @@
 use std::ffi::c_void;
 use std::sync::Arc;
 
-use cudarc::driver::{sys as drv, CudaGraph, CudaStream};
+use cudarc::driver::{sys as drv, CudaGraph, CudaStream, DriverError};
 
 use super::A;
 
@@ -72,7 +72,7 @@ impl Op {
     /// Issues the launch on `stream` (queued or captured by the driver); `pdl`: with programmatic
     /// stream serialization, so it may start while the stream's previous kernel finishes (every kernel
     /// waits for its predecessor in `pdl_enter`, kernels/common.cuh).
-    pub fn issue(&self, stream: &CudaStream, pdl: bool) {
+    fn try_issue(&self, stream: &CudaStream, pdl: bool) -> Result<(), DriverError> {
         let mut vals = self.args.clone();
         let mut ptrs: Vec<*mut c_void> = vals
             .iter_mut()
@@ -91,9 +91,7 @@ impl Op {
         let f = self.f as drv::CUfunction;
         if !pdl {
             // SAFETY: as above.
-            unsafe { cudarc::driver::result::launch_kernel(f, self.grid, (self.block, 1, 1), 0, stream.cu_stream(), &mut ptrs) }
-                .unwrap_or_else(|e| panic!("cuda launch failed: {e}"));
-            return;
+            return unsafe { cudarc::driver::result::launch_kernel(f, self.grid, (self.block, 1, 1), 0, stream.cu_stream(), &mut ptrs) };
         }
         // SAFETY: a zeroed attribute value is a valid union (plain integers), and the id says which
         // member the driver reads.
@@ -113,9 +111,7 @@ impl Op {
             numAttrs: 1,
         };
         // SAFETY: as above; `config` and `attr` outlive the call, which copies them.
-        unsafe { drv::cuLaunchKernelEx(&config, f, ptrs.as_mut_ptr(), std::ptr::null_mut()) }
-            .result()
-            .unwrap_or_else(|e| panic!("cuda launch failed: {e}"));
+        unsafe { drv::cuLaunchKernelEx(&config, f, ptrs.as_mut_ptr(), std::ptr::null_mut()) }.result()
     }
 }
 
@@ -137,7 +133,7 @@ pub(super) struct Queue {
     /// Whether products of one input are merged (`PAGELLM_CUDA_FUSE=0` turns it off).
     fuse: bool,
     /// Whether launches use programmatic dependent launch ([`Op::issue`]).
-    pub pdl: bool,
+    pdl: bool,
     /// Bumped by every flush: an upload made in this epoch may be read by a queued launch.
     pub epoch: u64,
     ops: Vec<Op>,
@@ -178,6 +174,20 @@ impl Queue {
         self.ops.pop();
     }
 
+    /// Issues `op` now. A driver that refuses a programmatic dependent launch gets this one and every
+    /// later one without it (a note on stderr), instead of a failed step.
+    pub fn issue(&mut self, op: &Op, stream: &CudaStream) {
+        match op.try_issue(stream, self.pdl) {
+            Ok(()) => {}
+            Err(e) if self.pdl => {
+                eprintln!("note: the CUDA driver refused a programmatic dependent launch ({e}); launching without it");
+                self.pdl = false;
+                op.try_issue(stream, false).unwrap_or_else(|e| panic!("cuda launch failed: {e}"));
+            }
+            Err(e) => panic!("cuda launch failed: {e}"),
+        }
+    }
+
     /// Queues `op`; an `mmv_*` launch joins the previous one when that is an `mmv_*` launch of the same
     /// kernel and activations with a free part and another output.
     pub fn push(&mut self, op: Op) {
@@ -216,7 +226,16 @@ impl Queue {
                 return;
             }
             if key == self.last {
-                if let Some(exec) = capture(stream, &ops, self.pdl) {
+                // a driver that cannot capture programmatic launches gets graphs without them
+                let mut graph = capture(stream, &ops, self.pdl);
+                if graph.is_none() && self.pdl {
+                    graph = capture(stream, &ops, false);
+                    if graph.is_some() {
+                        eprintln!("note: the CUDA driver cannot capture programmatic dependent launches; launching without them");
+                        self.pdl = false;
+                    }
+                }
+                if let Some(exec) = graph {
                     exec.launch().unwrap_or_else(|e| panic!("cuda graph launch failed: {e}"));
                     if self.graphs.len() == GRAPH_CACHE {
                         self.graphs.remove(0);
@@ -230,16 +249,21 @@ impl Queue {
             self.last = key;
         }
         for op in &ops {
-            op.issue(stream, self.pdl);
+            self.issue(op, stream);
         }
     }
 }
 
-/// Records `ops` into a graph (nothing runs); `None` when the driver refuses (then they are issued).
+/// Records `ops` into a graph (nothing runs); `None` when the driver refuses a launch or the graph
+/// (then they are issued one by one).
 fn capture(stream: &Arc<CudaStream>, ops: &[Op], pdl: bool) -> Option<CudaGraph> {
     stream.begin_capture(drv::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).ok()?;
     for op in ops {
-        op.issue(stream, pdl);
+        if op.try_issue(stream, pdl).is_err() {
+            // leaves capture mode; the half-recorded graph is dropped
+            let _ = stream.end_capture(drv::CUgraphInstantiate_flags(0));
+            return None;
+        }
     }
     stream.end_capture(drv::CUgraphInstantiate_flags(0)).ok().flatten()
 }

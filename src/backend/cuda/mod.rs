@@ -339,10 +339,8 @@ impl CudaBackend {
         if q.recording {
             q.push(op);
         } else {
-            let pdl = q.pdl;
-            drop(q);
             self.bind();
-            op.issue(&self.stream, pdl);
+            q.issue(&op, &self.stream);
         }
     }
 
