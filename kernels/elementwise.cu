@@ -150,6 +150,23 @@ __device__ __forceinline__ void rms_norm_q_regs(float* xr, const float* __restri
     }
 }
 
+// The register path when row_len = PER x threads (PER 1, 2, 4, 8; qact 0: no epilogue); false: the
+// caller takes the loops.
+__device__ __forceinline__ bool rms_norm_regs(float* xr, const float* __restrict__ yr, const float* __restrict__ w,
+                                              int row_len, float eps, float* __restrict__ o, long long r,
+                                              i8* __restrict__ qa, float* __restrict__ da, int* __restrict__ sa,
+                                              float* __restrict__ ss, int qact) {
+    const int per = row_len / (int)blockDim.x;
+    if (per * (int)blockDim.x != row_len) return false;
+    switch (per) {
+        case 1: rms_norm_q_regs<1>(xr, yr, w, row_len, eps, o, r, qa, da, sa, ss, qact); return true;
+        case 2: rms_norm_q_regs<2>(xr, yr, w, row_len, eps, o, r, qa, da, sa, ss, qact); return true;
+        case 4: rms_norm_q_regs<4>(xr, yr, w, row_len, eps, o, r, qa, da, sa, ss, qact); return true;
+        case 8: rms_norm_q_regs<8>(xr, yr, w, row_len, eps, o, r, qa, da, sa, ss, qact); return true;
+        default: return false;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(1024) rms_norm(float* x, const float* __restrict__ w, int row_len, float eps,
                                     float* __restrict__ out, const float* __restrict__ y) {
     pdl_enter();
@@ -157,16 +174,7 @@ extern "C" __global__ void __launch_bounds__(1024) rms_norm(float* x, const floa
     float* xr = x + r * row_len;
     float* o = out + r * row_len;
     const float* yr = y ? y + r * row_len : nullptr;
-    const int per = row_len / (int)blockDim.x;
-    if (per * (int)blockDim.x == row_len) {
-        switch (per) {
-            case 1: rms_norm_q_regs<1>(xr, yr, w, row_len, eps, o, r, nullptr, nullptr, nullptr, nullptr, 0); return;
-            case 2: rms_norm_q_regs<2>(xr, yr, w, row_len, eps, o, r, nullptr, nullptr, nullptr, nullptr, 0); return;
-            case 4: rms_norm_q_regs<4>(xr, yr, w, row_len, eps, o, r, nullptr, nullptr, nullptr, nullptr, 0); return;
-            case 8: rms_norm_q_regs<8>(xr, yr, w, row_len, eps, o, r, nullptr, nullptr, nullptr, nullptr, 0); return;
-            default: break;
-        }
-    }
+    if (rms_norm_regs(xr, yr, w, row_len, eps, o, r, nullptr, nullptr, nullptr, nullptr, 0)) return;
     const float scale = rms_scale(xr, yr, row_len, eps);
     for (int i = threadIdx.x; i < row_len; i += blockDim.x) {
         const float v = xr[i] * scale;
@@ -185,16 +193,7 @@ extern "C" __global__ void __launch_bounds__(1024) rms_norm_q(float* x, const fl
     float* xr = x + r * row_len;
     float* o = out + r * row_len;
     const float* yr = y ? y + r * row_len : nullptr;
-    const int per = row_len / (int)blockDim.x;
-    if (per * (int)blockDim.x == row_len) {
-        switch (per) {
-            case 1: rms_norm_q_regs<1>(xr, yr, w, row_len, eps, o, r, qa, da, sa, ss, qact); return;
-            case 2: rms_norm_q_regs<2>(xr, yr, w, row_len, eps, o, r, qa, da, sa, ss, qact); return;
-            case 4: rms_norm_q_regs<4>(xr, yr, w, row_len, eps, o, r, qa, da, sa, ss, qact); return;
-            case 8: rms_norm_q_regs<8>(xr, yr, w, row_len, eps, o, r, qa, da, sa, ss, qact); return;
-            default: break;
-        }
-    }
+    if (rms_norm_regs(xr, yr, w, row_len, eps, o, r, qa, da, sa, ss, qact)) return;
     const float scale = rms_scale(xr, yr, row_len, eps);
     if (qact == 1) {
         for (int i = threadIdx.x; i < row_len; i += blockDim.x) {

@@ -41,24 +41,16 @@ __device__ __forceinline__ void mma_s8_k16(int c[4], int a0, int a1, int b0) {
 #endif
 }
 
-// Q4_K sub-block j's 6-bit scale and min from the super-block's 12 scale bytes s.
-__device__ __forceinline__ void q4k_sm(const u8* __restrict__ s, int j, int& sc, int& mn) {
-    if (j < 4) {
-        sc = s[j] & 63;
-        mn = s[j + 4] & 63;
-    } else {
-        sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
-        mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-    }
-}
-
-// The common frame: rows, tokens, accumulators; BODY(sb) adds super-block sb's terms to acc.
+// The common frame of a lane: its rows (rA = r0 + g, rB = rA + 8; a row past the matrix reads row 0,
+// whose results are not stored), its tokens, and the two weight rows of `rb` bytes it reads.
 struct MmqTile {
     int g, t, rA, rB, t0;
     bool okA, okB;
+    const u8* wA;
+    const u8* wB;
 };
 
-__device__ __forceinline__ MmqTile mmq_tile(int n_rows) {
+__device__ __forceinline__ MmqTile mmq_tile(const u8* __restrict__ w, int n_rows, long long rb) {
     MmqTile m;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     m.g = lane >> 2;
@@ -68,6 +60,8 @@ __device__ __forceinline__ MmqTile mmq_tile(int n_rows) {
     m.okA = m.rA < n_rows;
     m.okB = m.rB < n_rows;
     m.t0 = blockIdx.y * MMQ_TOK;
+    m.wA = w + (long long)(m.okA ? m.rA : 0) * rb;
+    m.wB = w + (long long)(m.okB ? m.rB : 0) * rb;
     return m;
 }
 
@@ -96,17 +90,11 @@ extern "C" __global__ void __launch_bounds__(MMQ_WARPS * 32) mmq_q4_k(const i8* 
                                                                       const int* __restrict__ sa, int K, int n_tok,
                                                                       const u8* __restrict__ w, int n_rows,
                                                                       float* __restrict__ out) {
-    const MmqTile m = mmq_tile(n_rows);
     const int nb = K / 32, nsb = K / 256;
-    const long long rb = (long long)nsb * 144;
-    const u8* wA = w + (long long)(m.okA ? m.rA : 0) * rb;
-    const u8* wB = w + (long long)(m.okB ? m.rB : 0) * rb;
+    const MmqTile m = mmq_tile(w, n_rows, (long long)nsb * 144);
+    const u8 *wA = m.wA, *wB = m.wB;
     pdl_enter();
-    float acc[MMQ_NT][4];
-#pragma unroll
-    for (int nt = 0; nt < MMQ_NT; nt++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) acc[nt][e] = 0.0f;
+    float acc[MMQ_NT][4] = {};
     // the super-block's quant bytes this lane multiplies (8 of each 32-byte group, both rows), loaded
     // one super-block ahead so the next loads are in flight while this one is multiplied
     unsigned long long nA[4], nB[4];
@@ -128,11 +116,7 @@ extern "C" __global__ void __launch_bounds__(MMQ_WARPS * 32) mmq_q4_k(const i8* 
             qB[jp] = nB[jp];
         }
         if (sb + 1 < nsb) load(sb + 1);
-        int isum[MMQ_NT][4];
-#pragma unroll
-        for (int nt = 0; nt < MMQ_NT; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) isum[nt][e] = 0;
+        int isum[MMQ_NT][4] = {};
 #pragma unroll
         for (int j = 0; j < 8; j++) {
             const unsigned long long lo = 0x0F0F0F0F0F0F0F0Full;
@@ -140,8 +124,8 @@ extern "C" __global__ void __launch_bounds__(MMQ_WARPS * 32) mmq_q4_k(const i8* 
             const unsigned long long vB = (j & 1) ? (qB[j >> 1] >> 4) & lo : qB[j >> 1] & lo;
             const int a[4] = {(int)(u32)vA, (int)(u32)vB, (int)(u32)(vA >> 32), (int)(u32)(vB >> 32)};
             int scA, mnA, scB, mnB;
-            q4k_sm(xA + 4, j, scA, mnA);
-            q4k_sm(xB + 4, j, scB, mnB);
+            kscales<T_Q4_K>(wA, sb * 8 + j, scA, mnA);
+            kscales<T_Q4_K>(wB, sb * 8 + j, scB, mnB);
 #pragma unroll
             for (int nt = 0; nt < MMQ_NT; nt++) {
                 const unsigned long long b = act8(qa, m.t0 + 8 * nt + m.g, n_tok, K, sb * 256 + 32 * j + 8 * m.t);
@@ -160,8 +144,8 @@ extern "C" __global__ void __launch_bounds__(MMQ_WARPS * 32) mmq_q4_k(const i8* 
 #pragma unroll
         for (int j = 0; j < 8; j++) {
             int sc;
-            q4k_sm(xA + 4, j, sc, mnsA[j]);
-            q4k_sm(xB + 4, j, sc, mnsB[j]);
+            kscales<T_Q4_K>(wA, sb * 8 + j, sc, mnsA[j]);
+            kscales<T_Q4_K>(wB, sb * 8 + j, sc, mnsB[j]);
         }
 #pragma unroll
         for (int nt = 0; nt < MMQ_NT; nt++)
@@ -192,25 +176,15 @@ extern "C" __global__ void __launch_bounds__(MMQ_WARPS * 32) mmq_q6_k(const i8* 
                                                                       const int* __restrict__ sa, int K, int n_tok,
                                                                       const u8* __restrict__ w, int n_rows,
                                                                       float* __restrict__ out) {
-    const MmqTile m = mmq_tile(n_rows);
     const int nb = K / 32, nsb = K / 256;
-    const long long rb = (long long)nsb * 210;
-    const u8* wA = w + (long long)(m.okA ? m.rA : 0) * rb;
-    const u8* wB = w + (long long)(m.okB ? m.rB : 0) * rb;
+    const MmqTile m = mmq_tile(w, n_rows, (long long)nsb * 210);
+    const u8 *wA = m.wA, *wB = m.wB;
     pdl_enter();
-    float acc[MMQ_NT][4];
-#pragma unroll
-    for (int nt = 0; nt < MMQ_NT; nt++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) acc[nt][e] = 0.0f;
+    float acc[MMQ_NT][4] = {};
     for (int sb = 0; sb < nsb; sb++) {
         const u8* xA = wA + sb * 210;
         const u8* xB = wB + sb * 210;
-        int isum[MMQ_NT][4];
-#pragma unroll
-        for (int nt = 0; nt < MMQ_NT; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) isum[nt][e] = 0;
+        int isum[MMQ_NT][4] = {};
 #pragma unroll 2
         for (int j = 0; j < 8; j++) {
             const int n = j >> 2, k = j & 3;

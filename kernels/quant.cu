@@ -24,6 +24,27 @@ __device__ __forceinline__ int expand_hi4(u32 h) {
     return (int)(((h & 1u) << 4) | ((h & 2u) << 11) | ((h & 4u) << 18) | ((h & 8u) << 25));
 }
 
+// Raw k-quant scales of Q8 block b: Q4_K sc, mn (6-bit) of sub-block b & 7; Q6_K the two int8 scales of
+// its 16-weight halves (sc, mn).
+template <int T>
+__device__ __forceinline__ void kscales(const u8* __restrict__ row, int b, int& sc, int& mn) {
+    if constexpr (T == T_Q4_K) {
+        const u8* s = row + (b >> 3) * 144 + 4;
+        const int j = b & 7;
+        if (j < 4) {
+            sc = s[j] & 63;
+            mn = s[j + 4] & 63;
+        } else {
+            sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+            mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+        }
+    } else {
+        const i8* s = (const i8*)(row + (b >> 3) * 210 + 192) + 2 * (b & 7);
+        sc = s[0];
+        mn = s[1];
+    }
+}
+
 template <int T>
 __device__ __forceinline__ void decode(const u8* __restrict__ row, int b, int nb, int q[8], float& d0, float& d1, float& m) {
     m = 0.0f;
@@ -80,15 +101,8 @@ __device__ __forceinline__ void decode(const u8* __restrict__ row, int b, int nb
         const u8* x = row + (b >> 3) * 144;
         const int j = b & 7;
         const float d = h2f(ld_u16(x)), dmin = h2f(ld_u16(x + 2));
-        const u8* s = x + 4;
         int sc, mn;
-        if (j < 4) {
-            sc = s[j] & 63;
-            mn = s[j + 4] & 63;
-        } else {
-            sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
-            mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-        }
+        kscales<T_Q4_K>(row, b, sc, mn);
         d0 = d1 = d * (float)sc;
         m = -(dmin * (float)mn);
         // rows are whole 144-byte super-blocks, so the 32 quant bytes are 16-byte aligned
@@ -278,27 +292,6 @@ __device__ __forceinline__ void dot32(const int q[8], const i8* __restrict__ a, 
     hi = __dp4a(q[5], a1.y, hi);
     hi = __dp4a(q[6], a1.z, hi);
     hi = __dp4a(q[7], a1.w, hi);
-}
-
-// Raw k-quant scales of Q8 block b: Q4_K sc, mn (6-bit) of sub-block b & 7; Q6_K the two int8 scales of
-// its 16-weight halves (sc, mn).
-template <int T>
-__device__ __forceinline__ void kscales(const u8* __restrict__ row, int b, int& sc, int& mn) {
-    if constexpr (T == T_Q4_K) {
-        const u8* s = row + (b >> 3) * 144 + 4;
-        const int j = b & 7;
-        if (j < 4) {
-            sc = s[j] & 63;
-            mn = s[j + 4] & 63;
-        } else {
-            sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
-            mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-        }
-    } else {
-        const i8* s = (const i8*)(row + (b >> 3) * 210 + 192) + 2 * (b & 7);
-        sc = s[0];
-        mn = s[1];
-    }
 }
 
 // Rounds exactly as the CPU backend's dots (src/backend/cpu/kernels.rs, module doc):
