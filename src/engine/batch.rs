@@ -84,14 +84,19 @@ pub struct StepOutput {
 impl StepOutput {
     /// The logits of the `i`-th scheduled sequence's last token, when its chunk reached it.
     pub fn logits_mut(&mut self, i: usize) -> Option<&mut [f32]> {
-        let r = self.rows.get(i).copied().flatten()?;
-        Some(&mut self.logits[r * self.n_vocab..(r + 1) * self.n_vocab])
+        let span = self.span(i)?;
+        Some(&mut self.logits[span])
     }
 
     /// [`StepOutput::logits_mut`], read-only.
     pub fn logits(&self, i: usize) -> Option<&[f32]> {
+        Some(&self.logits[self.span(i)?])
+    }
+
+    /// Where the `i`-th scheduled sequence's row lies in `logits`, if it has one.
+    fn span(&self, i: usize) -> Option<std::ops::Range<usize>> {
         let r = self.rows.get(i).copied().flatten()?;
-        Some(&self.logits[r * self.n_vocab..(r + 1) * self.n_vocab])
+        Some(r * self.n_vocab..(r + 1) * self.n_vocab)
     }
 }
 
