@@ -7,18 +7,24 @@
 //     sumf += (d_w * d_a) * isum [- (dmin_w * d_a) * msum]
 // so every output equals the CPU backend's (and mmv's) bit for bit.
 //
-// CTA: MMQ_WARPS warps x 16 weight rows, MMQ_TOK tokens (blockIdx.y: the token tile). Warp w takes rows
-// r0 .. r0 + 16 against all the CTA's tokens as MMQ_TOK / 8 mma n-tiles; lane (g = lane / 4, t = lane % 4)
-// holds outputs (row r0 + g, tokens 2t, 2t + 1 of each n-tile) and (row r0 + g + 8, same tokens).
+// CTA: MMQ_RG row groups x MMQ_KW k-phases = 8 warps, MMQ_ROWS = 16 MMQ_RG weight rows, 8 NT tokens
+// (blockIdx.y: the token tile; NT = 2, 4 or 8, one kernel each). K is split across the CTA's warps by
+// super-block: in round r, warp (rg, kw) computes the term of super-block r MMQ_KW + kw for its 16 rows and
+// all the tile's tokens (lane g = lane / 4, t = lane % 4 holds rows rg 16 + g and + 8, tokens 2t and 2t + 1
+// of each mma n-tile); the terms go to shared memory, and each thread adds the round's terms of its
+// outputs in super-block order. So every output is the CPU's sum, term by term in order, while a 4096-row
+// product at 16 tokens has 1024 warps at work (one warp per 16 rows through all of K had 256, and was
+// latency-bound: 0.75 ms for a 4096 x 14336 Q6_K product in call 56).
 //
 // Inside a Q4_K sub-block the mma's k index is permuted (the dot does not depend on the order of its
 // terms, as long as weights and activations agree): lane t's k = 4t..4t+3 take weights 8t..8t+3 and
 // k = 16+4t..16+4t+3 weights 8t+4..8t+7, so weights and activations are each one 8-byte load.
 
-#define MMQ_WARPS 4
-#define MMQ_ROWS (16 * MMQ_WARPS)
-#define MMQ_TOK 64
-#define MMQ_NT (MMQ_TOK / 8)
+#define MMQ_RG 2
+#define MMQ_KW 4
+#define MMQ_ROWS (16 * MMQ_RG)
+#define MMQ_THREADS (32 * MMQ_RG * MMQ_KW)
+#define MMQ_PS (MMQ_ROWS + 4)  // row stride of the terms in shared memory (conflict-free stores and loads)
 
 __device__ __forceinline__ void mma_s8_k32(int c[4], const int a[4], int b0, int b1) {
 #if __CUDA_ARCH__ >= 800
@@ -41,41 +47,28 @@ __device__ __forceinline__ void mma_s8_k16(int c[4], int a0, int a1, int b0) {
 #endif
 }
 
-// The common frame of a lane: its rows (rA = r0 + g, rB = rA + 8; a row past the matrix reads row 0,
-// whose results are not stored), its tokens, and the two weight rows of `rb` bytes it reads.
+// The frame of a lane: its warp's row group and k-phase, its rows (rA = r0 + g, rB = rA + 8; a row past
+// the matrix reads row 0, whose results are not stored), the tile's first token, and the two weight rows
+// of `rb` bytes it reads.
 struct MmqTile {
-    int g, t, rA, rB, t0;
-    bool okA, okB;
+    int g, t, kw, rA, rB, t0;
     const u8* wA;
     const u8* wB;
 };
 
+template <int NT>
 __device__ __forceinline__ MmqTile mmq_tile(const u8* __restrict__ w, int n_rows, long long rb) {
     MmqTile m;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     m.g = lane >> 2;
     m.t = lane & 3;
-    m.rA = blockIdx.x * MMQ_ROWS + warp * 16 + m.g;
+    m.kw = warp / MMQ_RG;
+    m.rA = blockIdx.x * MMQ_ROWS + (warp % MMQ_RG) * 16 + m.g;
     m.rB = m.rA + 8;
-    m.okA = m.rA < n_rows;
-    m.okB = m.rB < n_rows;
-    m.t0 = blockIdx.y * MMQ_TOK;
-    m.wA = w + (long long)(m.okA ? m.rA : 0) * rb;
-    m.wB = w + (long long)(m.okB ? m.rB : 0) * rb;
+    m.t0 = blockIdx.y * 8 * NT;
+    m.wA = w + (long long)(m.rA < n_rows ? m.rA : 0) * rb;
+    m.wB = w + (long long)(m.rB < n_rows ? m.rB : 0) * rb;
     return m;
-}
-
-// acc[nt][e]: row (e < 2 ? rA : rB), token t0 + 8 nt + 2t + (e & 1).
-__device__ __forceinline__ void mmq_store(const MmqTile& m, const float acc[MMQ_NT][4], int n_tok, int n_rows,
-                                          float* __restrict__ out) {
-#pragma unroll
-    for (int nt = 0; nt < MMQ_NT; nt++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            const int tok = m.t0 + 8 * nt + 2 * m.t + (e & 1);
-            const bool ok = e < 2 ? m.okA : m.okB;
-            if (ok && tok < n_tok) out[(long long)tok * n_rows + (e < 2 ? m.rA : m.rB)] = acc[nt][e];
-        }
 }
 
 // Activation bytes of token `tok` at k-offset `off` (zero past the batch: its outputs are not stored).
@@ -86,143 +79,256 @@ __device__ __forceinline__ int act4(const i8* __restrict__ qa, int tok, int n_to
     return tok < n_tok ? *(const int*)(qa + (long long)tok * K + off) : 0;
 }
 
-extern "C" __global__ void __launch_bounds__(MMQ_WARPS * 32) mmq_q4_k(const i8* __restrict__ qa, const float* __restrict__ da,
-                                                                      const int* __restrict__ sa, int K, int n_tok,
-                                                                      const u8* __restrict__ w, int n_rows,
-                                                                      float* __restrict__ out) {
+// An mma's sums of one sub-block (rows rA, rA, rB, rB) times the rows' sub-block scales, into isum.
+__device__ __forceinline__ void mmq_scaled_add(int isum[4], const int c[4], int scA, int scB) {
+    isum[0] += scA * c[0];
+    isum[1] += scA * c[1];
+    isum[2] += scB * c[2];
+    isum[3] += scB * c[3];
+}
+
+// A lane's term of super-block sb for row (e < 2 ? rA : rB) and token t0 + 8 nt + 2t + (e & 1), into its
+// k-phase's terms pk [token in the tile][row in the CTA].
+__device__ __forceinline__ void mmq_put(float (*pk)[MMQ_PS], const MmqTile& m, int nt, int e, float v) {
+    pk[8 * nt + 2 * m.t + (e & 1)][m.rA - blockIdx.x * MMQ_ROWS + (e < 2 ? 0 : 8)] = v;
+}
+
+// The rounds of a CTA (header): `terms(sb, pk)` stores this lane's terms of super-block sb (mmq_put); each
+// thread then owns outputs idx = threadIdx.x + MMQ_THREADS o (row idx % MMQ_ROWS, token t0 + idx /
+// MMQ_ROWS) and adds their terms in super-block order.
+template <int NT, class Terms>
+__device__ __forceinline__ void mmq_rounds(const MmqTile& m, int nsb, int n_tok, int n_rows, float* __restrict__ out,
+                                           Terms terms) {
+    constexpr int T = 8 * NT, OUTS = T * MMQ_ROWS / MMQ_THREADS;
+    __shared__ float part[MMQ_KW][T][MMQ_PS];
+    float acc[OUTS];
+#pragma unroll
+    for (int o = 0; o < OUTS; o++) acc[o] = 0.0f;
+    for (int sb0 = 0; sb0 < nsb; sb0 += MMQ_KW) {
+        const int sb = sb0 + m.kw;
+        if (sb < nsb)
+            terms(sb, part[m.kw]);
+        __syncthreads();
+        const int nk = min(MMQ_KW, nsb - sb0);
+#pragma unroll
+        for (int o = 0; o < OUTS; o++) {
+            const int idx = threadIdx.x + MMQ_THREADS * o;
+            for (int k = 0; k < nk; k++) acc[o] = acc[o] + part[k][idx / MMQ_ROWS][idx % MMQ_ROWS];
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int o = 0; o < OUTS; o++) {
+        const int idx = threadIdx.x + MMQ_THREADS * o;
+        const int row = blockIdx.x * MMQ_ROWS + idx % MMQ_ROWS, tok = m.t0 + idx / MMQ_ROWS;
+        if (row < n_rows && tok < n_tok) out[(long long)tok * n_rows + row] = acc[o];
+    }
+}
+
+// Scale and min of Q4_K sub-block j (quant.cu's kscales) from a super-block's first 16 bytes h (d and
+// dmin, then the 12 packed scale bytes): register operations only, where kscales' byte loads from
+// global memory took most of the L1 wavefronts (ncu, call 58).
+__device__ __forceinline__ void q4k_scale(const uint4& h, int j, int& sc, int& mn) {
+    if (j < 4) {
+        sc = (h.y >> (8 * j)) & 63;
+        mn = (h.z >> (8 * j)) & 63;
+    } else {
+        const int q = 8 * (j - 4);
+        sc = ((h.w >> q) & 0xF) | (((h.y >> q) >> 6 & 3) << 4);
+        mn = ((h.w >> q) >> 4 & 0xF) | (((h.z >> q) >> 6 & 3) << 4);
+    }
+}
+
+template <int NT>
+__device__ __forceinline__ void mmq_q4_k_body(const i8* __restrict__ qa, const float* __restrict__ da,
+                                              const int* __restrict__ sa, int K, int n_tok, const u8* __restrict__ w,
+                                              int n_rows, float* __restrict__ out) {
     const int nb = K / 32, nsb = K / 256;
-    const MmqTile m = mmq_tile(w, n_rows, (long long)nsb * 144);
+    const MmqTile m = mmq_tile<NT>(w, n_rows, (long long)nsb * 144);
     const u8 *wA = m.wA, *wB = m.wB;
-    pdl_enter();
-    float acc[MMQ_NT][4] = {};
-    // the super-block's quant bytes this lane multiplies (8 of each 32-byte group, both rows), loaded
-    // one super-block ahead so the next loads are in flight while this one is multiplied
+    // the super-block's header (d, dmin, scales) and the quant bytes this lane multiplies (8 of each
+    // 32-byte group), both rows, loaded one round ahead so the next loads are in flight while this one
+    // is multiplied
     unsigned long long nA[4], nB[4];
+    uint4 nhA, nhB;
     auto load = [&](int sb) {
+        nhA = *(const uint4*)(wA + sb * 144);
+        nhB = *(const uint4*)(wB + sb * 144);
 #pragma unroll
         for (int jp = 0; jp < 4; jp++) {
             nA[jp] = *(const unsigned long long*)(wA + sb * 144 + 16 + 32 * jp + 8 * m.t);
             nB[jp] = *(const unsigned long long*)(wB + sb * 144 + 16 + 32 * jp + 8 * m.t);
         }
     };
-    load(0);
-    for (int sb = 0; sb < nsb; sb++) {
+    if (m.kw < nsb) load(m.kw);
+    pdl_enter();
+    mmq_rounds<NT>(m, nsb, n_tok, n_rows, out, [&](int sb, float (*pk)[MMQ_PS]) {
         const u8* xA = wA + sb * 144;
         const u8* xB = wB + sb * 144;
-        unsigned long long qA[4], qB[4];
+        const uint4 hA = nhA, hB = nhB;
+        const float dA = h2f((u16)(hA.x & 0xffff)), dminA = h2f((u16)(hA.x >> 16));
+        const float dB = h2f((u16)(hB.x & 0xffff)), dminB = h2f((u16)(hB.x >> 16));
+        // the tile's n-tiles in parts of at most 4 (the integer sums of 4 n-tiles and their float steps'
+        // loads fit in registers; 8 spilled): the first part takes the prefetched quant bytes, a later
+        // one loads them again (from L1)
+        constexpr int NP = NT < 4 ? NT : 4;
+#pragma unroll 1
+        for (int p0 = 0; p0 < NT; p0 += NP) {
+            unsigned long long qA[4], qB[4];
 #pragma unroll
-        for (int jp = 0; jp < 4; jp++) {
-            qA[jp] = nA[jp];
-            qB[jp] = nB[jp];
-        }
-        if (sb + 1 < nsb) load(sb + 1);
-        int isum[MMQ_NT][4] = {};
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            const unsigned long long lo = 0x0F0F0F0F0F0F0F0Full;
-            const unsigned long long vA = (j & 1) ? (qA[j >> 1] >> 4) & lo : qA[j >> 1] & lo;
-            const unsigned long long vB = (j & 1) ? (qB[j >> 1] >> 4) & lo : qB[j >> 1] & lo;
-            const int a[4] = {(int)(u32)vA, (int)(u32)vB, (int)(u32)(vA >> 32), (int)(u32)(vB >> 32)};
-            int scA, mnA, scB, mnB;
-            kscales<T_Q4_K>(wA, sb * 8 + j, scA, mnA);
-            kscales<T_Q4_K>(wB, sb * 8 + j, scB, mnB);
-#pragma unroll
-            for (int nt = 0; nt < MMQ_NT; nt++) {
-                const unsigned long long b = act8(qa, m.t0 + 8 * nt + m.g, n_tok, K, sb * 256 + 32 * j + 8 * m.t);
-                int c[4];
-                mma_s8_k32(c, a, (int)(u32)b, (int)(u32)(b >> 32));
-                isum[nt][0] += scA * c[0];
-                isum[nt][1] += scA * c[1];
-                isum[nt][2] += scB * c[2];
-                isum[nt][3] += scB * c[3];
+            for (int jp = 0; jp < 4; jp++) {
+                qA[jp] = p0 == 0 ? nA[jp] : *(const unsigned long long*)(xA + 16 + 32 * jp + 8 * m.t);
+                qB[jp] = p0 == 0 ? nB[jp] : *(const unsigned long long*)(xB + 16 + 32 * jp + 8 * m.t);
             }
-        }
-        // the CPU's float steps for this super-block, per output
-        const float dA = h2f(ld_u16(xA)), dminA = h2f(ld_u16(xA + 2));
-        const float dB = h2f(ld_u16(xB)), dminB = h2f(ld_u16(xB + 2));
-        int mnsA[8], mnsB[8];
+            if (p0 == 0 && sb + MMQ_KW < nsb) load(sb + MMQ_KW);
+            int isum[NP][4] = {};
+            // sub-blocks in pairs (one 8-byte group of each row's quant bytes), the pair loop not unrolled
+            // so that the activation loads of one pair at a time are held in registers; the groups rotate
+            // into qA[0] / qB[0]
+#pragma unroll 1
+            for (int jp = 0; jp < 4; jp++) {
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
-            int sc;
-            kscales<T_Q4_K>(wA, sb * 8 + j, sc, mnsA[j]);
-            kscales<T_Q4_K>(wB, sb * 8 + j, sc, mnsB[j]);
-        }
+                for (int h = 0; h < 2; h++) {
+                    const int j = 2 * jp + h;
+                    const unsigned long long lo = 0x0F0F0F0F0F0F0F0Full;
+                    const unsigned long long vA = (qA[0] >> (4 * h)) & lo, vB = (qB[0] >> (4 * h)) & lo;
+                    const int a[4] = {(int)(u32)vA, (int)(u32)vB, (int)(u32)(vA >> 32), (int)(u32)(vB >> 32)};
+                    int scA, mnA, scB, mnB;
+                    q4k_scale(hA, j, scA, mnA);
+                    q4k_scale(hB, j, scB, mnB);
 #pragma unroll
-        for (int nt = 0; nt < MMQ_NT; nt++)
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const int tok = min(m.t0 + 8 * nt + 2 * m.t + h, n_tok - 1);  // a clamped token's output is not stored
-                const long long base = (long long)tok * nb + sb * 8;
-                const float dab = da[base];
-                const int4 s0 = *(const int4*)(sa + base), s1 = *(const int4*)(sa + base + 4);
-                const int s[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
-                int msA = 0, msB = 0;
-#pragma unroll
-                for (int j = 0; j < 8; j++) {
-                    msA += mnsA[j] * s[j];
-                    msB += mnsB[j] * s[j];
+                    for (int nt = 0; nt < NP; nt++) {
+                        const unsigned long long b =
+                            act8(qa, m.t0 + 8 * (p0 + nt) + m.g, n_tok, K, sb * 256 + 32 * j + 8 * m.t);
+                        int c[4];
+                        mma_s8_k32(c, a, (int)(u32)b, (int)(u32)(b >> 32));
+                        mmq_scaled_add(isum[nt], c, scA, scB);
+                    }
                 }
-                acc[nt][h] = acc[nt][h] + ((dA * dab) * (float)isum[nt][h] - (dminA * dab) * (float)msA);
-                acc[nt][2 + h] = acc[nt][2 + h] + ((dB * dab) * (float)isum[nt][2 + h] - (dminB * dab) * (float)msB);
+#pragma unroll
+                for (int i = 0; i < 3; i++) {
+                    qA[i] = qA[i + 1];
+                    qB[i] = qB[i + 1];
+                }
             }
-    }
-    mmq_store(m, acc, n_tok, n_rows, out);
+            // the CPU's float steps for this super-block, per output
+            int mnsA[8], mnsB[8];
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                int sc;
+                q4k_scale(hA, j, sc, mnsA[j]);
+                q4k_scale(hB, j, sc, mnsB[j]);
+            }
+#pragma unroll
+            for (int nt = 0; nt < NP; nt++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    // a clamped token's output is not stored
+                    const int tok = min(m.t0 + 8 * (p0 + nt) + 2 * m.t + h, n_tok - 1);
+                    const long long base = (long long)tok * nb + sb * 8;
+                    const float dab = da[base];
+                    const int4 s0 = *(const int4*)(sa + base), s1 = *(const int4*)(sa + base + 4);
+                    const int s[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
+                    int msA = 0, msB = 0;
+#pragma unroll
+                    for (int j = 0; j < 8; j++) {
+                        msA += mnsA[j] * s[j];
+                        msB += mnsB[j] * s[j];
+                    }
+                    mmq_put(pk, m, p0 + nt, h, (dA * dab) * (float)isum[nt][h] - (dminA * dab) * (float)msA);
+                    mmq_put(pk, m, p0 + nt, 2 + h, (dB * dab) * (float)isum[nt][2 + h] - (dminB * dab) * (float)msB);
+                }
+        }
+    });
 }
 
 // Q6_K: each 32-weight sub-block is two 16-weight halves with their own int8 scales (two k16 mmas).
 // Weight i of a super-block: n = i / 128, k = (i % 128) / 32, l = i % 32; low 4 bits from
 // ql[64 n + 32 (k % 2) + l] (low nibble for k < 2), high 2 bits from qh[32 n + l] >> 2k; minus 32.
-extern "C" __global__ void __launch_bounds__(MMQ_WARPS * 32) mmq_q6_k(const i8* __restrict__ qa, const float* __restrict__ da,
-                                                                      const int* __restrict__ sa, int K, int n_tok,
-                                                                      const u8* __restrict__ w, int n_rows,
-                                                                      float* __restrict__ out) {
+template <int NT>
+__device__ __forceinline__ void mmq_q6_k_body(const i8* __restrict__ qa, const float* __restrict__ da,
+                                              const int* __restrict__ sa, int K, int n_tok, const u8* __restrict__ w,
+                                              int n_rows, float* __restrict__ out) {
     const int nb = K / 32, nsb = K / 256;
-    const MmqTile m = mmq_tile(w, n_rows, (long long)nsb * 210);
+    const MmqTile m = mmq_tile<NT>(w, n_rows, (long long)nsb * 210);
     const u8 *wA = m.wA, *wB = m.wB;
     pdl_enter();
-    float acc[MMQ_NT][4] = {};
-    for (int sb = 0; sb < nsb; sb++) {
-        const u8* xA = wA + sb * 210;
-        const u8* xB = wB + sb * 210;
-        int isum[MMQ_NT][4] = {};
-#pragma unroll 2
-        for (int j = 0; j < 8; j++) {
-            const int n = j >> 2, k = j & 3;
+    mmq_rounds<NT>(m, nsb, n_tok, n_rows, out, [&](int sb, float (*pk)[MMQ_PS]) {
+        const u8* xs[2] = {wA + sb * 210, wB + sb * 210};
+        // the 16 int8 scales of each row (2-byte aligned: 8 u16 loads), scale 2j + h in byte 2j + h
+        u32 sw[2][4];
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const int l = 16 * h + 4 * m.t;
-                int a[2];
+        for (int r = 0; r < 2; r++)
 #pragma unroll
-                for (int r = 0; r < 2; r++) {
-                    const u8* x = r == 0 ? xA : xB;
-                    const int ql = ld_i32_b2(x + 64 * n + 32 * (k & 1) + l);
-                    const int lo = (k < 2 ? ql : (ql >> 4)) & 0x0F0F0F0F;
-                    const int hi = ((ld_i32_b2(x + 128 + 32 * n + l) >> (2 * k)) & 0x03030303) << 4;
-                    a[r] = __vsub4(lo | hi, 0x20202020);
-                }
-                const int scA = ((const i8*)xA)[192 + 2 * j + h], scB = ((const i8*)xB)[192 + 2 * j + h];
+            for (int i = 0; i < 4; i++) sw[r][i] = (u32)ld_i32_b2(xs[r] + 192 + 4 * i);
+        constexpr int NP = NT < 4 ? NT : 4;  // n-tiles per part (as in mmq_q4_k_body)
+#pragma unroll 1
+        for (int p0 = 0; p0 < NT; p0 += NP) {
+            int isum[NP][4] = {};
+            // the sub-blocks j = 4n + k of half n: for each h, lane t's words of ql (k = 0, 2 low and high
+            // nibbles of one, k = 1, 3 of the other) and qh are loaded once; the n loop is not unrolled
+            // (the activation loads of one half at a time in registers)
+#pragma unroll 1
+            for (int n = 0; n < 2; n++) {
 #pragma unroll
-                for (int nt = 0; nt < MMQ_NT; nt++) {
-                    const int b = act4(qa, m.t0 + 8 * nt + m.g, n_tok, K, sb * 256 + 32 * j + l);
-                    int c[4];
-                    mma_s8_k16(c, a[0], a[1], b);
-                    isum[nt][0] += scA * c[0];
-                    isum[nt][1] += scA * c[1];
-                    isum[nt][2] += scB * c[2];
-                    isum[nt][3] += scB * c[3];
+                for (int h = 0; h < 2; h++) {
+                    const int l = 16 * h + 4 * m.t;
+                    int ql[2][2], qh[2];
+#pragma unroll
+                    for (int r = 0; r < 2; r++) {
+                        ql[r][0] = ld_i32_b2(xs[r] + 64 * n + l);
+                        ql[r][1] = ld_i32_b2(xs[r] + 64 * n + 32 + l);
+                        qh[r] = ld_i32_b2(xs[r] + 128 + 32 * n + l);
+                    }
+#pragma unroll
+                    for (int k = 0; k < 4; k++) {
+                        const int j = 4 * n + k;
+                        int a[2];
+#pragma unroll
+                        for (int r = 0; r < 2; r++) {
+                            const int lo = (k < 2 ? ql[r][k & 1] : (ql[r][k & 1] >> 4)) & 0x0F0F0F0F;
+                            const int hi = ((qh[r] >> (2 * k)) & 0x03030303) << 4;
+                            a[r] = __vsub4(lo | hi, 0x20202020);
+                        }
+                        // byte 2j + h = 8n + 2k + h: word 2n + k / 2 (n: the runtime half), byte 2 (k % 2) + h
+                        const int sh = 8 * (2 * (k & 1) + h);
+                        const u32 wA_ = n == 0 ? sw[0][k >> 1] : sw[0][2 + (k >> 1)];
+                        const u32 wB_ = n == 0 ? sw[1][k >> 1] : sw[1][2 + (k >> 1)];
+                        const int scA = (int)(signed char)(wA_ >> sh), scB = (int)(signed char)(wB_ >> sh);
+#pragma unroll
+                        for (int nt = 0; nt < NP; nt++) {
+                            const int b = act4(qa, m.t0 + 8 * (p0 + nt) + m.g, n_tok, K, sb * 256 + 32 * j + l);
+                            int c[4];
+                            mma_s8_k16(c, a[0], a[1], b);
+                            mmq_scaled_add(isum[nt], c, scA, scB);
+                        }
+                    }
                 }
             }
+            const float dA = h2f(ld_u16(xs[0] + 208)), dB = h2f(ld_u16(xs[1] + 208));
+#pragma unroll
+            for (int nt = 0; nt < NP; nt++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const int tok = min(m.t0 + 8 * (p0 + nt) + 2 * m.t + h, n_tok - 1);
+                    const float dab = da[(long long)tok * nb + sb * 8];
+                    mmq_put(pk, m, p0 + nt, h, (dA * dab) * (float)isum[nt][h]);
+                    mmq_put(pk, m, p0 + nt, 2 + h, (dB * dab) * (float)isum[nt][2 + h]);
+                }
         }
-        const float dA = h2f(ld_u16(xA + 208)), dB = h2f(ld_u16(xB + 208));
-#pragma unroll
-        for (int nt = 0; nt < MMQ_NT; nt++)
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const int tok = min(m.t0 + 8 * nt + 2 * m.t + h, n_tok - 1);
-                const float dab = da[(long long)tok * nb + sb * 8];
-                acc[nt][h] = acc[nt][h] + (dA * dab) * (float)isum[nt][h];
-                acc[nt][2 + h] = acc[nt][2 + h] + (dB * dab) * (float)isum[nt][2 + h];
-            }
-    }
-    mmq_store(m, acc, n_tok, n_rows, out);
+    });
 }
+
+// One kernel per type and token tile (8 NT tokens): mmq_q4_k_16, _32, _64 and mmq_q6_k_16, _32, _64.
+#define MMQ_KERNEL(TY, NT)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(MMQ_THREADS, 2) mmq_##TY##_##NT(                                      \
+        const i8* __restrict__ qa, const float* __restrict__ da, const int* __restrict__ sa, int K, int n_tok,      \
+        const u8* __restrict__ w, int n_rows, float* __restrict__ out) {                                            \
+        mmq_##TY##_body<NT / 8>(qa, da, sa, K, n_tok, w, n_rows, out);                                              \
+    }
+MMQ_KERNEL(q4_k, 16)
+MMQ_KERNEL(q4_k, 32)
+MMQ_KERNEL(q4_k, 64)
+MMQ_KERNEL(q6_k, 16)
+MMQ_KERNEL(q6_k, 32)
+MMQ_KERNEL(q6_k, 64)

@@ -71,14 +71,19 @@ const _: () = assert!(ATTN_SPLIT == 512, "kernels/attention.cu hard-codes ATT_SP
 /// 24: up to here the chunked integer kernels also beat dequantize + cuBLAS on an H100 (bench/GPU_NOTES.md).
 pub const INT_PATH_MAX_TOK: usize = 24;
 /// Most tokens a k-quant product runs on the integer tensor cores (`mmq_*`); more: dequantize + cuBLAS.
-/// At 64 tokens mmq measured slower than cuBLAS on the H200 (Q4_K 14336 x 4096: 0.117 vs 0.128 ms, but
-/// 4096 x 14336: 0.236 vs 0.134 ms: 64 CTAs for 4096 rows), at 16-24 faster than mmv in launches of 8
-/// (0.073-0.080 vs 0.157-0.236 ms; bench/GPU_NOTES.md, session 5).
-pub const MMQ_MAX_TOK: usize = INT_PATH_MAX_TOK;
-/// Weight rows and tokens of one `mmq_*` CTA (kernels/mmq.cu MMQ_ROWS, MMQ_TOK) and its threads.
-const MMQ_ROWS: usize = 64;
-const MMQ_TOK: usize = 64;
-const MMQ_THREADS: u32 = 128;
+/// Measured on the H200 (bench/GPU_NOTES.md, call 59; Q4_K 14336 x 4096): mmq 0.054 ms at 16 tokens,
+/// 0.074 at 32 (cuBLAS 0.12), 0.160 at 64 (cuBLAS 0.125): the 32-token tile is the last that wins.
+pub const MMQ_MAX_TOK: usize = 32;
+/// Weight rows of one `mmq_*` CTA (kernels/mmq.cu MMQ_ROWS), its threads, and the token tiles of its
+/// kernels (`mmq_q4_k_16` ...): a product takes the smallest tile that holds its tokens, else the largest.
+const MMQ_ROWS: usize = 32;
+const MMQ_THREADS: u32 = 256;
+const MMQ_TILES: [usize; 3] = [16, 32, 64];
+/// A number from the environment variable `name`, if it holds one.
+fn env_usize(name: &str) -> Option<usize> {
+    std::env::var(name).ok()?.parse().ok()
+}
+
 /// Threads per attention CTA (`ATT_WARPS` x 32 in kernels/attention.cu).
 const ATTN_THREADS: u32 = 256;
 /// Head sizes the attention kernel is instantiated for.
@@ -127,9 +132,10 @@ struct CudaWeight {
     /// `mmv1_*` (or `mmvp_q4_0r`): one token (32-weight types), and the most blocks a launch needs
     /// (0: one per 4 rows; the persistent `mmvp` fills the GPU once).
     mmv1: Option<(CudaFunction, u32)>,
-    /// `mmq_*` (k-quants on sm_80+): batches of more than `MMV_MAX_TOK` up to [`MMQ_MAX_TOK`] tokens
-    /// on the integer tensor cores, exact like the CPU (kernels/mmq.cu).
-    mmq: Option<CudaFunction>,
+    /// `mmq_*` (k-quants on sm_80+), one per token tile of [`MMQ_TILES`]: batches of more than
+    /// `MMV_MAX_TOK` up to [`MMQ_MAX_TOK`] tokens on the integer tensor cores, exact like the CPU
+    /// (kernels/mmq.cu).
+    mmq: Option<[CudaFunction; 3]>,
     dequant: Option<CudaFunction>,
     embed: Option<CudaFunction>,
 }
@@ -174,6 +180,9 @@ pub struct CudaBackend {
     /// Whether k-quant products of 9 to [`MMQ_MAX_TOK`] tokens use `mmq_*` (sm_80+; `PAGELLM_CUDA_MMQ=0`:
     /// `mmv` up to [`INT_PATH_MAX_TOK`], then cuBLAS).
     mmq: bool,
+    /// The batch sizes that take `mmq_*` (defaults `MMV_MAX_TOK + 1 ..= MMQ_MAX_TOK`; for measurements
+    /// `PAGELLM_CUDA_MMQ_MIN`, `PAGELLM_CUDA_MMQ_MAX`).
+    mmq_tokens: std::ops::RangeInclusive<usize>,
     /// Blocks of `mmvp_q4_0r` that fit the GPU at once (0: not used, `PAGELLM_CUDA_MMVP=0`).
     mmvp_blocks: u32,
     /// Whether rms_norm and glu also quantize their output for the product that reads it next
@@ -275,11 +284,19 @@ impl CudaBackend {
             mmv1,
             mmv1k: !off("PAGELLM_CUDA_MMV1K"),
             mmq: major >= 8 && !off("PAGELLM_CUDA_MMQ"),
+            mmq_tokens: env_usize("PAGELLM_CUDA_MMQ_MIN").unwrap_or(MMV_MAX_TOK + 1)..=env_usize("PAGELLM_CUDA_MMQ_MAX").unwrap_or(MMQ_MAX_TOK),
             mmvp_blocks,
             fuse,
             quant_hints: Mutex::new(Vec::new()),
             attn128: attn::attn128(),
         })
+    }
+
+    /// This backend with k-quant products of `tokens` tokens on `mmq_*` (tests and kernel timings of
+    /// every tile; the default is `MMV_MAX_TOK + 1 ..= MMQ_MAX_TOK`).
+    pub fn with_mmq_tokens(mut self, tokens: std::ops::RangeInclusive<usize>) -> Self {
+        self.mmq_tokens = tokens;
+        self
     }
 
     /// Waits until every queued op has finished (timings, tests).

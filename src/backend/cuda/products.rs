@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use cudarc::cublas::{result as blas, sys as blas_sys};
 
 use super::scratch::Scratch;
-use super::{blocks, dptr, graph, weight, Act, CudaBackend, CudaWeight, A, INT_PATH_MAX_TOK, MMQ_MAX_TOK, MMQ_ROWS, MMQ_THREADS, MMQ_TOK, MMV_MAX_TOK};
+use super::{blocks, dptr, graph, weight, Act, CudaBackend, CudaWeight, A, INT_PATH_MAX_TOK, MMQ_ROWS, MMQ_THREADS, MMQ_TILES, MMV_MAX_TOK};
 use crate::backend::{BackendError, Buffer, HostWeight, Weight};
 use crate::dtype::GgmlType;
 
@@ -97,7 +97,7 @@ impl CudaBackend {
                 "q4_0r" if self.mmvp_blocks > 0 => Some((self.k.get("mmvp_q4_0r").clone(), self.mmvp_blocks)),
                 _ => Some((self.k.get(&format!("mmv1_{suffix}")).clone(), 0)),
             },
-            mmq: (act == Act::Q8K && self.mmq).then(|| self.k.get(&format!("mmq_{suffix}")).clone()),
+            mmq: (act == Act::Q8K && self.mmq).then(|| MMQ_TILES.map(|t| self.k.get(&format!("mmq_{suffix}_{t}")).clone())),
             dequant: Some(self.k.get(&format!("dequant_f16_{suffix}")).clone()),
             embed: Some(self.k.get(&format!("embed_{suffix}")).clone()),
         };
@@ -116,7 +116,7 @@ impl CudaBackend {
         let wp = dptr(&cw.data, &self.stream);
         let (xp, op) = (self.p(x), self.p(out));
         let mut s = self.lock();
-        let mmq = cw.mmq.as_ref().filter(|_| n > MMV_MAX_TOK && n <= MMQ_MAX_TOK);
+        let mmq = cw.mmq.as_ref().filter(|_| self.mmq_tokens.contains(&n));
         if n <= INT_PATH_MAX_TOK || mmq.is_some() {
             let grid = (blocks(n_rows, 4), 1, 1);
             if *act != Act::F32 {
@@ -136,10 +136,11 @@ impl CudaBackend {
                     *q = None;
                 }
                 drop(q);
-                if let Some(f) = mmq {
+                if let Some(fs) = mmq {
+                    let i = MMQ_TILES.iter().position(|&t| n <= t).unwrap_or(MMQ_TILES.len() - 1);
                     let args = [A::P(qa), A::P(da), A::P(sa), A::I(k as i32), A::I(n as i32), A::P(wp), A::I(n_rows as i32), A::P(op)];
-                    let grid = (n_rows.div_ceil(MMQ_ROWS) as u32, n.div_ceil(MMQ_TOK) as u32, 1);
-                    self.launch_keep(f, grid, MMQ_THREADS, &args);
+                    let grid = (n_rows.div_ceil(MMQ_ROWS) as u32, n.div_ceil(MMQ_TILES[i]) as u32, 1);
+                    self.launch_keep(&fs[i], grid, MMQ_THREADS, &args);
                     return;
                 }
                 // per launch of up to MMV_MAX_TOK tokens: offsets of its first token's activation blocks
@@ -213,7 +214,7 @@ impl CudaBackend {
     /// Most tokens whose products take quantized activations (rounding `qact`, as [`Self::quant_hint`]).
     pub(super) fn int_tokens(&self, qact: i32) -> usize {
         if qact == 2 && self.mmq {
-            MMQ_MAX_TOK
+            (*self.mmq_tokens.end()).max(INT_PATH_MAX_TOK)
         } else {
             INT_PATH_MAX_TOK
         }
