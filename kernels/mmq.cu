@@ -7,24 +7,27 @@
 //     sumf += (d_w * d_a) * isum [- (dmin_w * d_a) * msum]
 // so every output equals the CPU backend's (and mmv's) bit for bit.
 //
-// CTA: MMQ_RG row groups x MMQ_KW k-phases = 8 warps, MMQ_ROWS = 16 MMQ_RG weight rows, 8 NT tokens
-// (blockIdx.y: the token tile; NT = 2, 4 or 8, one kernel each). K is split across the CTA's warps by
-// super-block: in round r, warp (rg, kw) computes the term of super-block r MMQ_KW + kw for its 16 rows and
-// all the tile's tokens (lane g = lane / 4, t = lane % 4 holds rows rg 16 + g and + 8, tokens 2t and 2t + 1
-// of each mma n-tile); the terms go to shared memory, and each thread adds the round's terms of its
-// outputs in super-block order. So every output is the CPU's sum, term by term in order, while a 4096-row
-// product at 16 tokens has 1024 warps at work (one warp per 16 rows through all of K had 256, and was
-// latency-bound: 0.75 ms for a 4096 x 14336 Q6_K product in call 56).
+// CTA: 8 warps = RG row groups (of 16 weight rows) x KW = 8 / RG k-phases, 8 NT tokens (blockIdx.y: the
+// token tile; NT = 2, 4 or 8, one kernel each, for RG = 2 and the narrow RG = 1). K is split across the
+// CTA's warps by super-block: in round r, warp (rg, kw) computes the term of super-block r KW + kw for its
+// 16 rows and all the tile's tokens (lane g = lane / 4, t = lane % 4 holds rows rg 16 + g and + 8, tokens
+// 2t and 2t + 1 of each mma n-tile); the terms go to shared memory, and each thread adds the round's terms
+// of its outputs in super-block order. So every output is the CPU's sum, term by term in order, while a
+// 4096-row product has 1024-2048 warps at work (one warp per 16 rows through all of K had 256, and was
+// latency-bound: 0.75 ms for a 4096 x 14336 Q6_K product at 16 tokens in call 56).
 //
 // Inside a Q4_K sub-block the mma's k index is permuted (the dot does not depend on the order of its
 // terms, as long as weights and activations agree): lane t's k = 4t..4t+3 take weights 8t..8t+3 and
 // k = 16+4t..16+4t+3 weights 8t+4..8t+7, so weights and activations are each one 8-byte load.
 
-#define MMQ_RG 2
-#define MMQ_KW 4
-#define MMQ_ROWS (16 * MMQ_RG)
-#define MMQ_THREADS (32 * MMQ_RG * MMQ_KW)
-#define MMQ_PS (MMQ_ROWS + 4)  // row stride of the terms in shared memory (conflict-free stores and loads)
+#define MMQ_THREADS 256
+// The CTA's shape for RG row groups (1 or 2): KW k-phases, ROWS weight rows, PS the row stride of the
+// terms in shared memory (conflict-free stores and loads). RG 1 ("narrow", kernels ..._n) gives products
+// of few rows twice the CTAs and twice the warps on each row's K.
+template <int RG>
+struct MmqShape {
+    static constexpr int KW = 8 / RG, ROWS = 16 * RG, PS = ROWS + 4;
+};
 
 __device__ __forceinline__ void mma_s8_k32(int c[4], const int a[4], int b0, int b1) {
 #if __CUDA_ARCH__ >= 800
@@ -56,14 +59,14 @@ struct MmqTile {
     const u8* wB;
 };
 
-template <int NT>
+template <int NT, int RG>
 __device__ __forceinline__ MmqTile mmq_tile(const u8* __restrict__ w, int n_rows, long long rb) {
     MmqTile m;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     m.g = lane >> 2;
     m.t = lane & 3;
-    m.kw = warp / MMQ_RG;
-    m.rA = blockIdx.x * MMQ_ROWS + (warp % MMQ_RG) * 16 + m.g;
+    m.kw = warp / RG;
+    m.rA = blockIdx.x * MmqShape<RG>::ROWS + (warp % RG) * 16 + m.g;
     m.rB = m.rA + 8;
     m.t0 = blockIdx.y * 8 * NT;
     m.wA = w + (long long)(m.rA < n_rows ? m.rA : 0) * rb;
@@ -71,12 +74,29 @@ __device__ __forceinline__ MmqTile mmq_tile(const u8* __restrict__ w, int n_rows
     return m;
 }
 
-// Activation bytes of token `tok` at k-offset `off` (zero past the batch: its outputs are not stored).
-__device__ __forceinline__ unsigned long long act8(const i8* __restrict__ qa, int tok, int n_tok, int K, int off) {
-    return tok < n_tok ? *(const unsigned long long*)(qa + (long long)tok * K + off) : 0ull;
+// mmq's activation layout (mmq_pack): token groups of 8; for each 32-byte block b of K, a group's 8
+// rows side by side, so the 8 tokens x 32 bytes an mma n-tile reads are 256 contiguous bytes (2 cache
+// lines; in the Q8_K rows, 8: call 59's mmq was bound by these L1 wavefronts). Tokens past the batch
+// are zero, up to a whole tile.
+extern "C" __global__ void mmq_pack(const i8* __restrict__ qa, int K, int n_tok, int n_pad, i8* __restrict__ out) {
+    pdl_enter();
+    const long long u = blockIdx.x * (long long)blockDim.x + threadIdx.x;  // 16-byte piece of out
+    if (u >= (long long)n_pad * K / 16) return;
+    const int nb = K / 32;
+    const long long ob = 16 * u, gb = ob / 256;  // gb = group * nb + block
+    const int r = (int)(ob % 256), tok = 8 * (int)(gb / nb) + r / 32, b = (int)(gb % nb);
+    uint4 v;
+    v.x = v.y = v.z = v.w = 0u;
+    if (tok < n_tok) v = *(const uint4*)(qa + (long long)tok * K + 32 * b + r % 32);
+    *(uint4*)(out + ob) = v;
 }
-__device__ __forceinline__ int act4(const i8* __restrict__ qa, int tok, int n_tok, int K, int off) {
-    return tok < n_tok ? *(const int*)(qa + (long long)tok * K + off) : 0;
+
+// 8 (4) activation bytes at byte `off` of 32-byte block b for token 8 tg + g, from mmq_pack's layout.
+__device__ __forceinline__ unsigned long long act8(const i8* __restrict__ qp, int nb, int tg, int b, int g, int off) {
+    return *(const unsigned long long*)(qp + ((long long)(tg * nb + b) * 8 + g) * 32 + off);
+}
+__device__ __forceinline__ int act4(const i8* __restrict__ qp, int nb, int tg, int b, int g, int off) {
+    return *(const int*)(qp + ((long long)(tg * nb + b) * 8 + g) * 32 + off);
 }
 
 // An mma's sums of one sub-block (rows rA, rA, rB, rB) times the rows' sub-block scales, into isum.
@@ -89,38 +109,40 @@ __device__ __forceinline__ void mmq_scaled_add(int isum[4], const int c[4], int 
 
 // A lane's term of super-block sb for row (e < 2 ? rA : rB) and token t0 + 8 nt + 2t + (e & 1), into its
 // k-phase's terms pk [token in the tile][row in the CTA].
-__device__ __forceinline__ void mmq_put(float (*pk)[MMQ_PS], const MmqTile& m, int nt, int e, float v) {
-    pk[8 * nt + 2 * m.t + (e & 1)][m.rA - blockIdx.x * MMQ_ROWS + (e < 2 ? 0 : 8)] = v;
+template <int RG>
+__device__ __forceinline__ void mmq_put(float (*pk)[MmqShape<RG>::PS], const MmqTile& m, int nt, int e, float v) {
+    pk[8 * nt + 2 * m.t + (e & 1)][m.rA - blockIdx.x * MmqShape<RG>::ROWS + (e < 2 ? 0 : 8)] = v;
 }
 
 // The rounds of a CTA (header): `terms(sb, pk)` stores this lane's terms of super-block sb (mmq_put); each
-// thread then owns outputs idx = threadIdx.x + MMQ_THREADS o (row idx % MMQ_ROWS, token t0 + idx /
-// MMQ_ROWS) and adds their terms in super-block order.
-template <int NT, class Terms>
+// thread then owns outputs idx = threadIdx.x + MMQ_THREADS o (row idx % ROWS, token t0 + idx / ROWS) and
+// adds their terms in super-block order.
+template <int NT, int RG, class Terms>
 __device__ __forceinline__ void mmq_rounds(const MmqTile& m, int nsb, int n_tok, int n_rows, float* __restrict__ out,
                                            Terms terms) {
-    constexpr int T = 8 * NT, OUTS = T * MMQ_ROWS / MMQ_THREADS;
-    __shared__ float part[MMQ_KW][T][MMQ_PS];
+    constexpr int KW = MmqShape<RG>::KW, ROWS = MmqShape<RG>::ROWS;
+    constexpr int T = 8 * NT, OUTS = T * ROWS / MMQ_THREADS;
+    __shared__ float part[KW][T][MmqShape<RG>::PS];
     float acc[OUTS];
 #pragma unroll
     for (int o = 0; o < OUTS; o++) acc[o] = 0.0f;
-    for (int sb0 = 0; sb0 < nsb; sb0 += MMQ_KW) {
+    for (int sb0 = 0; sb0 < nsb; sb0 += KW) {
         const int sb = sb0 + m.kw;
         if (sb < nsb)
             terms(sb, part[m.kw]);
         __syncthreads();
-        const int nk = min(MMQ_KW, nsb - sb0);
+        const int nk = min(KW, nsb - sb0);
 #pragma unroll
         for (int o = 0; o < OUTS; o++) {
             const int idx = threadIdx.x + MMQ_THREADS * o;
-            for (int k = 0; k < nk; k++) acc[o] = acc[o] + part[k][idx / MMQ_ROWS][idx % MMQ_ROWS];
+            for (int k = 0; k < nk; k++) acc[o] = acc[o] + part[k][idx / ROWS][idx % ROWS];
         }
         __syncthreads();
     }
 #pragma unroll
     for (int o = 0; o < OUTS; o++) {
         const int idx = threadIdx.x + MMQ_THREADS * o;
-        const int row = blockIdx.x * MMQ_ROWS + idx % MMQ_ROWS, tok = m.t0 + idx / MMQ_ROWS;
+        const int row = blockIdx.x * ROWS + idx % ROWS, tok = m.t0 + idx / ROWS;
         if (row < n_rows && tok < n_tok) out[(long long)tok * n_rows + row] = acc[o];
     }
 }
@@ -139,12 +161,12 @@ __device__ __forceinline__ void q4k_scale(const uint4& h, int j, int& sc, int& m
     }
 }
 
-template <int NT>
-__device__ __forceinline__ void mmq_q4_k_body(const i8* __restrict__ qa, const float* __restrict__ da,
+template <int NT, int RG>
+__device__ __forceinline__ void mmq_q4_k_body(const i8* __restrict__ qp, const float* __restrict__ da,
                                               const int* __restrict__ sa, int K, int n_tok, const u8* __restrict__ w,
                                               int n_rows, float* __restrict__ out) {
     const int nb = K / 32, nsb = K / 256;
-    const MmqTile m = mmq_tile<NT>(w, n_rows, (long long)nsb * 144);
+    const MmqTile m = mmq_tile<NT, RG>(w, n_rows, (long long)nsb * 144);
     const u8 *wA = m.wA, *wB = m.wB;
     // the super-block's header (d, dmin, scales) and the quant bytes this lane multiplies (8 of each
     // 32-byte group), both rows, loaded one round ahead so the next loads are in flight while this one
@@ -162,7 +184,7 @@ __device__ __forceinline__ void mmq_q4_k_body(const i8* __restrict__ qa, const f
     };
     if (m.kw < nsb) load(m.kw);
     pdl_enter();
-    mmq_rounds<NT>(m, nsb, n_tok, n_rows, out, [&](int sb, float (*pk)[MMQ_PS]) {
+    mmq_rounds<NT, RG>(m, nsb, n_tok, n_rows, out, [&](int sb, float (*pk)[MmqShape<RG>::PS]) {
         const u8* xA = wA + sb * 144;
         const u8* xB = wB + sb * 144;
         const uint4 hA = nhA, hB = nhB;
@@ -180,7 +202,7 @@ __device__ __forceinline__ void mmq_q4_k_body(const i8* __restrict__ qa, const f
                 qA[jp] = p0 == 0 ? nA[jp] : *(const unsigned long long*)(xA + 16 + 32 * jp + 8 * m.t);
                 qB[jp] = p0 == 0 ? nB[jp] : *(const unsigned long long*)(xB + 16 + 32 * jp + 8 * m.t);
             }
-            if (p0 == 0 && sb + MMQ_KW < nsb) load(sb + MMQ_KW);
+            if (p0 == 0 && sb + MmqShape<RG>::KW < nsb) load(sb + MmqShape<RG>::KW);
             int isum[NP][4] = {};
             // sub-blocks in pairs (one 8-byte group of each row's quant bytes), the pair loop not unrolled
             // so that the activation loads of one pair at a time are held in registers; the groups rotate
@@ -198,8 +220,7 @@ __device__ __forceinline__ void mmq_q4_k_body(const i8* __restrict__ qa, const f
                     q4k_scale(hB, j, scB, mnB);
 #pragma unroll
                     for (int nt = 0; nt < NP; nt++) {
-                        const unsigned long long b =
-                            act8(qa, m.t0 + 8 * (p0 + nt) + m.g, n_tok, K, sb * 256 + 32 * j + 8 * m.t);
+                        const unsigned long long b = act8(qp, nb, m.t0 / 8 + p0 + nt, sb * 8 + j, m.g, 8 * m.t);
                         int c[4];
                         mma_s8_k32(c, a, (int)(u32)b, (int)(u32)(b >> 32));
                         mmq_scaled_add(isum[nt], c, scA, scB);
@@ -235,8 +256,8 @@ __device__ __forceinline__ void mmq_q4_k_body(const i8* __restrict__ qa, const f
                         msA += mnsA[j] * s[j];
                         msB += mnsB[j] * s[j];
                     }
-                    mmq_put(pk, m, p0 + nt, h, (dA * dab) * (float)isum[nt][h] - (dminA * dab) * (float)msA);
-                    mmq_put(pk, m, p0 + nt, 2 + h, (dB * dab) * (float)isum[nt][2 + h] - (dminB * dab) * (float)msB);
+                    mmq_put<RG>(pk, m, p0 + nt, h, (dA * dab) * (float)isum[nt][h] - (dminA * dab) * (float)msA);
+                    mmq_put<RG>(pk, m, p0 + nt, 2 + h, (dB * dab) * (float)isum[nt][2 + h] - (dminB * dab) * (float)msB);
                 }
         }
     });
@@ -245,15 +266,15 @@ __device__ __forceinline__ void mmq_q4_k_body(const i8* __restrict__ qa, const f
 // Q6_K: each 32-weight sub-block is two 16-weight halves with their own int8 scales (two k16 mmas).
 // Weight i of a super-block: n = i / 128, k = (i % 128) / 32, l = i % 32; low 4 bits from
 // ql[64 n + 32 (k % 2) + l] (low nibble for k < 2), high 2 bits from qh[32 n + l] >> 2k; minus 32.
-template <int NT>
-__device__ __forceinline__ void mmq_q6_k_body(const i8* __restrict__ qa, const float* __restrict__ da,
+template <int NT, int RG>
+__device__ __forceinline__ void mmq_q6_k_body(const i8* __restrict__ qp, const float* __restrict__ da,
                                               const int* __restrict__ sa, int K, int n_tok, const u8* __restrict__ w,
                                               int n_rows, float* __restrict__ out) {
     const int nb = K / 32, nsb = K / 256;
-    const MmqTile m = mmq_tile<NT>(w, n_rows, (long long)nsb * 210);
+    const MmqTile m = mmq_tile<NT, RG>(w, n_rows, (long long)nsb * 210);
     const u8 *wA = m.wA, *wB = m.wB;
     pdl_enter();
-    mmq_rounds<NT>(m, nsb, n_tok, n_rows, out, [&](int sb, float (*pk)[MMQ_PS]) {
+    mmq_rounds<NT, RG>(m, nsb, n_tok, n_rows, out, [&](int sb, float (*pk)[MmqShape<RG>::PS]) {
         const u8* xs[2] = {wA + sb * 210, wB + sb * 210};
         // the 16 int8 scales of each row (2-byte aligned: 8 u16 loads), scale 2j + h in byte 2j + h
         u32 sw[2][4];
@@ -297,7 +318,7 @@ __device__ __forceinline__ void mmq_q6_k_body(const i8* __restrict__ qa, const f
                         const int scA = (int)(signed char)(wA_ >> sh), scB = (int)(signed char)(wB_ >> sh);
 #pragma unroll
                         for (int nt = 0; nt < NP; nt++) {
-                            const int b = act4(qa, m.t0 + 8 * (p0 + nt) + m.g, n_tok, K, sb * 256 + 32 * j + l);
+                            const int b = act4(qp, nb, m.t0 / 8 + p0 + nt, sb * 8 + j, m.g, l);
                             int c[4];
                             mma_s8_k16(c, a[0], a[1], b);
                             mmq_scaled_add(isum[nt], c, scA, scB);
@@ -312,23 +333,31 @@ __device__ __forceinline__ void mmq_q6_k_body(const i8* __restrict__ qa, const f
                 for (int h = 0; h < 2; h++) {
                     const int tok = min(m.t0 + 8 * (p0 + nt) + 2 * m.t + h, n_tok - 1);
                     const float dab = da[(long long)tok * nb + sb * 8];
-                    mmq_put(pk, m, p0 + nt, h, (dA * dab) * (float)isum[nt][h]);
-                    mmq_put(pk, m, p0 + nt, 2 + h, (dB * dab) * (float)isum[nt][2 + h]);
+                    mmq_put<RG>(pk, m, p0 + nt, h, (dA * dab) * (float)isum[nt][h]);
+                    mmq_put<RG>(pk, m, p0 + nt, 2 + h, (dB * dab) * (float)isum[nt][2 + h]);
                 }
         }
     });
 }
 
-// One kernel per type and token tile (8 NT tokens): mmq_q4_k_16, _32, _64 and mmq_q6_k_16, _32, _64.
-#define MMQ_KERNEL(TY, NT)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(MMQ_THREADS, 2) mmq_##TY##_##NT(                                      \
-        const i8* __restrict__ qa, const float* __restrict__ da, const int* __restrict__ sa, int K, int n_tok,      \
+// One kernel per type and token tile (8 NT tokens): mmq_q4_k_16, _32, _64 and mmq_q6_k_16, _32, _64;
+// qp: the activations in mmq_pack's layout (padded to whole tiles), da / sa: their Q8_K scales and block
+// sums as the quantize kernels wrote them.
+#define MMQ_KERNEL(TY, NT, RG, SUFFIX)                                                                              \
+    extern "C" __global__ void __launch_bounds__(MMQ_THREADS, 2) mmq_##TY##_##NT##SUFFIX(                           \
+        const i8* __restrict__ qp, const float* __restrict__ da, const int* __restrict__ sa, int K, int n_tok,      \
         const u8* __restrict__ w, int n_rows, float* __restrict__ out) {                                            \
-        mmq_##TY##_body<NT / 8>(qa, da, sa, K, n_tok, w, n_rows, out);                                              \
+        mmq_##TY##_body<NT / 8, RG>(qp, da, sa, K, n_tok, w, n_rows, out);                                          \
     }
-MMQ_KERNEL(q4_k, 16)
-MMQ_KERNEL(q4_k, 32)
-MMQ_KERNEL(q4_k, 64)
-MMQ_KERNEL(q6_k, 16)
-MMQ_KERNEL(q6_k, 32)
-MMQ_KERNEL(q6_k, 64)
+MMQ_KERNEL(q4_k, 16, 2, )
+MMQ_KERNEL(q4_k, 32, 2, )
+MMQ_KERNEL(q4_k, 64, 2, )
+MMQ_KERNEL(q6_k, 16, 2, )
+MMQ_KERNEL(q6_k, 32, 2, )
+MMQ_KERNEL(q6_k, 64, 2, )
+MMQ_KERNEL(q4_k, 16, 1, _n)
+MMQ_KERNEL(q4_k, 32, 1, _n)
+MMQ_KERNEL(q4_k, 64, 1, _n)
+MMQ_KERNEL(q6_k, 16, 1, _n)
+MMQ_KERNEL(q6_k, 32, 1, _n)
+MMQ_KERNEL(q6_k, 64, 1, _n)

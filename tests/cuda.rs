@@ -155,16 +155,16 @@ fn matmul_every_type_matches_reference() {
     }
 }
 
-/// mmq at every token tile (16, 32, 64), several token tiles per launch and batches that end inside a
-/// tile: every output equals the CPU backend's bit for bit, for K of 1, 9 and 56 super-blocks (rounds of
+/// mmq at every token tile (16, 32, 64), wide and narrow CTAs, several token tiles per launch and
+/// batches that end inside a tile: every output equals the CPU backend's bit for bit, for K of 1, 9 and 56 super-blocks (rounds of
 /// the CTA's k-phases ending full and part full) and rows that end inside a CTA.
 #[test]
 fn mmq_every_tile_matches_cpu() {
     let Some((_g, _)) = gpu() else { return };
-    let gpu: Arc<dyn Backend> = Arc::new(CudaBackend::new(0).unwrap().with_mmq_tokens(2..=usize::MAX));
     let cpu = cpu();
     let mut r = rng(21);
-    for ty in [GgmlType::Q4K, GgmlType::Q6K] {
+    for (ty, narrow) in [(GgmlType::Q4K, false), (GgmlType::Q6K, false), (GgmlType::Q4K, true), (GgmlType::Q6K, true)] {
+        let gpu: Arc<dyn Backend> = Arc::new(CudaBackend::new(0).unwrap().with_mmq_tokens(2..=usize::MAX).with_mmq_narrow(Some(narrow)));
         for (k, n_rows) in [(256, 37), (2304, 301), (14336, 40)] {
             let wb = random_weights(&mut r, ty, n_rows, k);
             let wg = upload(gpu.as_ref(), ty, wb.clone(), k, n_rows);
@@ -178,7 +178,7 @@ fn mmq_every_tile_matches_cpu() {
                 let (got, want) = (read(gpu.as_ref(), &og, n * n_rows), read(cpu.as_ref(), &oc, n * n_rows));
                 assert!(got.iter().all(|v| v.is_finite()), "{ty} k={k} n={n}: an output is not finite");
                 let d = common::bits_differ(&got, &want);
-                println!("mmq {ty} k={k} rows={n_rows} n={n}: {d} outputs differ from the CPU's");
+                println!("mmq {ty} narrow={narrow} k={k} rows={n_rows} n={n}: {d} outputs differ from the CPU's");
                 assert_eq!(d, 0, "{ty} k={k} n={n}: {d} outputs differ from the CPU's");
             }
         }
@@ -884,9 +884,10 @@ fn bench_kernels() {
         }
     }
     // the k-quants on mmq at every batch size from 2 (the default sends only 9-24 tokens there)
-    let bq = CudaBackend::new(0).unwrap().with_mmq_tokens(2..=usize::MAX);
-    for ty in [GgmlType::Q4K, GgmlType::Q6K] {
-        for (k, n_rows) in [(4096usize, 14336usize), (14336, 4096), (4096, 1024), (4096, 128256)] {
+    for (ty, narrow) in [(GgmlType::Q4K, None), (GgmlType::Q6K, None), (GgmlType::Q4K, Some(false)), (GgmlType::Q4K, Some(true))] {
+        let bq = CudaBackend::new(0).unwrap().with_mmq_tokens(2..=usize::MAX).with_mmq_narrow(narrow);
+        let shapes: &[(usize, usize)] = if narrow.is_some() { &[(14336, 4096), (4096, 4096), (4096, 1024)] } else { &[(4096, 14336), (14336, 4096), (4096, 1024), (4096, 128256)] };
+        for &(k, n_rows) in shapes {
             let wb = random_weights(&mut r, ty, n_rows, k);
             let wbytes = wb.len() as f64;
             let w = upload(&bq, ty, wb, k, n_rows);
@@ -895,7 +896,7 @@ fn bench_kernels() {
                 let mut o = bq.alloc(n * n_rows).unwrap();
                 let ms = time_ms(&bq, 20, || bq.matmul(&w, &x, n, &mut o));
                 let tflops = 2.0 * (n * k * n_rows) as f64 / ms / 1e9;
-                println!("mmq {ty} {n_rows}x{k} n={n}: {ms:.4} ms, weights {:.0} GB/s, {tflops:.1} TFLOP/s", wbytes / ms / 1e6);
+                println!("mmq {ty} narrow={narrow:?} {n_rows}x{k} n={n}: {ms:.4} ms, weights {:.0} GB/s, {tflops:.1} TFLOP/s", wbytes / ms / 1e6);
             }
         }
     }

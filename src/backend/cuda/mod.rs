@@ -14,9 +14,10 @@
 //! - **Products** (products.rs). Activations are rounded as the CPU backend rounds them (Q8 blocks of 32
 //!   for the legacy types, Q8_K for the k-quants, none for float weights). Up to [`INT_PATH_MAX_TOK`]
 //!   tokens: integer dot products straight from the weight blocks (`kernels/quant.cu`, launches of
-//!   [`MMV_MAX_TOK`] tokens; k-quant batches of more than [`MMV_MAX_TOK`] on the int8 tensor cores,
-//!   `kernels/mmq.cu`, sm_80+). More tokens: the weight dequantized to f16, the rounded activations as
-//!   f16, one cuBLAS GEMM (f32 accumulation).
+//!   [`MMV_MAX_TOK`] tokens); k-quant batches of [`MMQ_MIN_TOK`] to [`MMQ_MAX_TOK`] tokens on the int8
+//!   tensor cores (`kernels/mmq.cu`, sm_80+: K split across a CTA's warps, the activations repacked
+//!   once per input by `mmq_pack`). More tokens: the weight dequantized to f16, the rounded activations
+//!   as f16, one cuBLAS GEMM (f32 accumulation).
 //! - **The CPU's numbers.** On the integer path every op gives the CPU backend's result bit for bit
 //!   (measured: logits equal on every synthetic model and SmolLM2): the dots keep the CPU's float order
 //!   (per-block terms, 4 accumulators / per-super-block sums, `reduce4`), attention keeps its 512-key
@@ -70,12 +71,17 @@ const _: () = assert!(ATTN_SPLIT == 512, "kernels/attention.cu hard-codes ATT_SP
 /// exactly as the CPU does; larger batches go through dequantize + cuBLAS f16 (faster, not exact).
 /// 24: up to here the chunked integer kernels also beat dequantize + cuBLAS on an H100 (bench/GPU_NOTES.md).
 pub const INT_PATH_MAX_TOK: usize = 24;
+/// Fewest tokens a k-quant product runs on the integer tensor cores (`mmq_*`); fewer: `mmv`. Measured
+/// on the H200 (call 62, Q4_K_M 8B batched decode, ms a step): 4 sequences 7.65 (mmv 7.38), 6: 8.15
+/// (10.08), 8: 8.88 (12.0-12.6).
+pub const MMQ_MIN_TOK: usize = 5;
 /// Most tokens a k-quant product runs on the integer tensor cores (`mmq_*`); more: dequantize + cuBLAS.
 /// Measured on the H200 (bench/GPU_NOTES.md, call 59; Q4_K 14336 x 4096): mmq 0.054 ms at 16 tokens,
 /// 0.074 at 32 (cuBLAS 0.12), 0.160 at 64 (cuBLAS 0.125): the 32-token tile is the last that wins.
 pub const MMQ_MAX_TOK: usize = 32;
-/// Weight rows of one `mmq_*` CTA (kernels/mmq.cu MMQ_ROWS), its threads, and the token tiles of its
-/// kernels (`mmq_q4_k_16` ...): a product takes the smallest tile that holds its tokens, else the largest.
+/// Weight rows of one `mmq_*` CTA (kernels/mmq.cu `MmqShape::ROWS`; the narrow `mmq_*_n` take 16), its
+/// threads, and the token tiles of its kernels (`mmq_q4_k_16` ...): a product takes the smallest tile
+/// that holds its tokens, else the largest.
 const MMQ_ROWS: usize = 32;
 const MMQ_THREADS: u32 = 256;
 const MMQ_TILES: [usize; 3] = [16, 32, 64];
@@ -132,10 +138,10 @@ struct CudaWeight {
     /// `mmv1_*` (or `mmvp_q4_0r`): one token (32-weight types), and the most blocks a launch needs
     /// (0: one per 4 rows; the persistent `mmvp` fills the GPU once).
     mmv1: Option<(CudaFunction, u32)>,
-    /// `mmq_*` (k-quants on sm_80+), one per token tile of [`MMQ_TILES`]: batches of more than
-    /// `MMV_MAX_TOK` up to [`MMQ_MAX_TOK`] tokens on the integer tensor cores, exact like the CPU
-    /// (kernels/mmq.cu).
-    mmq: Option<[CudaFunction; 3]>,
+    /// `mmq_*` (k-quants on sm_80+), one per token tile of [`MMQ_TILES`], then the narrow `mmq_*_n`:
+    /// batches of [`MMQ_MIN_TOK`] to [`MMQ_MAX_TOK`] tokens on the integer tensor cores, exact like the
+    /// CPU (kernels/mmq.cu).
+    mmq: Option<[CudaFunction; 6]>,
     dequant: Option<CudaFunction>,
     embed: Option<CudaFunction>,
 }
@@ -170,6 +176,9 @@ pub struct CudaBackend {
     /// one input (Q, K, V; gate, up) quantize it once. Cleared by every launch other than a product's,
     /// by writes and allocations, and by a product that writes over x.
     quantized: Mutex<Option<(u64, usize, usize, u8)>>,
+    /// (Q8 scratch, packed copy, padded tokens, row length) of the last `mmq_pack`: the packed copy
+    /// holds the Q8 scratch's activations until the scratch is written again (cleared with `quantized`).
+    mmq_packed: Mutex<Option<(u64, u64, usize, usize)>>,
     /// Launches deferred inside `run`, and the graphs that replay them (graph.rs).
     queue: Mutex<graph::Queue>,
     /// Whether one-token products use `mmv1_*`.
@@ -177,12 +186,15 @@ pub struct CudaBackend {
     /// Whether one-token k-quant products use `mmv1_q4_k` / `mmv1_q6_k` (2 rounds in flight) instead
     /// of `mmv` (`PAGELLM_CUDA_MMV1K=0`: `mmv`).
     mmv1k: bool,
-    /// Whether k-quant products of 9 to [`MMQ_MAX_TOK`] tokens use `mmq_*` (sm_80+; `PAGELLM_CUDA_MMQ=0`:
+    /// Whether k-quant products of [`MMQ_MIN_TOK`] to [`MMQ_MAX_TOK`] tokens use `mmq_*` (sm_80+; `PAGELLM_CUDA_MMQ=0`:
     /// `mmv` up to [`INT_PATH_MAX_TOK`], then cuBLAS).
     mmq: bool,
-    /// The batch sizes that take `mmq_*` (defaults `MMV_MAX_TOK + 1 ..= MMQ_MAX_TOK`; for measurements
+    /// The batch sizes that take `mmq_*` (defaults `MMQ_MIN_TOK ..= MMQ_MAX_TOK`; for measurements
     /// `PAGELLM_CUDA_MMQ_MIN`, `PAGELLM_CUDA_MMQ_MAX`).
     mmq_tokens: std::ops::RangeInclusive<usize>,
+    /// Whether products of few rows take the narrow `mmq_*_n` (16 rows per CTA): `None`, when the wide
+    /// CTAs would not fill every SM twice; forced by `PAGELLM_CUDA_MMQ_NARROW=0|1` (measurements).
+    mmq_narrow: Option<bool>,
     /// Blocks of `mmvp_q4_0r` that fit the GPU at once (0: not used, `PAGELLM_CUDA_MMVP=0`).
     mmvp_blocks: u32,
     /// Whether rms_norm and glu also quantize their output for the product that reads it next
@@ -245,6 +257,7 @@ impl CudaBackend {
             da: Grow(None),
             sa: Grow(None),
             ss: Grow(None),
+            mmq_act: Grow(None),
             wf16: Grow(None),
             xf16: Grow(None),
             part_o: Grow(None),
@@ -280,11 +293,13 @@ impl CudaBackend {
             copied: AtomicUsize::new(0),
             scratch: Mutex::new(scratch),
             quantized: Mutex::new(None),
+            mmq_packed: Mutex::new(None),
             queue,
             mmv1,
             mmv1k: !off("PAGELLM_CUDA_MMV1K"),
             mmq: major >= 8 && !off("PAGELLM_CUDA_MMQ"),
-            mmq_tokens: env_usize("PAGELLM_CUDA_MMQ_MIN").unwrap_or(MMV_MAX_TOK + 1)..=env_usize("PAGELLM_CUDA_MMQ_MAX").unwrap_or(MMQ_MAX_TOK),
+            mmq_tokens: env_usize("PAGELLM_CUDA_MMQ_MIN").unwrap_or(MMQ_MIN_TOK)..=env_usize("PAGELLM_CUDA_MMQ_MAX").unwrap_or(MMQ_MAX_TOK),
+            mmq_narrow: env_usize("PAGELLM_CUDA_MMQ_NARROW").map(|v| v == 1),
             mmvp_blocks,
             fuse,
             quant_hints: Mutex::new(Vec::new()),
@@ -293,9 +308,16 @@ impl CudaBackend {
     }
 
     /// This backend with k-quant products of `tokens` tokens on `mmq_*` (tests and kernel timings of
-    /// every tile; the default is `MMV_MAX_TOK + 1 ..= MMQ_MAX_TOK`).
+    /// every tile; the default is `MMQ_MIN_TOK ..= MMQ_MAX_TOK`).
     pub fn with_mmq_tokens(mut self, tokens: std::ops::RangeInclusive<usize>) -> Self {
         self.mmq_tokens = tokens;
+        self
+    }
+
+    /// This backend with the narrow `mmq_*_n` kernels always (`Some(true)`), never, or where the wide
+    /// CTAs would not fill the GPU (`None`, the default).
+    pub fn with_mmq_narrow(mut self, narrow: Option<bool>) -> Self {
+        self.mmq_narrow = narrow;
         self
     }
 
@@ -343,6 +365,12 @@ impl CudaBackend {
 
     fn forget_quantized(&self) {
         *self.quantized.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.forget_packed();
+    }
+
+    /// The Q8 scratch is about to be written: its packed copy for mmq is stale.
+    fn forget_packed(&self) {
+        *self.mmq_packed.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// A launch that leaves the Q8 scratch's record alone (the products' own).

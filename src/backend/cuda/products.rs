@@ -97,7 +97,10 @@ impl CudaBackend {
                 "q4_0r" if self.mmvp_blocks > 0 => Some((self.k.get("mmvp_q4_0r").clone(), self.mmvp_blocks)),
                 _ => Some((self.k.get(&format!("mmv1_{suffix}")).clone(), 0)),
             },
-            mmq: (act == Act::Q8K && self.mmq).then(|| MMQ_TILES.map(|t| self.k.get(&format!("mmq_{suffix}_{t}")).clone())),
+            mmq: (act == Act::Q8K && self.mmq).then(|| {
+                let name = |i: usize| format!("mmq_{suffix}_{}{}", MMQ_TILES[i % 3], if i < 3 { "" } else { "_n" });
+                std::array::from_fn(|i| self.k.get(&name(i)).clone())
+            }),
             dequant: Some(self.k.get(&format!("dequant_f16_{suffix}")).clone()),
             embed: Some(self.k.get(&format!("embed_{suffix}")).clone()),
         };
@@ -128,6 +131,7 @@ impl CudaBackend {
                 let key = Some((xp, n, k, *act as u8));
                 let mut q = self.quantized.lock().unwrap_or_else(|e| e.into_inner());
                 if *q != key {
+                    self.forget_packed();
                     let args = [A::P(xp), A::P(qa), A::P(da), A::P(sa), A::P(ss), A::I(groups as i32)];
                     self.launch_keep(self.k.get(name), (blocks(groups * 32, 256), 1, 1), 256, &args);
                     *q = key;
@@ -138,9 +142,26 @@ impl CudaBackend {
                 drop(q);
                 if let Some(fs) = mmq {
                     let i = MMQ_TILES.iter().position(|&t| n <= t).unwrap_or(MMQ_TILES.len() - 1);
-                    let args = [A::P(qa), A::P(da), A::P(sa), A::I(k as i32), A::I(n as i32), A::P(wp), A::I(n_rows as i32), A::P(op)];
-                    let grid = (n_rows.div_ceil(MMQ_ROWS) as u32, n.div_ceil(MMQ_TILES[i]) as u32, 1);
-                    self.launch_keep(&fs[i], grid, MMQ_THREADS, &args);
+                    // the activations in mmq's layout (kernels/mmq.cu mmq_pack), once per quantized input
+                    let n_pad = n.div_ceil(MMQ_TILES[i]) * MMQ_TILES[i];
+                    let qp = s.mmq_act.ensure(&self.stream, n_pad * k, &self.flusher());
+                    let mut packed = self.mmq_packed.lock().unwrap_or_else(|e| e.into_inner());
+                    if *packed != Some((qa, qp, n_pad, k)) {
+                        let args = [A::P(qa), A::I(k as i32), A::I(n as i32), A::I(n_pad as i32), A::P(qp)];
+                        self.launch_keep(self.k.get("mmq_pack"), (blocks(n_pad * k / 16, 256), 1, 1), 256, &args);
+                        *packed = Some((qa, qp, n_pad, k));
+                    }
+                    drop(packed);
+                    if op == xp {
+                        self.forget_packed();
+                    }
+                    let args = [A::P(qp), A::P(da), A::P(sa), A::I(k as i32), A::I(n as i32), A::P(wp), A::I(n_rows as i32), A::P(op)];
+                    // narrow CTAs (16 rows, 8 warps on each row's K) when the wide ones would not fill
+                    // every SM twice
+                    let narrow = self.mmq_narrow.unwrap_or(n_rows.div_ceil(MMQ_ROWS) < 2 * self.sms);
+                    let (f, rows) = if narrow { (&fs[3 + i], MMQ_ROWS / 2) } else { (&fs[i], MMQ_ROWS) };
+                    let grid = (n_rows.div_ceil(rows) as u32, n.div_ceil(MMQ_TILES[i]) as u32, 1);
+                    self.launch_keep(f, grid, MMQ_THREADS, &args);
                     return;
                 }
                 // per launch of up to MMV_MAX_TOK tokens: offsets of its first token's activation blocks
@@ -254,6 +275,7 @@ impl CudaBackend {
     pub(super) fn set_quantized(&self, x: u64, n: usize, k: usize, qact: i32) {
         let act = if qact == 1 { Act::Q8 } else { Act::Q8K };
         *self.quantized.lock().unwrap_or_else(|e| e.into_inner()) = Some((x, n, k, act as u8));
+        self.forget_packed();
     }
 
     /// cuBLAS: `out[t][r] = sum_k w[r][k] x[t][k]` on f16 copies, f32 accumulation.

@@ -78,6 +78,8 @@ pub(super) struct Scratch {
     pub(super) da: Grow<f32>,
     pub(super) sa: Grow<i32>,
     pub(super) ss: Grow<f32>,
+    /// The Q8_K activations of an `mmq_*` product in `mmq_pack`'s layout.
+    pub(super) mmq_act: Grow<i8>,
     pub(super) wf16: Grow<u16>,
     pub(super) xf16: Grow<u16>,
     pub(super) part_o: Grow<f32>,
