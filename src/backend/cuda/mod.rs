@@ -76,9 +76,9 @@ pub const INT_PATH_MAX_TOK: usize = 24;
 /// (10.08), 8: 8.88 (12.0-12.6).
 pub const MMQ_MIN_TOK: usize = 5;
 /// Most tokens a k-quant product runs on the integer tensor cores (`mmq_*`); more: dequantize + cuBLAS.
-/// Measured on the H200 (bench/GPU_NOTES.md, call 59; Q4_K 14336 x 4096): mmq 0.054 ms at 16 tokens,
-/// 0.074 at 32 (cuBLAS 0.12), 0.160 at 64 (cuBLAS 0.125): the 32-token tile is the last that wins.
-pub const MMQ_MAX_TOK: usize = 32;
+/// Measured on the H200 (bench/GPU_NOTES.md, calls 63-64; Q4_K_M 8B, 64 sequences): 21.0 ms a step with
+/// mmq (narrow CTAs), 22.9 with cuBLAS; 48 sequences 19.1 ms.
+pub const MMQ_MAX_TOK: usize = 64;
 /// Weight rows of one `mmq_*` CTA (kernels/mmq.cu `MmqShape::ROWS`; the narrow `mmq_*_n` take 16), its
 /// threads, and the token tiles of its kernels (`mmq_q4_k_16` ...): a product takes the smallest tile
 /// that holds its tokens, else the largest.
@@ -192,8 +192,9 @@ pub struct CudaBackend {
     /// The batch sizes that take `mmq_*` (defaults `MMQ_MIN_TOK ..= MMQ_MAX_TOK`; for measurements
     /// `PAGELLM_CUDA_MMQ_MIN`, `PAGELLM_CUDA_MMQ_MAX`).
     mmq_tokens: std::ops::RangeInclusive<usize>,
-    /// Whether products of few rows take the narrow `mmq_*_n` (16 rows per CTA): `None`, when the wide
-    /// CTAs would not fill every SM twice; forced by `PAGELLM_CUDA_MMQ_NARROW=0|1` (measurements).
+    /// Whether products take the narrow `mmq_*_n` (16 rows per CTA, 8 warps on each row's K; the
+    /// default: faster on every shape measured, bench/GPU_NOTES.md call 64) or the 32-row CTAs
+    /// (`PAGELLM_CUDA_MMQ_NARROW=0`; `None`: the wide ones where they fill every SM twice).
     mmq_narrow: Option<bool>,
     /// Blocks of `mmvp_q4_0r` that fit the GPU at once (0: not used, `PAGELLM_CUDA_MMVP=0`).
     mmvp_blocks: u32,
@@ -299,7 +300,7 @@ impl CudaBackend {
             mmv1k: !off("PAGELLM_CUDA_MMV1K"),
             mmq: major >= 8 && !off("PAGELLM_CUDA_MMQ"),
             mmq_tokens: env_usize("PAGELLM_CUDA_MMQ_MIN").unwrap_or(MMQ_MIN_TOK)..=env_usize("PAGELLM_CUDA_MMQ_MAX").unwrap_or(MMQ_MAX_TOK),
-            mmq_narrow: env_usize("PAGELLM_CUDA_MMQ_NARROW").map(|v| v == 1),
+            mmq_narrow: Some(env_usize("PAGELLM_CUDA_MMQ_NARROW") != Some(0)),
             mmvp_blocks,
             fuse,
             quant_hints: Mutex::new(Vec::new()),
@@ -314,8 +315,8 @@ impl CudaBackend {
         self
     }
 
-    /// This backend with the narrow `mmq_*_n` kernels always (`Some(true)`), never, or where the wide
-    /// CTAs would not fill the GPU (`None`, the default).
+    /// This backend with the narrow `mmq_*_n` kernels always (`Some(true)`, the default), never, or
+    /// where the wide CTAs would not fill the GPU (`None`).
     pub fn with_mmq_narrow(mut self, narrow: Option<bool>) -> Self {
         self.mmq_narrow = narrow;
         self

@@ -156,8 +156,8 @@ impl CudaBackend {
                         self.forget_packed();
                     }
                     let args = [A::P(qp), A::P(da), A::P(sa), A::I(k as i32), A::I(n as i32), A::P(wp), A::I(n_rows as i32), A::P(op)];
-                    // narrow CTAs (16 rows, 8 warps on each row's K) when the wide ones would not fill
-                    // every SM twice
+                    // narrow CTAs (16 rows, 8 warps on each row's K) unless told otherwise; `None`: when
+                    // the wide ones would not fill every SM twice
                     let narrow = self.mmq_narrow.unwrap_or(n_rows.div_ceil(MMQ_ROWS) < 2 * self.sms);
                     let (f, rows) = if narrow { (&fs[3 + i], MMQ_ROWS / 2) } else { (&fs[i], MMQ_ROWS) };
                     let grid = (n_rows.div_ceil(rows) as u32, n.div_ceil(MMQ_TILES[i]) as u32, 1);
