@@ -883,7 +883,7 @@ fn bench_kernels() {
             }
         }
     }
-    // the k-quants on mmq at every batch size from 2 (the default sends only 9-24 tokens there)
+    // the k-quants on mmq at every batch size from 2 (the default sends 5-64 tokens there)
     for (ty, narrow) in [(GgmlType::Q4K, None), (GgmlType::Q6K, None), (GgmlType::Q4K, Some(false)), (GgmlType::Q4K, Some(true))] {
         let bq = CudaBackend::new(0).unwrap().with_mmq_tokens(2..=usize::MAX).with_mmq_narrow(narrow);
         let shapes: &[(usize, usize)] = if narrow.is_some() { &[(14336, 4096), (4096, 4096), (4096, 1024)] } else { &[(4096, 14336), (14336, 4096), (4096, 1024), (4096, 128256)] };

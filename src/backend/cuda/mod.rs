@@ -42,8 +42,9 @@
 //!   `PAGELLM_CUDA_MMV1K=0`, `PAGELLM_CUDA_MMQ=0`, `PAGELLM_CUDA_PDL=0` turn each off (comparisons,
 //!   bench/GPU_NOTES.md).
 //!
-//! Not yet: batch invariance across the two product paths (above [`INT_PATH_MAX_TOK`] tokens the f16
-//! GEMM path gives a token different logits, up to 4e-2 relative L2 on the tiny models).
+//! Not yet: batch invariance across the integer and the f16 product paths (above [`INT_PATH_MAX_TOK`]
+//! tokens for the legacy types, above [`MMQ_MAX_TOK`] for the k-quants, the f16 GEMM path gives a token
+//! different logits, up to 4e-2 relative L2 on the tiny models).
 
 mod attn;
 mod attn_meta;
