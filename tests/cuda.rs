@@ -164,7 +164,7 @@ fn mmq_every_tile_matches_cpu() {
     let cpu = cpu();
     let mut r = rng(21);
     for (ty, narrow) in [(GgmlType::Q4K, false), (GgmlType::Q6K, false), (GgmlType::Q4K, true), (GgmlType::Q6K, true)] {
-        let gpu: Arc<dyn Backend> = Arc::new(CudaBackend::new(0).unwrap().with_mmq_tokens(2..=usize::MAX).with_mmq_narrow(Some(narrow)));
+        let gpu: Arc<dyn Backend> = Arc::new(CudaBackend::new(0).unwrap().with_mmq_tokens(2..=usize::MAX).with_mmq_narrow(narrow));
         for (k, n_rows) in [(256, 37), (2304, 301), (14336, 40)] {
             let wb = random_weights(&mut r, ty, n_rows, k);
             let wg = upload(gpu.as_ref(), ty, wb.clone(), k, n_rows);
@@ -884,10 +884,10 @@ fn bench_kernels() {
         }
     }
     // the k-quants on mmq at every batch size from 2 (the default sends 5-64 tokens there)
-    for (ty, narrow) in [(GgmlType::Q4K, None), (GgmlType::Q6K, None), (GgmlType::Q4K, Some(false)), (GgmlType::Q4K, Some(true))] {
+    for (ty, narrow) in [(GgmlType::Q4K, true), (GgmlType::Q6K, true), (GgmlType::Q4K, false)] {
         let bq = CudaBackend::new(0).unwrap().with_mmq_tokens(2..=usize::MAX).with_mmq_narrow(narrow);
-        let shapes: &[(usize, usize)] = if narrow.is_some() { &[(14336, 4096), (4096, 4096), (4096, 1024)] } else { &[(4096, 14336), (14336, 4096), (4096, 1024), (4096, 128256)] };
-        for &(k, n_rows) in shapes {
+        let shapes = [(4096usize, 14336usize), (14336, 4096), (4096, 4096), (4096, 1024), (4096, 128256)];
+        for (k, n_rows) in shapes {
             let wb = random_weights(&mut r, ty, n_rows, k);
             let wbytes = wb.len() as f64;
             let w = upload(&bq, ty, wb, k, n_rows);
@@ -896,7 +896,7 @@ fn bench_kernels() {
                 let mut o = bq.alloc(n * n_rows).unwrap();
                 let ms = time_ms(&bq, 20, || bq.matmul(&w, &x, n, &mut o));
                 let tflops = 2.0 * (n * k * n_rows) as f64 / ms / 1e9;
-                println!("mmq {ty} narrow={narrow:?} {n_rows}x{k} n={n}: {ms:.4} ms, weights {:.0} GB/s, {tflops:.1} TFLOP/s", wbytes / ms / 1e6);
+                println!("mmq {ty} narrow={narrow} {n_rows}x{k} n={n}: {ms:.4} ms, weights {:.0} GB/s, {tflops:.1} TFLOP/s", wbytes / ms / 1e6);
             }
         }
     }

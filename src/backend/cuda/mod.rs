@@ -139,10 +139,10 @@ struct CudaWeight {
     /// `mmv1_*` (or `mmvp_q4_0r`): one token (32-weight types), and the most blocks a launch needs
     /// (0: one per 4 rows; the persistent `mmvp` fills the GPU once).
     mmv1: Option<(CudaFunction, u32)>,
-    /// `mmq_*` (k-quants on sm_80+), one per token tile of [`MMQ_TILES`], then the narrow `mmq_*_n`:
-    /// batches of [`MMQ_MIN_TOK`] to [`MMQ_MAX_TOK`] tokens on the integer tensor cores, exact like the
-    /// CPU (kernels/mmq.cu).
-    mmq: Option<[CudaFunction; 6]>,
+    /// `mmq_*` (k-quants on sm_80+), `[wide, narrow (mmq_*_n)][token tile of MMQ_TILES]`: batches of
+    /// [`MMQ_MIN_TOK`] to [`MMQ_MAX_TOK`] tokens on the integer tensor cores, exact like the CPU
+    /// (kernels/mmq.cu).
+    mmq: Option<[[CudaFunction; 3]; 2]>,
     dequant: Option<CudaFunction>,
     embed: Option<CudaFunction>,
 }
@@ -194,9 +194,9 @@ pub struct CudaBackend {
     /// `PAGELLM_CUDA_MMQ_MIN`, `PAGELLM_CUDA_MMQ_MAX`).
     mmq_tokens: std::ops::RangeInclusive<usize>,
     /// Whether products take the narrow `mmq_*_n` (16 rows per CTA, 8 warps on each row's K; the
-    /// default: faster on every shape measured, bench/GPU_NOTES.md call 64) or the 32-row CTAs
-    /// (`PAGELLM_CUDA_MMQ_NARROW=0`; `None`: the wide ones where they fill every SM twice).
-    mmq_narrow: Option<bool>,
+    /// default: faster on every shape measured, bench/GPU_NOTES.md calls 63-64) or the 32-row CTAs
+    /// (`PAGELLM_CUDA_MMQ_NARROW=0`).
+    mmq_narrow: bool,
     /// Blocks of `mmvp_q4_0r` that fit the GPU at once (0: not used, `PAGELLM_CUDA_MMVP=0`).
     mmvp_blocks: u32,
     /// Whether rms_norm and glu also quantize their output for the product that reads it next
@@ -301,7 +301,7 @@ impl CudaBackend {
             mmv1k: !off("PAGELLM_CUDA_MMV1K"),
             mmq: major >= 8 && !off("PAGELLM_CUDA_MMQ"),
             mmq_tokens: env_usize("PAGELLM_CUDA_MMQ_MIN").unwrap_or(MMQ_MIN_TOK)..=env_usize("PAGELLM_CUDA_MMQ_MAX").unwrap_or(MMQ_MAX_TOK),
-            mmq_narrow: Some(env_usize("PAGELLM_CUDA_MMQ_NARROW") != Some(0)),
+            mmq_narrow: env_usize("PAGELLM_CUDA_MMQ_NARROW") != Some(0),
             mmvp_blocks,
             fuse,
             quant_hints: Mutex::new(Vec::new()),
@@ -316,9 +316,8 @@ impl CudaBackend {
         self
     }
 
-    /// This backend with the narrow `mmq_*_n` kernels always (`Some(true)`, the default), never, or
-    /// where the wide CTAs would not fill the GPU (`None`).
-    pub fn with_mmq_narrow(mut self, narrow: Option<bool>) -> Self {
+    /// This backend with the narrow `mmq_*_n` kernels (true, the default) or the 32-row ones.
+    pub fn with_mmq_narrow(mut self, narrow: bool) -> Self {
         self.mmq_narrow = narrow;
         self
     }

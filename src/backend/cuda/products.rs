@@ -97,10 +97,8 @@ impl CudaBackend {
                 "q4_0r" if self.mmvp_blocks > 0 => Some((self.k.get("mmvp_q4_0r").clone(), self.mmvp_blocks)),
                 _ => Some((self.k.get(&format!("mmv1_{suffix}")).clone(), 0)),
             },
-            mmq: (act == Act::Q8K && self.mmq).then(|| {
-                let name = |i: usize| format!("mmq_{suffix}_{}{}", MMQ_TILES[i % 3], if i < 3 { "" } else { "_n" });
-                std::array::from_fn(|i| self.k.get(&name(i)).clone())
-            }),
+            mmq: (act == Act::Q8K && self.mmq)
+                .then(|| ["", "_n"].map(|shape| MMQ_TILES.map(|t| self.k.get(&format!("mmq_{suffix}_{t}{shape}")).clone()))),
             dequant: Some(self.k.get(&format!("dequant_f16_{suffix}")).clone()),
             embed: Some(self.k.get(&format!("embed_{suffix}")).clone()),
         };
@@ -152,14 +150,10 @@ impl CudaBackend {
                         *packed = Some((qa, qp, n_pad, k));
                     }
                     drop(packed);
-                    if op == xp {
-                        self.forget_packed();
-                    }
                     let args = [A::P(qp), A::P(da), A::P(sa), A::I(k as i32), A::I(n as i32), A::P(wp), A::I(n_rows as i32), A::P(op)];
-                    // narrow CTAs (16 rows, 8 warps on each row's K) unless told otherwise; `None`: when
-                    // the wide ones would not fill every SM twice
-                    let narrow = self.mmq_narrow.unwrap_or(n_rows.div_ceil(MMQ_ROWS) < 2 * self.sms);
-                    let (f, rows) = if narrow { (&fs[3 + i], MMQ_ROWS / 2) } else { (&fs[i], MMQ_ROWS) };
+                    // narrow CTAs: 16 rows, 8 warps on each row's K
+                    let rows = if self.mmq_narrow { MMQ_ROWS / 2 } else { MMQ_ROWS };
+                    let f = &fs[self.mmq_narrow as usize][i];
                     let grid = (n_rows.div_ceil(rows) as u32, n.div_ceil(MMQ_TILES[i]) as u32, 1);
                     self.launch_keep(f, grid, MMQ_THREADS, &args);
                     return;
