@@ -339,46 +339,133 @@ ATTN(attn_hd128_w16, 128, 4, 16, 64)
 // The splits of a row folded left in order, as the CPU's `merge`: one block of head_dim threads per
 // (query row, head); rows with one split were written by the attention kernel. Splits with no live key
 // (l = 0) are skipped; a row with none at all is left alone, as the CPU leaves it. For a row that wants
-// its probabilities, thread 0 then stores each split's share of the merged softmax at part_ml offset 1.
+// its probabilities, each split's share of the merged softmax is then stored at part_ml offset 1.
+//
+// The fold's float operations are the CPU's, in its order, but only what differs per dimension runs
+// serially in every thread. Per chunk of MERGE_CH splits: the splits' (m, l) staged in shared memory;
+// warp 0 marks the first live split and takes the running max before and after each live split (a
+// max-scan: max is exact in any order); all threads take the f64 exps side by side; thread 0 runs the
+// weight chain wa = L e1, L <- wa + wb (a multiply and an add a split); all threads divide; then each
+// dimension folds o <- o fa + po fb, its partial outputs loaded 8 splits ahead. (Every thread running
+// the whole chain, f64 exps and global loads included, cost ~4% of a decode step at 4096 keys on the
+// H200; merging in the attention kernel's last CTA instead was slower: bench/GPU_NOTES.md call 70.)
+#define MERGE_CH 128
 extern "C" __global__ void attn_merge(const float* __restrict__ part_o, float* __restrict__ part_ml,
                                       const int* __restrict__ rows, int n_heads, int head_dim, int n_splits,
                                       float* __restrict__ out) {
-    pdl_enter();
+    // `rows` before the wait: the host uploaded it before the attention launch this merge follows, so
+    // it is complete even while that kernel runs (only part_o and part_ml are its outputs)
     const long long th = blockIdx.x;
-    const int t = (int)(th / n_heads), d = threadIdx.x;
+    const int t = (int)(th / n_heads), d = threadIdx.x, lane = d & 31;
     const int* row = rows + ATT_ROW * t;
-    if (row[AR_BT] < 0 || d >= head_dim) return;
+    if (row[AR_BT] < 0) return;
     const int row_splits = (row[AR_ENTRY] + 1 - row[AR_LO] + ATT_SPLIT - 1) / ATT_SPLIT;
     if (row_splits <= 1) return;
+    const bool want = row[AR_WANT] == 1;
+    pdl_enter();
     float* ml = part_ml + th * n_splits * 4;
     const float* po = part_o + th * n_splits * head_dim;
-    float o = 0.0f, M = NEG_INF;
-    double L = 0.0;
-    bool started = false;
-    for (int s = 0; s < row_splits; s++) {
-        const double lb = *(const double*)(ml + 4 * s + 2);
-        if (lb == 0.0) continue;
-        const float mb = ml[4 * s];
-        if (!started) {
-            o = po[s * head_dim + d];
-            M = mb;
-            L = lb;
-            started = true;
-            continue;
+    __shared__ signed char kind[MERGE_CH];  // 0: no live key, skipped; 1: the first live split; 2: folded in
+    __shared__ float mb[MERGE_CH], mprev[MERGE_CH], mnew[MERGE_CH], fa[MERGE_CH], fb[MERGE_CH];
+    __shared__ double lb[MERGE_CH], wa[MERGE_CH], wb[MERGE_CH], sum[MERGE_CH];
+    __shared__ float run_m;
+    __shared__ double run_l;
+    __shared__ int started;
+    if (d == 0) {
+        run_m = NEG_INF;
+        run_l = 0.0;
+        started = 0;
+    }
+    float o = 0.0f;
+    for (int c0 = 0; c0 < row_splits; c0 += MERGE_CH) {
+        const int nc = min(MERGE_CH, row_splits - c0);
+        for (int i = d; i < nc; i += blockDim.x) {
+            const float* m = ml + 4 * (c0 + i);
+            mb[i] = m[0];
+            lb[i] = *(const double*)(m + 2);
         }
-        const float mx = fmaxf(M, mb);
-        const double wa = L * exp((double)(M - mx));
-        const double wb = lb * exp((double)(mb - mx));
-        const double sum = wa + wb;
-        const float fa = (float)(wa / sum), fb = (float)(wb / sum);
-        o = o * fa + po[s * head_dim + d] * fb;
-        M = mx;
-        L = sum;
+        __syncthreads();
+        if (d < 32) {  // warp 0: kinds and the running max, 32 splits a step
+            float M = run_m;
+            int on = started;
+            for (int b = 0; b < nc; b += 32) {
+                const int i = b + lane;
+                const bool live = i < nc && lb[i] != 0.0;
+                const unsigned ball = __ballot_sync(0xffffffffu, live);
+                // the first live split of the row starts the fold (its max starts the scan)
+                const int first = on || ball == 0 ? -1 : __ffs(ball) - 1;
+                const bool folded = live && lane != first;
+                float x = folded || lane == first ? mb[i < nc ? i : 0] : NEG_INF;
+#pragma unroll
+                for (int off = 1; off < 32; off <<= 1) {
+                    const float y = __shfl_up_sync(0xffffffffu, x, off);
+                    if (lane >= off) x = fmaxf(y, x);
+                }
+                const float incl = fmaxf(M, x);  // the max over live splits up to i, with the carry
+                const float below = __shfl_up_sync(0xffffffffu, x, 1);
+                if (i < nc) {
+                    kind[i] = lane == first ? 1 : folded ? 2 : 0;
+                    mprev[i] = lane == 0 ? M : fmaxf(M, below);
+                    mnew[i] = incl;
+                }
+                M = __shfl_sync(0xffffffffu, incl, 31);
+                on = on || ball != 0;
+            }
+            if (d == 0) {
+                run_m = M;
+                started = on;
+            }
+        }
+        __syncthreads();
+        for (int i = d; i < nc; i += blockDim.x) {
+            if (kind[i] != 2) continue;
+            wa[i] = exp((double)(mprev[i] - mnew[i]));  // times the running l below
+            wb[i] = lb[i] * exp((double)(mb[i] - mnew[i]));
+        }
+        __syncthreads();
+        if (d == 0) {
+            double L = run_l;
+            for (int i = 0; i < nc; i++) {
+                if (kind[i] == 1) {
+                    L = lb[i];
+                } else if (kind[i] == 2) {
+                    const double a = L * wa[i];
+                    wa[i] = a;
+                    L = a + wb[i];
+                    sum[i] = L;
+                }
+            }
+            run_l = L;
+        }
+        __syncthreads();
+        for (int i = d; i < nc; i += blockDim.x) {
+            if (kind[i] != 2) continue;
+            fa[i] = (float)(wa[i] / sum[i]);
+            fb[i] = (float)(wb[i] / sum[i]);
+        }
+        __syncthreads();
+        if (d < head_dim) {
+            for (int i0 = 0; i0 < nc; i0 += 8) {
+                float p[8];
+#pragma unroll
+                for (int k = 0; k < 8; k++) p[k] = i0 + k < nc ? po[(long long)(c0 + i0 + k) * head_dim + d] : 0.0f;
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    const int i = i0 + k;
+                    if (i >= nc) break;
+                    if (kind[i] == 1) o = p[k];
+                    else if (kind[i] == 2) o = o * fa[i] + p[k] * fb[i];
+                }
+            }
+        }
+        __syncthreads();  // the chunk's arrays are rewritten next
     }
     if (!started) return;
-    out[th * head_dim + d] = o;
-    if (d == 0 && row[AR_WANT] == 1) {
-        for (int s = 0; s < row_splits; s++) {
+    if (d < head_dim) out[th * head_dim + d] = o;
+    if (want) {
+        const float M = run_m;
+        const double L = run_l;
+        for (int s = d; s < row_splits; s += blockDim.x) {
             const double ls = *(const double*)(ml + 4 * s + 2);
             if (ls > 0.0) ml[4 * s + 1] = (float)(ls * exp((double)(ml[4 * s] - M)) / L);
         }
