@@ -114,11 +114,21 @@ impl Sampler {
         self.rng = StdRng::seed_from_u64(self.params.seed);
     }
 
+    /// Whether no penalty changes the logits (`apply_penalties` leaves them as they are).
+    fn penalties_neutral(&self) -> bool {
+        let p = &self.params;
+        (p.repeat_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0) || p.repeat_last_n == 0
+    }
+
+    /// Whether [`Sampler::sample`] is [`argmax`] of the logits as given: greedy, and no penalty.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.params.temperature <= 0.0 && self.penalties_neutral()
+    }
+
     /// Apply the penalties to `logits` in place.
     pub fn apply_penalties(&self, logits: &mut [f32]) {
         let p = &self.params;
-        let neutral = p.repeat_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0;
-        if neutral || p.repeat_last_n == 0 {
+        if self.penalties_neutral() {
             return;
         }
         let start = self.history.len().saturating_sub(p.repeat_last_n);

@@ -332,6 +332,49 @@ fn elementwise_ops_match_cpu() {
 
 /// Naive causal attention in f64 over f16-rounded q, K, V for one sequence whose tokens 0..ctx are in
 /// `k`/`v` `[ctx x n_kv x hd]`; queries are the last `n_q` positions.
+/// `argmax_rows` on the device gives the host's `sampling::argmax` of every row: random rows of several
+/// widths, and rows made to catch a different tie or NaN rule (the maximum repeated, -0 and +0 as the
+/// maximum, NaN first or scattered, every value -inf).
+#[test]
+fn argmax_rows_matches_host() {
+    let Some((_g, gpu)) = gpu() else { return };
+    let mut r = rng(29);
+    let mut checked = 0;
+    for n_cols in [1usize, 31, 1000, 49152, 128256] {
+        let mut rows: Vec<Vec<f32>> = (0..5).map(|_| randn(&mut r, n_cols)).collect();
+        if n_cols > 1 {
+            let mut tie = randn(&mut r, n_cols);
+            let (a, b) = (r.gen_range(0..n_cols), r.gen_range(0..n_cols));
+            tie[a] = 9.0;
+            tie[b] = 9.0;
+            rows.push(tie);
+            let mut zeros = vec![-1.0f32; n_cols];
+            zeros[n_cols - 1] = 0.0;
+            zeros[n_cols / 2] = -0.0;
+            rows.push(zeros);
+            let mut nan_first = randn(&mut r, n_cols);
+            nan_first[0] = f32::NAN;
+            rows.push(nan_first);
+            let mut nans = randn(&mut r, n_cols);
+            for _ in 0..n_cols.div_ceil(10) {
+                let i = r.gen_range(1..n_cols);
+                nans[i] = f32::NAN;
+            }
+            rows.push(nans);
+        }
+        rows.push(vec![f32::NEG_INFINITY; n_cols]);
+        let flat: Vec<f32> = rows.concat();
+        let buf = buffer(gpu.as_ref(), &flat);
+        let mut got = vec![u32::MAX; rows.len()];
+        gpu.argmax_rows(&buf, n_cols, &mut got);
+        for (i, row) in rows.iter().enumerate() {
+            assert_eq!(got[i], pagellm::sampling::argmax(row), "{n_cols} columns, row {i}");
+            checked += 1;
+        }
+    }
+    println!("argmax_rows: {checked} rows equal to the host's argmax");
+}
+
 fn attn_ref(q: &[f32], k: &[f32], v: &[f32], ctx: usize, n_q: usize, p: &AttnParams) -> Vec<f64> {
     let (hd, nh, nkv) = (p.head_dim, p.n_heads, p.n_kv_heads);
     let group = nh / nkv;

@@ -264,6 +264,17 @@ pub trait Backend: Send + Sync {
     fn write_buffer(&self, dst: &mut Buffer, offset: usize, src: &[f32]);
     /// Device to host: `dst = src[offset..offset + dst.len()]`.
     fn read_buffer(&self, src: &Buffer, offset: usize, dst: &mut [f32]);
+    /// Device to host, only each row's greedy token: `dst[r]` = [`crate::sampling::argmax`] of row `r`
+    /// of the `[dst.len() x n_cols]` matrix at the start of `src` (the same index, ties and NaNs
+    /// included). A GPU reads back one integer a row instead of the row. By default the rows are read
+    /// back and reduced on the host.
+    fn argmax_rows(&self, src: &Buffer, n_cols: usize, dst: &mut [u32]) {
+        let mut row = vec![0.0f32; n_cols];
+        for (r, d) in dst.iter_mut().enumerate() {
+            self.read_buffer(src, r * n_cols, &mut row);
+            *d = crate::sampling::argmax(&row);
+        }
+    }
 
     // ---- ops ----
 

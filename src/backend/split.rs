@@ -198,6 +198,11 @@ impl Backend for SplitBackend {
         self.be(b.last).read_buffer(b.on(b.last), offset, dst);
     }
 
+    fn argmax_rows(&self, src: &Buffer, n_cols: usize, dst: &mut [u32]) {
+        let b = lock(src);
+        self.be(b.last).argmax_rows(b.on(b.last), n_cols, dst);
+    }
+
     fn run(&self, f: &mut (dyn FnMut() + Send)) {
         self.dev.run(&mut || self.host.run(&mut *f))
     }

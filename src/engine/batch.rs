@@ -23,7 +23,7 @@
 use super::cache::SeqKv;
 use super::{Engine, EngineError};
 use crate::kv::KvBudget;
-use crate::model::{AttnSeq, ForwardBatch, ModelError};
+use crate::model::{AttnSeq, ForwardBatch, ModelError, Outputs};
 
 /// One sequence of the batched API: its block table and tokens.
 pub struct Sequence {
@@ -75,13 +75,22 @@ impl Sequence {
 
 /// The logits of one [`Engine::step`]: a row per sequence whose chunk reached its last token.
 pub struct StepOutput {
+    /// Empty after [`Engine::step_greedy`].
     logits: Vec<f32>,
-    /// Per scheduled sequence, in order: its row of `logits`.
+    /// After [`Engine::step_greedy`]: each row's greedy token; else empty.
+    tokens: Vec<u32>,
+    /// Per scheduled sequence, in order: its row of `logits` (or `tokens`).
     rows: Vec<Option<usize>>,
     n_vocab: usize,
 }
 
 impl StepOutput {
+    /// After [`Engine::step_greedy`]: the `i`-th scheduled sequence's greedy next token, when its chunk
+    /// reached its last token.
+    pub fn greedy(&self, i: usize) -> Option<u32> {
+        self.tokens.get(self.rows.get(i).copied().flatten()?).copied()
+    }
+
     /// The logits of the `i`-th scheduled sequence's last token, when its chunk reached it.
     pub fn logits_mut(&mut self, i: usize) -> Option<&mut [f32]> {
         let span = self.span(i)?;
@@ -162,6 +171,17 @@ impl Engine {
     /// Runs `n_new` pending tokens of each sequence (reserved first) in one forward pass. The output has
     /// logits for each sequence whose chunk reached its last token.
     pub fn step(&mut self, work: &mut [(&mut Sequence, usize)]) -> Result<StepOutput, EngineError> {
+        self.step_as(work, false)
+    }
+
+    /// [`Engine::step`] for sequences that all sample greedily (no penalties, no logprobs): the output
+    /// has only each one's greedy token ([`StepOutput::greedy`], [`crate::sampling::argmax`] of the
+    /// logits `step` would give), reduced on the device, so a GPU does not send the logits back.
+    pub fn step_greedy(&mut self, work: &mut [(&mut Sequence, usize)]) -> Result<StepOutput, EngineError> {
+        self.step_as(work, true)
+    }
+
+    fn step_as(&mut self, work: &mut [(&mut Sequence, usize)], greedy: bool) -> Result<StepOutput, EngineError> {
         let total: usize = work.iter().map(|(_, n)| n).sum();
         let (mut tokens, mut positions, mut slot_mapping) =
             (Vec::with_capacity(total), Vec::with_capacity(total), Vec::with_capacity(total));
@@ -198,20 +218,28 @@ impl Engine {
             })
             .collect();
         let batch = ForwardBatch { tokens: &tokens, positions: &positions, slot_mapping: &slot_mapping, seqs: &seqs, out_rows: &out_rows, score_len };
-        let mut logits = std::mem::take(&mut self.spare_logits);
-        self.model.forward_batch_into(self.cache.layers_mut(), &batch, &mut self.scratch, &mut logits)?;
+        let (mut logits, mut tokens) = (Vec::new(), Vec::new());
+        let out = if greedy {
+            Outputs::Argmax(&mut tokens)
+        } else {
+            logits = std::mem::take(&mut self.spare_logits);
+            Outputs::Logits(&mut logits)
+        };
+        self.model.forward_batch_out(self.cache.layers_mut(), &batch, &mut self.scratch, out)?;
         drop(seqs);
         drop(views);
         for ((seq, n_new), &off) in work.iter_mut().zip(&score_offs) {
             seq.kv.num_computed += *n_new;
             self.evicted_tokens += self.cache.after_step(&self.model, &mut seq.kv, self.scratch.scores(), score_len, off) as u64;
         }
-        Ok(StepOutput { logits, rows, n_vocab: self.model.config().n_vocab })
+        Ok(StepOutput { logits, tokens, rows, n_vocab: self.model.config().n_vocab })
     }
 
     /// Hands a step's output back once its logits are used: the next step re-uses its memory.
     pub fn recycle(&mut self, out: StepOutput) {
-        self.spare_logits = out.logits;
+        if out.logits.capacity() > 0 {
+            self.spare_logits = out.logits;
+        }
     }
 
     /// The sequence is done: its computed blocks join the prefix cache and it is kept for continuation

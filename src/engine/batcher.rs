@@ -73,6 +73,14 @@ struct SeqState {
     json: Option<JsonGuide>,
 }
 
+impl SeqState {
+    /// Whether its next token is the arg-max of its logits as they come (greedy, no penalty, no JSON
+    /// guide, no logprobs, no choices to fork from them): then nobody needs the logits themselves.
+    fn picks_argmax(&self) -> bool {
+        self.forks == 0 && self.json.is_none() && self.sampler.is_plain_greedy() && self.req.borrow().job.req.logprobs.is_none()
+    }
+}
+
 enum Outcome {
     Completed,
     Cancelled,
@@ -230,6 +238,9 @@ impl Batcher<'_> {
             }
             return;
         }
+        // every sequence of the step picks the arg-max of its logits as they come: the device picks
+        // them, and the logits stay there
+        let greedy = self.running.iter().zip(&n_new).filter(|(_, &n)| n > 0).all(|(s, _)| s.picks_argmax());
         let mut work: Vec<(&mut Sequence, usize)> = self
             .running
             .iter_mut()
@@ -238,7 +249,7 @@ impl Batcher<'_> {
             .map(|(s, &n)| (s.seq.as_mut().expect("running sequences hold KV"), n))
             .collect();
         let n_seqs = work.len();
-        let out = self.engine.step(&mut work);
+        let out = if greedy { self.engine.step_greedy(&mut work) } else { self.engine.step(&mut work) };
         drop(work);
         {
             let mut stats = self.shared.stats();
@@ -336,6 +347,10 @@ impl Batcher<'_> {
         // k: the k-th scheduled sequence of the step (StepOutput's numbering); i: its place in `running`
         let scheduled = n_new.iter().enumerate().filter(|(_, &n)| n > 0).map(|(i, _)| i);
         for (k, i) in scheduled.enumerate() {
+            if let Some(next) = out.greedy(k) {
+                take_token(&self.engine, &mut self.running[i], next, None);
+                continue;
+            }
             let Some(logits) = out.logits_mut(k) else { continue };
             if self.running[i].forks > 0 {
                 forks.extend(self.fork(i, logits));
@@ -423,7 +438,7 @@ impl Batcher<'_> {
 /// next step to run. Logprobs are of the raw logits, before the JSON mask.
 fn sample_one(engine: &Engine, s: &mut SeqState, logits: &mut [f32]) {
     let want = s.req.borrow().job.req.logprobs;
-    let raw = want.map(|_| logits.to_vec());
+    let raw = want.map(|k| (k, logits.to_vec()));
     let next = match &s.json {
         None => s.sampler.sample(logits),
         Some(json) => match json.sample(logits, |l| s.sampler.sample(l)) {
@@ -435,6 +450,12 @@ fn sample_one(engine: &Engine, s: &mut SeqState, logits: &mut [f32]) {
             }
         },
     };
+    take_token(engine, s, next, raw);
+}
+
+/// Sequence `s` continues with `next`: its event (with logprobs from `raw`, the logits it was picked
+/// from, when the request asked for the top k), its end at an EOG or stop string or length.
+fn take_token(engine: &Engine, s: &mut SeqState, next: u32, raw: Option<(usize, Vec<f32>)>) {
     if engine.eog_ids.contains(&next) {
         s.finish = Some(FinishReason::Stop);
         return;
@@ -444,12 +465,12 @@ fn sample_one(engine: &Engine, s: &mut SeqState, logits: &mut [f32]) {
     let (piece, hit_stop) = s.text.push(next);
     // The object closed: only an EOG token may follow, so stop now (the same reply, one step sooner).
     let json_done = s.json.as_mut().is_some_and(|json| json.accept(next));
-    let (logprob, top_logprobs) = match (want, raw) {
-        (Some(k), Some(raw)) => {
+    let (logprob, top_logprobs) = match raw {
+        Some((k, raw)) => {
             let (lp, top) = log_softmax_pick(&raw, next, k);
             (Some(lp), top)
         }
-        _ => (None, Vec::new()),
+        None => (None, Vec::new()),
     };
     let _ = s.req.borrow().job.tx.send(Event::Token { index: s.index, id: next, text: piece, logprob, top_logprobs });
     if hit_stop || json_done {

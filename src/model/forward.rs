@@ -28,6 +28,21 @@ pub struct ForwardBatch<'a> {
 /// Output rows per final-projection pass (bounds the logits buffer: 64 x vocab f32).
 const OUT_CHUNK: usize = 64;
 
+/// What a forward pass hands back for its output rows.
+pub enum Outputs<'a> {
+    /// Their logits, `[out_rows.len() x n_vocab]` (resized; the memory is re-used).
+    Logits(&'a mut Vec<f32>),
+    /// Only their greedy tokens ([`crate::sampling::argmax`] of each row's logits), reduced where the
+    /// logits are: a GPU reads back one integer a row instead of `n_vocab` floats.
+    Argmax(&'a mut Vec<u32>),
+}
+
+/// [`Outputs`] once sized, as the ops write it.
+enum OutRows<'a> {
+    Logits(&'a mut [f32]),
+    Argmax(&'a mut [u32]),
+}
+
 /// Activation buffers on the device, grown to the largest batch (and output rows) seen.
 #[derive(Default)]
 pub struct Scratch {
@@ -100,6 +115,11 @@ impl Model {
     /// [`Model::forward_batch`] into `logits` (resized to `[out_rows.len() x n_vocab]`; its memory is
     /// re-used when it is large enough already).
     pub fn forward_batch_into(&self, kv: &mut [KvStore], batch: &ForwardBatch, scratch: &mut Scratch, logits: &mut Vec<f32>) -> Result<(), ModelError> {
+        self.forward_batch_out(kv, batch, scratch, Outputs::Logits(logits))
+    }
+
+    /// [`Model::forward_batch`], handing back what `out` asks for.
+    pub fn forward_batch_out(&self, kv: &mut [KvStore], batch: &ForwardBatch, scratch: &mut Scratch, out: Outputs) -> Result<(), ModelError> {
         let n = batch.tokens.len();
         assert!(batch.positions.len() == n && batch.slot_mapping.len() == n && kv.len() == self.cfg.n_layers);
         let want = batch.score_len * self.cfg.n_layers;
@@ -110,8 +130,17 @@ impl Model {
         let mut scores = if want > 0 { scratch.scores.take() } else { None };
         let s = scratch.ensure(self, n, batch.out_rows.len().clamp(1, OUT_CHUNK))?;
         // every element is written by run_layers: only new memory is zeroed
-        logits.resize(batch.out_rows.len() * self.cfg.n_vocab, 0.0);
-        self.backend.run(&mut || self.run_layers(kv, batch, s, scores.as_mut(), logits));
+        let mut out = match out {
+            Outputs::Logits(logits) => {
+                logits.resize(batch.out_rows.len() * self.cfg.n_vocab, 0.0);
+                OutRows::Logits(logits)
+            }
+            Outputs::Argmax(tokens) => {
+                tokens.resize(batch.out_rows.len(), 0);
+                OutRows::Argmax(tokens)
+            }
+        };
+        self.backend.run(&mut || self.run_layers(kv, batch, s, scores.as_mut(), &mut out));
         if let Some(buf) = scores {
             scratch.scores_host.resize(want, 0.0);
             self.backend.read_buffer(&buf, 0, &mut scratch.scores_host);
@@ -121,7 +150,7 @@ impl Model {
     }
 
     /// The ops of [`Model::forward_batch`], inside one [`Backend::run`](crate::backend::Backend::run).
-    fn run_layers(&self, kv: &mut [KvStore], batch: &ForwardBatch, s: &mut Bufs, mut scores: Option<&mut Buffer>, logits: &mut [f32]) {
+    fn run_layers(&self, kv: &mut [KvStore], batch: &ForwardBatch, s: &mut Bufs, mut scores: Option<&mut Buffer>, out: &mut OutRows) {
         let (c, w, b) = (&self.cfg, &self.weights, self.backend.as_ref());
         let n = batch.tokens.len();
         let (dim, hd, eps) = (c.dim, c.head_dim, c.rms_eps);
@@ -202,12 +231,15 @@ impl Model {
         }
 
         // final norm and output projection of the requested rows, OUT_CHUNK rows at a time
-        for (rows, dst) in batch.out_rows.chunks(OUT_CHUNK).zip(logits.chunks_mut(OUT_CHUNK * c.n_vocab)) {
-            let m = rows.len();
+        for (ci, rows) in batch.out_rows.chunks(OUT_CHUNK).enumerate() {
+            let (m, first) = (rows.len(), ci * OUT_CHUNK);
             b.get_rows(&s.x, dim, rows, &mut s.xo);
             b.rms_norm(&s.xo, Some(w.get(G::OutputNorm)), dim, m, eps, &mut s.xo2);
             b.matmul(w.output(), &s.xo2, m, &mut s.logits);
-            b.read_buffer(&s.logits, 0, dst);
+            match out {
+                OutRows::Logits(l) => b.read_buffer(&s.logits, 0, &mut l[first * c.n_vocab..(first + m) * c.n_vocab]),
+                OutRows::Argmax(t) => b.argmax_rows(&s.logits, c.n_vocab, &mut t[first..first + m]),
+            }
         }
     }
 }

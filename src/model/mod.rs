@@ -27,7 +27,7 @@ use crate::backend::{self, Backend, BackendError, DEFAULT_BLOCK_SIZE};
 use crate::gguf::GgufFile;
 
 pub use config::{Arch, Config, ROPE_FREQ_BASE_SWA};
-pub use forward::{ForwardBatch, Scratch};
+pub use forward::{ForwardBatch, Outputs, Scratch};
 /// The backend types a [`ForwardBatch`] and a shared KV pool are made of, for callers that build them.
 pub use crate::backend::{AttnSeq, KvShape, KvStore, KvView};
 pub use weights::{LayerWeights, Weights, G, L};

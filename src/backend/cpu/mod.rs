@@ -239,6 +239,13 @@ impl Backend for CpuBackend {
         dst.copy_from_slice(&buf(src)[offset..offset + dst.len()]);
     }
 
+    fn argmax_rows(&self, src: &Buffer, n_cols: usize, dst: &mut [u32]) {
+        let rows = buf(src)[..dst.len() * n_cols].chunks_exact(n_cols);
+        for (d, row) in dst.iter_mut().zip(rows) {
+            *d = crate::sampling::argmax(row);
+        }
+    }
+
     fn embed(&self, table: &Weight, tokens: &[u32], out: &mut Buffer) {
         let (tw, row_len) = (weight(table), table.row_len());
         let data = tw.data();

@@ -264,6 +264,7 @@ impl CudaBackend {
             xf16: Grow(None),
             part_o: Grow(None),
             part_ml: Grow(None),
+            picks: Grow(None),
             weights: Grow(None),
             moved: Grow(None),
             up: std::array::from_fn(|_| up()),
@@ -484,6 +485,24 @@ impl Backend for CudaBackend {
         self.flush();
         let view = slice(src).slice(offset..offset + dst.len());
         self.stream.memcpy_dtoh(&view, dst).unwrap_or_else(|e| panic!("cuda read_buffer: {e}"));
+        self.synchronize();
+    }
+
+    fn argmax_rows(&self, src: &Buffer, n_cols: usize, dst: &mut [u32]) {
+        let n = dst.len();
+        if n == 0 {
+            return;
+        }
+        assert!(src.len() >= n * n_cols, "argmax_rows: buffer too small");
+        let xp = self.p(src);
+        let out = self.lock().picks.ensure(&self.stream, n, &self.flusher());
+        self.launch("argmax_rows", (n as u32, 1, 1), 1024, &[A::P(xp), A::I(n_cols as i32), A::P(out)]);
+        self.flush();
+        {
+            let s = self.lock();
+            let view = s.picks.0.as_ref().expect("ensured").slice(..n);
+            self.stream.memcpy_dtoh(&view, dst).unwrap_or_else(|e| panic!("cuda argmax_rows: {e}"));
+        }
         self.synchronize();
     }
 

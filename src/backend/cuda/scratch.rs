@@ -84,6 +84,8 @@ pub(super) struct Scratch {
     pub(super) xf16: Grow<u16>,
     pub(super) part_o: Grow<f32>,
     pub(super) part_ml: Grow<f32>,
+    /// Each row's greedy token (`argmax_rows`).
+    pub(super) picks: Grow<u32>,
     /// `[n_heads x ctx_len]` per query row that wants its probabilities: its within-split weights.
     pub(super) weights: Grow<f32>,
     /// `[2 x moves x token_width]` the K and V rows of `kv_move_slots`' sources.
