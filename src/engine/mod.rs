@@ -42,7 +42,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crate::kv::{KvBudget, KvCacheConfig, KvError, KvStorage, DEFAULT_BLOCK_SIZE};
-use crate::model::{AttnSeq, ForwardBatch, Model, ModelError, Scratch, UBATCH};
+use crate::model::{AttnSeq, ForwardBatch, Model, ModelError, Outputs, Scratch, UBATCH};
 use crate::sampling::Sampler;
 
 use cache::{KvCache, SeqKv};
@@ -270,13 +270,17 @@ impl Engine {
         // Step 2: prefill the rest a micro-batch at a time, so Ctrl-C is seen during a long prompt
         // (batch invariance: the split does not change the logits).
         let t = Instant::now();
-        let mut logits = Vec::new();
+        // A plain greedy sampler needs only the arg-max of each step's logits, picked where they are
+        // (on a GPU one integer comes back instead of n_vocab floats).
+        let greedy = sampler.is_plain_greedy();
+        let (mut logits, mut picked) = (Vec::new(), Vec::new());
         while seq.num_computed < n {
             if cancel.load(Ordering::Relaxed) {
                 out.prefill_secs = t.elapsed().as_secs_f64();
                 return Ok(out);
             }
-            self.forward(seq, (n - seq.num_computed).min(UBATCH), &mut logits)?;
+            let n_new = (n - seq.num_computed).min(UBATCH);
+            self.forward(seq, n_new, if greedy { Outputs::Argmax(&mut picked) } else { Outputs::Logits(&mut logits) })?;
         }
         out.prefill_secs = t.elapsed().as_secs_f64();
 
@@ -289,7 +293,7 @@ impl Engine {
             if cancel.load(Ordering::Relaxed) {
                 break FinishReason::Cancelled;
             }
-            let next = sampler.sample(&mut logits);
+            let next = if greedy { picked[0] } else { sampler.sample(&mut logits) };
             if self.eog_ids.contains(&next) {
                 break FinishReason::Stop;
             }
@@ -302,20 +306,20 @@ impl Engine {
                 break FinishReason::ContextFull;
             }
             seq.tokens.push(next);
-            self.forward(seq, 1, &mut logits)?;
+            self.forward(seq, 1, if greedy { Outputs::Argmax(&mut picked) } else { Outputs::Logits(&mut logits) })?;
         };
         out.decode_secs = t.elapsed().as_secs_f64();
         Ok(out)
     }
 
-    /// Runs the `n_new` tokens of `seq` after its computed ones; the last one's logits into `logits`
-    /// (its memory re-used from step to step).
-    fn forward(&mut self, seq: &mut SeqKv, n_new: usize, logits: &mut Vec<f32>) -> Result<(), EngineError> {
-        self.forward_rows(seq, n_new, &[n_new as u32 - 1], logits)
+    /// Runs the `n_new` tokens of `seq` after its computed ones; the last one's logits (or greedy token)
+    /// into `out` (its memory re-used from step to step).
+    fn forward(&mut self, seq: &mut SeqKv, n_new: usize, out: Outputs) -> Result<(), EngineError> {
+        self.forward_rows(seq, n_new, &[n_new as u32 - 1], out)
     }
 
-    /// The same, with the logits of the chunk's rows `out_rows`; under a budget, evicts after.
-    fn forward_rows(&mut self, seq: &mut SeqKv, n_new: usize, out_rows: &[u32], logits: &mut Vec<f32>) -> Result<(), EngineError> {
+    /// The same, with the outputs of the chunk's rows `out_rows`; under a budget, evicts after.
+    fn forward_rows(&mut self, seq: &mut SeqKv, n_new: usize, out_rows: &[u32], out: Outputs) -> Result<(), EngineError> {
         self.cache.allocate(seq, n_new)?;
         let (p0, e0) = (seq.num_computed, seq.computed_entries());
         let positions: Vec<u32> = (p0..p0 + n_new).map(|p| p as u32).collect();
@@ -331,7 +335,7 @@ impl Engine {
             out_rows,
             score_len,
         };
-        self.model.forward_batch_into(self.cache.layers_mut(), &batch, &mut self.scratch, logits)?;
+        self.model.forward_batch_out(self.cache.layers_mut(), &batch, &mut self.scratch, out)?;
         seq.num_computed += n_new;
         self.evicted_tokens += self.cache.after_step(&self.model, seq, self.scratch.scores(), score_len, 0) as u64;
         Ok(())
@@ -356,7 +360,7 @@ impl Engine {
         while seq.num_computed < tokens.len() {
             let (p0, n_new) = (seq.num_computed, step.min(tokens.len() - seq.num_computed));
             let rows: Vec<u32> = (0..n_new as u32).filter(|&r| p0 + r as usize >= from).collect();
-            match self.forward_rows(&mut seq, n_new, &rows, &mut logits) {
+            match self.forward_rows(&mut seq, n_new, &rows, Outputs::Logits(&mut logits)) {
                 Ok(()) => {
                     for (&r, row) in rows.iter().zip(logits.chunks(n_vocab)) {
                         on_logits(p0 + r as usize, row);
