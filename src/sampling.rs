@@ -263,6 +263,34 @@ mod tests {
         (0..n).map(|_| rng.gen_range(-5.0..5.0)).collect()
     }
 
+    /// `is_plain_greedy` holds exactly when `sample` is the arg-max of the logits as given.
+    #[test]
+    fn plain_greedy_is_sample_without_changes() {
+        // (params, plain greedy, must a history of the best token move the pick off it)
+        let cases = [
+            (SamplingParams::greedy(), true, false),
+            (SamplingParams { temperature: 0.7, ..SamplingParams::greedy() }, false, false),
+            (SamplingParams { repeat_penalty: 1.3, ..SamplingParams::greedy() }, false, true),
+            (SamplingParams { presence_penalty: 0.5, ..SamplingParams::greedy() }, false, true),
+            (SamplingParams { frequency_penalty: 0.5, ..SamplingParams::greedy() }, false, true),
+            (SamplingParams { repeat_penalty: 1.3, repeat_last_n: 0, ..SamplingParams::greedy() }, true, false),
+        ];
+        for (i, (params, plain, moves)) in cases.into_iter().enumerate() {
+            let mut s = Sampler::new(params);
+            assert_eq!(s.is_plain_greedy(), plain, "case {i}");
+            let logits = random_logits(1000, i as u64);
+            let best = argmax(&logits);
+            s.accept(&[best, best, best]);
+            let picked = s.sample(&mut logits.clone());
+            if plain {
+                assert_eq!(picked, best, "case {i}");
+            }
+            if moves {
+                assert_ne!(picked, best, "case {i}: the penalty did not move the pick");
+            }
+        }
+    }
+
     #[test]
     fn greedy_takes_the_argmax() {
         let l = random_logits(1000, 1);

@@ -322,3 +322,58 @@ fn unknown_architecture_and_missing_tensors_are_errors() {
     let err = Model::load(file, ModelOptions { ctx: 0, threads: 1 }).err().expect("no tensors");
     assert!(matches!(err, ModelError::MissingTensor { .. }), "{err}");
 }
+
+/// `Engine::step_greedy` hands back the arg-max of the logits `Engine::step` gives, step after step, for
+/// sequences of different lengths prefilled and decoded together (synthetic llama and gemma3 weights).
+#[test]
+fn step_greedy_gives_the_argmax_of_step() {
+    use pagellm::dtype::GgmlType;
+    use pagellm::sampling::argmax;
+    use pagellm::synth::Recipe;
+    for (shape, recipe) in [("tiny", Recipe::Uniform(GgmlType::Q4_0)), ("tiny-gemma3", Recipe::Q4KM)] {
+        let model = synthetic(shape, recipe);
+        let n_vocab = model.config().n_vocab;
+        let prompts: Vec<Vec<u32>> =
+            [5usize, 40, 90].iter().map(|&n| (0..n).map(|i| ((i * 31 + n) % (n_vocab - 3) + 3) as u32).collect()).collect();
+        let mut engine = pagellm::cli::bench::parallel_engine(model, 2 * prompts.len(), 100).unwrap();
+        let mut with_logits: Vec<_> = prompts.iter().map(|p| engine.start_seq(p, None).unwrap()).collect();
+        let mut greedy: Vec<_> = prompts.iter().map(|p| engine.start_seq(p, None).unwrap()).collect();
+        let mut compared = 0;
+        for _ in 0..6 {
+            for set in [&mut with_logits, &mut greedy] {
+                for s in set.iter_mut() {
+                    let n = s.num_pending();
+                    assert!(engine.reserve(s, n));
+                }
+            }
+            let mut work: Vec<_> = with_logits.iter_mut().map(|s| {
+                let n = s.num_pending();
+                (s, n)
+            }).collect();
+            let out = engine.step(&mut work).unwrap();
+            let want: Vec<u32> = (0..work.len()).map(|i| argmax(out.logits(i).unwrap())).collect();
+            assert!((0..work.len()).all(|i| out.greedy(i).is_none()), "{shape}: step gave greedy tokens");
+            engine.recycle(out);
+            let mut work: Vec<_> = greedy.iter_mut().map(|s| {
+                let n = s.num_pending();
+                (s, n)
+            }).collect();
+            let out = engine.step_greedy(&mut work).unwrap();
+            let got: Vec<u32> = (0..work.len()).map(|i| out.greedy(i).unwrap()).collect();
+            assert!((0..work.len()).all(|i| out.logits(i).is_none()), "{shape}: step_greedy gave logits");
+            engine.recycle(out);
+            assert_eq!(got, want, "{shape}: step_greedy differs from the argmax of step's logits");
+            compared += got.len();
+            for (set, toks) in [(&mut with_logits, &want), (&mut greedy, &want)] {
+                for (s, &t) in set.iter_mut().zip(toks) {
+                    s.push(t);
+                }
+            }
+        }
+        println!("{shape}: {compared} greedy tokens equal to the argmax of the logits");
+        for s in with_logits.into_iter().chain(greedy) {
+            engine.free_seq(s);
+        }
+        engine.check_invariants().unwrap();
+    }
+}

@@ -92,14 +92,15 @@ impl StepOutput {
     }
 
     /// The logits of the `i`-th scheduled sequence's last token, when its chunk reached it.
+    /// (None after [`Engine::step_greedy`], which keeps the logits on the device.)
     pub fn logits_mut(&mut self, i: usize) -> Option<&mut [f32]> {
         let span = self.span(i)?;
-        Some(&mut self.logits[span])
+        self.logits.get_mut(span)
     }
 
     /// [`StepOutput::logits_mut`], read-only.
     pub fn logits(&self, i: usize) -> Option<&[f32]> {
-        Some(&self.logits[self.span(i)?])
+        self.logits.get(self.span(i)?)
     }
 
     /// Where the `i`-th scheduled sequence's row lies in `logits`, if it has one.
