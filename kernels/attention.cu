@@ -344,17 +344,21 @@ ATTN(attn_hd128_w16, 128, 4, 16, 64)
 // The fold's float operations are the CPU's, in its order, but only what differs per dimension runs
 // serially in every thread. Per chunk of MERGE_CH splits: the splits' (m, l) staged in shared memory;
 // warp 0 marks the first live split and takes the running max before and after each live split (a
-// max-scan: max is exact in any order); all threads take the f64 exps side by side; thread 0 runs the
-// weight chain wa = L e1, L <- wa + wb (a multiply and an add a split); all threads divide; then each
-// dimension folds o <- o fa + po fb, its partial outputs loaded 8 splits ahead. (Every thread running
-// the whole chain, f64 exps and global loads included, cost ~4% of a decode step at 4096 keys on the
-// H200; merging in the attention kernel's last CTA instead was slower: bench/GPU_NOTES.md call 70.)
+// max-scan: max is exact in any order, and a split's max is never NaN: the attention kernel folds its
+// scores with fmaxf from -inf); all threads take the f64 exps side by side; thread 0 runs the weight
+// chain wa = L e1, L <- wa + wb (a multiply and an add a split); all threads divide; then each dimension
+// folds o <- o fa + po fb, its partial outputs loaded 8 splits ahead. (Every thread running the whole
+// chain, f64 exps and global loads included, cost ~4% of a decode step at 4096 keys on the H200; merging
+// in the attention kernel's last CTA instead was slower: bench/GPU_NOTES.md call 70.)
 #define MERGE_CH 128
 extern "C" __global__ void attn_merge(const float* __restrict__ part_o, float* __restrict__ part_ml,
                                       const int* __restrict__ rows, int n_heads, int head_dim, int n_splits,
                                       float* __restrict__ out) {
     // `rows` before the wait: the host uploaded it before the attention launch this merge follows, so
-    // it is complete even while that kernel runs (only part_o and part_ml are its outputs)
+    // it is complete even while that kernel runs (only part_o and part_ml are its outputs). Blocks of
+    // one-split rows return without waiting; the host launches the merge only when some row has more
+    // splits (n_splits is the maximum over the rows), so some block waits and the next kernel, waiting
+    // for this one, also waits for the attention.
     const long long th = blockIdx.x;
     const int t = (int)(th / n_heads), d = threadIdx.x, lane = d & 31;
     const int* row = rows + ATT_ROW * t;

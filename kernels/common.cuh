@@ -25,9 +25,11 @@ __device__ __forceinline__ u16 f2h(float f) {
 // Programmatic dependent launch (sm_90+; a no-op before): a kernel launched with the
 // programmatic-serialization attribute may start while the previous kernel of the stream is finishing.
 // pdl_enter() waits until that kernel has completed and its writes are visible (nothing a kernel reads
-// or writes through its arguments may be touched before it, only the weights, which no kernel writes),
-// then lets the next kernel start early in turn. Every kernel calls it, so every launch may carry the
-// attribute (CudaBackend::pdl).
+// or writes through its arguments may be touched before it, only the weights, which no kernel writes, and
+// host lists uploaded before the previous kernel's launch: attn_merge's rows), then lets the next kernel
+// start early in turn. Every kernel calls it, so every launch may carry the attribute (CudaBackend::pdl).
+// A kernel whose every block may return before it must not be launched: the next kernel would then wait
+// only for that kernel, not for the one before.
 __device__ __forceinline__ void pdl_enter() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");

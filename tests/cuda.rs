@@ -328,10 +328,6 @@ fn elementwise_ops_match_cpu() {
     check("add/scale/bias/get_rows", g, c, 1e-6);
 }
 
-// ---- paged attention ----
-
-/// Naive causal attention in f64 over f16-rounded q, K, V for one sequence whose tokens 0..ctx are in
-/// `k`/`v` `[ctx x n_kv x hd]`; queries are the last `n_q` positions.
 /// `argmax_rows` on the device gives the host's `sampling::argmax` of every row: random rows of several
 /// widths, and rows made to catch a different tie or NaN rule (the maximum repeated, -0 and +0 as the
 /// maximum, NaN first or scattered, every value -inf).
@@ -375,6 +371,10 @@ fn argmax_rows_matches_host() {
     println!("argmax_rows: {checked} rows equal to the host's argmax");
 }
 
+// ---- paged attention ----
+
+/// Naive causal attention in f64 over f16-rounded q, K, V for one sequence whose tokens 0..ctx are in
+/// `k`/`v` `[ctx x n_kv x hd]`; queries are the last `n_q` positions.
 fn attn_ref(q: &[f32], k: &[f32], v: &[f32], ctx: usize, n_q: usize, p: &AttnParams) -> Vec<f64> {
     let (hd, nh, nkv) = (p.head_dim, p.n_heads, p.n_kv_heads);
     let group = nh / nkv;

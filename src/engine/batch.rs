@@ -73,7 +73,8 @@ impl Sequence {
     }
 }
 
-/// The logits of one [`Engine::step`]: a row per sequence whose chunk reached its last token.
+/// The output of one [`Engine::step`] (logits) or [`Engine::step_greedy`] (greedy tokens): a row per
+/// sequence whose chunk reached its last token.
 pub struct StepOutput {
     /// Empty after [`Engine::step_greedy`].
     logits: Vec<f32>,
@@ -236,7 +237,7 @@ impl Engine {
         Ok(StepOutput { logits, tokens, rows, n_vocab: self.model.config().n_vocab })
     }
 
-    /// Hands a step's output back once its logits are used: the next step re-uses its memory.
+    /// Hands a step's output back once it is used: the next step re-uses its logits' memory.
     pub fn recycle(&mut self, out: StepOutput) {
         if out.logits.capacity() > 0 {
             self.spare_logits = out.logits;

@@ -240,9 +240,9 @@ impl Backend for CpuBackend {
     }
 
     fn argmax_rows(&self, src: &Buffer, n_cols: usize, dst: &mut [u32]) {
-        let rows = buf(src)[..dst.len() * n_cols].chunks_exact(n_cols);
-        for (d, row) in dst.iter_mut().zip(rows) {
-            *d = crate::sampling::argmax(row);
+        let data = buf(src);
+        for (r, d) in dst.iter_mut().enumerate() {
+            *d = crate::sampling::argmax(&data[r * n_cols..(r + 1) * n_cols]);
         }
     }
 
