@@ -375,30 +375,29 @@ extern "C" __global__ void kv_scatter(u16* __restrict__ kc, u16* __restrict__ vc
     vc[dst] = tmp[(long long)n * width + i];
 }
 
+// argmax_rows' order: (v, i) replaces (best, bi) when its value is larger, or equal with a lower index.
+__device__ __forceinline__ void argmax_take(float& best, int& bi, float v, int i) {
+    if (v > best || (v == best && i < bi)) {
+        best = v;
+        bi = i;
+    }
+}
+
 // Each row's greedy token (sampling::argmax): the lowest index whose value equals the row's maximum,
 // NaNs never winning, and 0 for a row whose first value is NaN. One CTA a row (blockDim a multiple of
-// 32, at most 1024): (value, index) pairs reduced by "larger value, else lower index", an order in which
-// any reduction tree gives the same pair (-0 and +0 compare equal, as on the host).
+// 32, at most 1024): (value, index) pairs reduced by argmax_take, an order in which any reduction tree
+// gives the same pair (-0 and +0 compare equal, as on the host).
 extern "C" __global__ void argmax_rows(const float* __restrict__ x, int n_cols, u32* __restrict__ dst) {
     pdl_enter();
     const float* row = x + (long long)blockIdx.x * n_cols;
     float best = NEG_INF;
     int bi = 0x7fffffff;
-    for (int i = threadIdx.x; i < n_cols; i += blockDim.x) {
-        const float v = row[i];
-        if (v > best || (v == best && i < bi)) {
-            best = v;
-            bi = i;
-        }
-    }
+    for (int i = threadIdx.x; i < n_cols; i += blockDim.x) argmax_take(best, bi, row[i], i);
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
         const float v = __shfl_xor_sync(0xffffffffu, best, off);
         const int i = __shfl_xor_sync(0xffffffffu, bi, off);
-        if (v > best || (v == best && i < bi)) {
-            best = v;
-            bi = i;
-        }
+        argmax_take(best, bi, v, i);
     }
     __shared__ float sv[32];
     __shared__ int si[32];
@@ -409,12 +408,7 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ x, int n_cols, 
     }
     __syncthreads();
     if (threadIdx.x == 0) {
-        for (int w = 1; w < (int)(blockDim.x >> 5); w++) {
-            if (sv[w] > best || (sv[w] == best && si[w] < bi)) {
-                best = sv[w];
-                bi = si[w];
-            }
-        }
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++) argmax_take(best, bi, sv[w], si[w]);
         dst[blockIdx.x] = n_cols == 0 || row[0] != row[0] || bi == 0x7fffffff ? 0u : (u32)bi;
     }
 }

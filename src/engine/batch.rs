@@ -220,9 +220,9 @@ impl Engine {
             })
             .collect();
         let batch = ForwardBatch { tokens: &tokens, positions: &positions, slot_mapping: &slot_mapping, seqs: &seqs, out_rows: &out_rows, score_len };
-        let (mut logits, mut tokens) = (Vec::new(), Vec::new());
+        let (mut logits, mut picks) = (Vec::new(), Vec::new());
         let out = if greedy {
-            Outputs::Argmax(&mut tokens)
+            Outputs::Argmax(&mut picks)
         } else {
             logits = std::mem::take(&mut self.spare_logits);
             Outputs::Logits(&mut logits)
@@ -234,7 +234,7 @@ impl Engine {
             seq.kv.num_computed += *n_new;
             self.evicted_tokens += self.cache.after_step(&self.model, &mut seq.kv, self.scratch.scores(), score_len, off) as u64;
         }
-        Ok(StepOutput { logits, tokens, rows, n_vocab: self.model.config().n_vocab })
+        Ok(StepOutput { logits, tokens: picks, rows, n_vocab: self.model.config().n_vocab })
     }
 
     /// Hands a step's output back once it is used: the next step re-uses its logits' memory.
