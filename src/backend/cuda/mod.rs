@@ -205,8 +205,8 @@ pub struct CudaBackend {
     /// (activations pointer, row length, rounding) of the last products that quantized their input:
     /// an op writing that buffer next time quantizes it on the way out (one launch fewer).
     quant_hints: Mutex<Vec<(u64, usize, Act)>>,
-    /// The head-dim-128 attention kernel `PAGELLM_CUDA_ATTN` forces (see [`attn128`]); `None`: chosen per call.
-    attn128: Option<(&'static str, usize, u32)>,
+    /// Which attention kernels it takes (`PAGELLM_CUDA_ATTN`, [`attn::attn_choice`]).
+    attn: attn::AttnChoice,
 }
 
 fn dptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
@@ -306,7 +306,7 @@ impl CudaBackend {
             mmvp_blocks,
             fuse,
             quant_hints: Mutex::new(Vec::new()),
-            attn128: attn::attn128(),
+            attn: attn::attn_choice(major),
         })
     }
 
@@ -373,6 +373,12 @@ impl CudaBackend {
     /// The Q8 scratch is about to be written: its packed copy for mmq is stale.
     fn forget_packed(&self) {
         *self.mmq_packed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// A launch with `smem` bytes of dynamic shared memory.
+    fn launch_smem(&self, name: &str, grid: (u32, u32, u32), block: u32, smem: u32, args: &[A]) {
+        self.forget_quantized();
+        self.enqueue(graph::Op::new(self.k.get(name).cu_function(), grid, block, args).with_smem(smem));
     }
 
     /// A launch that leaves the Q8 scratch's record alone (the products' own).
