@@ -69,28 +69,6 @@ __device__ __forceinline__ void ldsm_x4_t(u32 r[4], const u16* p) {
                  : "memory");
 #endif
 }
-// 16 bytes global -> shared without registers (src_bytes 0: zeros), and its groups.
-__device__ __forceinline__ void cp_async16(u16* dst, const u16* src, int src_bytes) {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"((u32)__cvta_generic_to_shared(dst)), "l"(src),
-                 "r"(src_bytes)
-                 : "memory");
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-#endif
-}
-// The ring of the NS > 0 kernels (dynamic shared memory: NS x CH x (HD + 8) f16, sized by the host).
-extern __shared__ __align__(16) u16 attn_ring[];
-
 __device__ __forceinline__ void mma_f16_k16(float c[4], const u32 a[4], u32 b0, u32 b1) {
 #if __CUDA_ARCH__ >= 800
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
@@ -102,7 +80,7 @@ __device__ __forceinline__ void mma_f16_k16(float c[4], const u32 a[4], u32 b0, 
 // TC: which phases run on the tensor cores (TC_QK: phase 1, TC_PV: phase 3; 0: the exact kernel)
 #define TC_QK 1
 #define TC_PV 2
-template <int HD, int G, int WARPS, int CH, int TC, int NS>
+template <int HD, int G, int WARPS, int CH, int TC>
 __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16* __restrict__ kc,
                                           const u16* __restrict__ vc, const int* __restrict__ rows,
                                           const u32* __restrict__ bt, const u64* __restrict__ live, int n_heads,
@@ -208,75 +186,35 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
     }
     __syncthreads();
 
-    // K (then V) rows of the split staged through shared memory CH keys at a time: chunk L < nch of K,
-    // then chunk L - nch of V. NS = 0: double-buffered through registers (the 16-byte loads of the next
-    // chunk in flight while this one is computed); NS > 0: a ring of NS chunks filled by cp.async, NS - 1
-    // chunks in flight (memory parallelism for the few CTAs of a one-sequence decode step). Rows past a
-    // chunk's keys up to a whole 16-key tile are zero where the tensor cores read them (0 x NaN is NaN).
+    // K (then V) rows of the split staged through shared memory CH keys at a time, double-buffered
+    // through registers: the 16-byte loads of the next chunk are in flight while this one is computed
+    // (memory parallelism for the few CTAs of a one-sequence decode step)
     constexpr int NT = WARPS * 32;
     constexpr int VPR = HD / 8;              // 16-byte pieces per row
     constexpr int PER = CH * VPR / NT;  // pieces per thread per chunk
     constexpr int KS = HD + 8;  // row stride in kvs: 4 banks apart, so the 4 keys of a quad do not collide
-    __shared__ __align__(16) u16 kvs[NS > 0 ? 8 : CH * KS];
-    const int nch = (n + CH - 1) / CH, total = 2 * nch;
-    uint4 tmp[NS > 0 ? 1 : PER];
-    auto src = [&](int L, int idx) {
-        const u16* __restrict__ pool = L < nch ? kc : vc;
-        const int c0 = (L < nch ? L : L - nch) * CH;
-        return pool + ((long long)sslot[c0 + idx / VPR] * n_kv + g) * HD + 8 * (idx % VPR);
+    __shared__ __align__(16) u16 kvs[CH * KS];
+    uint4 tmp[PER];
+    auto fetch = [&](const u16* __restrict__ pool, int c0) {
+        const int nk = min(CH, n - c0);
+#pragma unroll
+        for (int j = 0; j < PER; j++) {
+            const int idx = threadIdx.x + j * NT, r = idx / VPR;
+            if (r < nk) tmp[j] = *(const uint4*)(pool + ((long long)sslot[c0 + r] * n_kv + g) * HD + 8 * (idx % VPR));
+        }
     };
-    auto keys = [&](int L) { return min(CH, n - (L < nch ? L : L - nch) * CH); };
-    // NS = 0: chunk L's loads into registers
-    auto fetch = [&](int L) {
-        const int nk = keys(L);
+    // the fetched chunk into kvs (the caller syncs before: kvs is free; and after: kvs is complete); TC3:
+    // rows past the keys up to a whole 16-key tile zero (the mma multiplies them by zero weights, and
+    // 0 x NaN is NaN)
+    auto put = [&](int nk) {
 #pragma unroll
         for (int j = 0; j < PER; j++) {
             const int idx = threadIdx.x + j * NT;
-            if (idx / VPR < nk) tmp[j] = *(const uint4*)src(L, idx);
-        }
-    };
-    // NS > 0: chunk L's copies into its stage, one commit group per chunk (empty past the last)
-    auto issue = [&](int L) {
-        if (L < total) {
-            const int nk = keys(L), nz = TC3 ? (nk + 15) & ~15 : nk;
-            u16* st = attn_ring + (L % (NS > 0 ? NS : 1)) * CH * KS;
-#pragma unroll
-            for (int j = 0; j < PER; j++) {
-                const int idx = threadIdx.x + j * NT, r = idx / VPR;
-                if (r < nz) cp_async16(st + r * KS + 8 * (idx % VPR), r < nk ? src(L, idx) : kc, r < nk ? 16 : 0);
+            if (idx / VPR < nk) {
+                ((uint4*)kvs)[(idx / VPR) * (KS / 8) + idx % VPR] = tmp[j];
+            } else if (TC3 && idx / VPR < ((nk + 15) & ~15)) {
+                ((uint4*)kvs)[(idx / VPR) * (KS / 8) + idx % VPR] = make_uint4(0u, 0u, 0u, 0u);
             }
-        }
-        cp_async_commit();
-    };
-    if constexpr (NS > 0) {
-#pragma unroll
-        for (int i = 0; i < NS - 1; i++) issue(i);
-    } else {
-        fetch(0);
-    }
-    // the rows of chunk L (taken in order), once every thread may read them; the loads of later
-    // chunks are started
-    auto next = [&](int L) -> const u16* {
-        if constexpr (NS > 0) {
-            cp_async_wait<NS - 2>();
-            __syncthreads();  // chunk L complete for all threads; chunk L - 1's stage free
-            issue(L + NS - 1);
-            return attn_ring + (L % NS) * CH * KS;
-        } else {
-            const int nk = keys(L);
-            __syncthreads();  // kvs free
-#pragma unroll
-            for (int j = 0; j < PER; j++) {
-                const int idx = threadIdx.x + j * NT;
-                if (idx / VPR < nk) {
-                    ((uint4*)kvs)[(idx / VPR) * (KS / 8) + idx % VPR] = tmp[j];
-                } else if (TC3 && idx / VPR < ((nk + 15) & ~15)) {
-                    ((uint4*)kvs)[(idx / VPR) * (KS / 8) + idx % VPR] = make_uint4(0u, 0u, 0u, 0u);
-                }
-            }
-            __syncthreads();  // kvs complete
-            if (L + 1 < total) fetch(L + 1);
-            return kvs;
         }
     };
 
@@ -284,9 +222,14 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
     float m[G];
 #pragma unroll
     for (int hh = 0; hh < G; hh++) m[hh] = NEG_INF;
+    fetch(kc, 0);
     for (int c0 = 0; c0 < n; c0 += CH) {
         const int nk = min(CH, n - c0);
-        const u16* kv = next(c0 / CH);
+        __syncthreads();
+        put(nk);
+        __syncthreads();
+        if (c0 + CH < n) fetch(kc, c0 + CH);
+        const u16* kv = kvs;
         if constexpr (TC1) {
             // 16 keys a warp step: s (16 keys x 8 heads) = K (16 keys x HD) q^T, K's rows by ldmatrix;
             // lane (g8, t4) gets keys g8, g8 + 8 of heads 2 t4, 2 t4 + 1
@@ -369,7 +312,8 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
             m[hh] = fmaxf(m[hh], __shfl_down_sync(0xffffffffu, m[hh], 8));
         }
     }
-    // (the first V chunk's loads are in flight during the softmax)
+    // the first V chunk's loads in flight during the softmax
+    fetch(vc, 0);
     if (lane == 0)
 #pragma unroll
         for (int hh = 0; hh < G; hh++) sm_red[warp][hh] = m[hh];
@@ -433,7 +377,11 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
         const u16* wg = wt[g8 < G ? g8 : 0];  // heads past G: zero fragments
         for (int c0 = 0; c0 < n; c0 += CH) {
             const int nk = min(CH, n - c0);
-            const u16* kv = next(nch + c0 / CH);
+            __syncthreads();
+            put(nk);
+            __syncthreads();
+            if (c0 + CH < n) fetch(vc, c0 + CH);
+            const u16* kv = kvs;
             for (int kr = 0; kr < nk; kr += 16) {
                 const u32 b0 = g8 < G ? *(const u32*)(wg + c0 + kr + 2 * t4) : 0u;
                 const u32 b1 = g8 < G ? *(const u32*)(wg + c0 + kr + 8 + 2 * t4) : 0u;
@@ -482,7 +430,11 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
         for (int k = 0; k < HPT; k++) o[k] = 0.0f;
         for (int c0 = 0; c0 < n; c0 += CH) {
             const int nk = min(CH, n - c0);
-            const u16* kv = next(nch + c0 / CH);
+            __syncthreads();
+            put(nk);
+            __syncthreads();
+            if (c0 + CH < n) fetch(vc, c0 + CH);
+            const u16* kv = kvs;
             for (int u = 0; u < nk; u++) {
                 const float v = h2f(kv[u * KS + d]);
 #pragma unroll
@@ -515,37 +467,26 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
 
 // NAME: head dim HD, G query heads per CTA, WARPS warps (CudaBackend's threads for NAME), CH keys per
 // staged chunk (the loads in flight per CTA)
-#define ATTN(NAME, HD, G, WARPS, CH, TC, NS)                                                                       \
+#define ATTN(NAME, HD, G, WARPS, CH, TC)                                                                           \
     extern "C" __global__ void __launch_bounds__(WARPS * 32) NAME(                                                 \
         const float* q, const u16* kc, const u16* vc, const int* rows, const u32* bt, const u64* live,             \
         int n_heads, int n_kv, int block_size, float scale, int n_splits, float* out, float* part_o, float* part_ml, \
         float* wsc) {                                                                                              \
         pdl_enter();                                                                                               \
-        attn_body<HD, G, WARPS, CH, TC, NS>(q, kc, vc, rows, bt, live, n_heads, n_kv, block_size, scale, n_splits, out, \
+        attn_body<HD, G, WARPS, CH, TC>(q, kc, vc, rows, bt, live, n_heads, n_kv, block_size, scale, n_splits, out, \
                                         part_o, part_ml, wsc);                                                     \
     }
-ATTN(attn_hd64, 64, 4, 8, 64, 0, 0)
-ATTN(attn_hd128, 128, 4, 8, 64, 0, 0)
-ATTN(attn_hd256, 256, 4, 8, 64, 0, 0)
+ATTN(attn_hd64, 64, 4, 8, 64, 0)
+ATTN(attn_hd128, 128, 4, 8, 64, 0)
+ATTN(attn_hd256, 256, 4, 8, 64, 0)
 // variants for head dim 128, picked by PAGELLM_CUDA_ATTN (measured against each other on the GPU)
-ATTN(attn_hd128_g2c64, 128, 2, 8, 64, 0, 0)
-ATTN(attn_hd128_w16, 128, 4, 16, 64, 0, 0)
-// tensor-core kernels (sm_80+): both phases, or the weighted sum of V only
-ATTN(attn_tc_hd64, 64, 4, 8, 64, TC_QK | TC_PV, 0)
-ATTN(attn_tc_hd128, 128, 4, 8, 64, TC_QK | TC_PV, 0)
-ATTN(attn_tc_hd256, 256, 4, 8, 32, TC_QK | TC_PV, 0)
-ATTN(attn_tc_hd128_g2, 128, 2, 8, 64, TC_QK | TC_PV, 0)
-ATTN(attn_pv_hd64, 64, 4, 8, 64, TC_PV, 0)
-ATTN(attn_pv_hd128, 128, 4, 8, 64, TC_PV, 0)
-ATTN(attn_pv_hd256, 256, 4, 8, 32, TC_PV, 0)
-ATTN(attn_pv_hd128_g2, 128, 2, 8, 64, TC_PV, 0)
-// cp.async rings (sm_80+; dynamic shared memory, CudaBackend's RINGS): NS stages of CH keys
-ATTN(attn_tcr_hd128, 128, 4, 8, 64, TC_QK | TC_PV, 4)
-ATTN(attn_tcr_hd128_g2, 128, 2, 8, 64, TC_QK | TC_PV, 4)
-ATTN(attn_tcq_hd128, 128, 4, 8, 32, TC_QK | TC_PV, 6)
-ATTN(attn_tcq_hd128_g2, 128, 2, 8, 32, TC_QK | TC_PV, 6)
-ATTN(attn_pvr_hd128, 128, 4, 8, 64, TC_PV, 4)
-ATTN(attn_pvr_hd128_g2, 128, 2, 8, 64, TC_PV, 4)
+ATTN(attn_hd128_g2c64, 128, 2, 8, 64, 0)
+ATTN(attn_hd128_w16, 128, 4, 16, 64, 0)
+// tensor-core kernels (sm_80+, PAGELLM_CUDA_ATTN=tc): both phases on the tensor cores
+ATTN(attn_tc_hd64, 64, 4, 8, 64, TC_QK | TC_PV)
+ATTN(attn_tc_hd128, 128, 4, 8, 64, TC_QK | TC_PV)
+ATTN(attn_tc_hd256, 256, 4, 8, 32, TC_QK | TC_PV)
+ATTN(attn_tc_hd128_g2, 128, 2, 8, 64, TC_QK | TC_PV)
 
 // The splits of a row folded left in order, as the CPU's `merge`: one block of head_dim threads per
 // (query row, head); rows with one split were written by the attention kernel. Splits with no live key

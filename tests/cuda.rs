@@ -434,10 +434,10 @@ fn run_attention(b: &dyn Backend, p: &AttnParams, specs: &[SeqSpec], data: &[(Ve
     read(b, &out, n_rows * qw)
 }
 
-/// Whether the backend runs the exact attention kernels (the CPU's float operations in its order):
-/// `PAGELLM_CUDA_ATTN=exact` (or an exact variant); unset, sm_80+ GPUs take the tensor-core ones.
+/// Whether the backend runs the exact attention kernels (the CPU's float operations in its order): the
+/// default; `PAGELLM_CUDA_ATTN=tc` (`tc_g4`, `tc_g2`) takes the tensor-core ones.
 fn exact_attention() -> bool {
-    matches!(std::env::var("PAGELLM_CUDA_ATTN").as_deref(), Ok("exact" | "g4c64" | "g2c64" | "w16"))
+    !matches!(std::env::var("PAGELLM_CUDA_ATTN").as_deref(), Ok("tc" | "tc_g4" | "tc_g2"))
 }
 
 #[test]
@@ -907,7 +907,7 @@ fn bench_kernels() {
     let ms = time_ms(&b, 20, || b.attention(&q, &kv, &seqs, &p, &mut out, None));
     println!("attention decode 16x4096 32/8 hd128: {ms:.3} ms, K/V read {:.0} GB/s", bytes / ms / 1e6);
     // one sequence at depth 4096 (the tg128 @ d4096 case), every head-dim-128 variant
-    let variants = std::env::var("PAGELLM_CUDA_ATTN_VARIANTS").unwrap_or_else(|_| "tc_g4 tc_g2 pv_g4 pv_g2 g4c64 g2c64".into());
+    let variants = std::env::var("PAGELLM_CUDA_ATTN_VARIANTS").unwrap_or_else(|_| "tc_g4 tc_g2 g4c64 g2c64".into());
     for v in variants.split_whitespace() {
         // SAFETY: single-threaded here (the GPU tests run with --test-threads=1); read by the backend below.
         unsafe { std::env::set_var("PAGELLM_CUDA_ATTN", v) };

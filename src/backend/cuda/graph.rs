@@ -44,20 +44,13 @@ pub(super) struct Op {
     pub grid: (u32, u32, u32),
     block: u32,
     pub args: Vec<A>,
-    /// Dynamic shared memory in bytes.
-    smem: u32,
     /// An `mmv_*` launch: later products of the same activations may join it (blocks per part).
     mmv_rows_per_block: Option<u32>,
 }
 
 impl Op {
     pub fn new(f: drv::CUfunction, grid: (u32, u32, u32), block: u32, args: &[A]) -> Op {
-        Op { f: f as usize, grid, block, args: args.to_vec(), smem: 0, mmv_rows_per_block: None }
-    }
-
-    /// The launch with `bytes` of dynamic shared memory.
-    pub fn with_smem(self, bytes: u32) -> Op {
-        Op { smem: bytes, ..self }
+        Op { f: f as usize, grid, block, args: args.to_vec(), mmv_rows_per_block: None }
     }
 
     /// An `mmv_*` launch of one part (its arguments in `MMV_ARGS` order, parts 1 and 2 empty).
@@ -66,7 +59,7 @@ impl Op {
     }
 
     fn key(&self, out: &mut Vec<u64>) {
-        out.extend([self.f as u64, self.grid.0 as u64, self.grid.1 as u64, self.grid.2 as u64, self.block as u64, self.smem as u64, self.args.len() as u64]);
+        out.extend([self.f as u64, self.grid.0 as u64, self.grid.1 as u64, self.grid.2 as u64, self.block as u64, self.args.len() as u64]);
         out.extend(self.args.iter().map(|a| match *a {
             A::P(v) => v,
             A::I(v) => v as u32 as u64,
@@ -98,7 +91,7 @@ impl Op {
         let f = self.f as drv::CUfunction;
         if !pdl {
             // SAFETY: as above.
-            return unsafe { cudarc::driver::result::launch_kernel(f, self.grid, (self.block, 1, 1), self.smem, stream.cu_stream(), &mut ptrs) };
+            return unsafe { cudarc::driver::result::launch_kernel(f, self.grid, (self.block, 1, 1), 0, stream.cu_stream(), &mut ptrs) };
         }
         // SAFETY: a zeroed attribute value is a valid union (plain integers), and the id says which
         // member the driver reads.
@@ -112,7 +105,7 @@ impl Op {
             blockDimX: self.block,
             blockDimY: 1,
             blockDimZ: 1,
-            sharedMemBytes: self.smem,
+            sharedMemBytes: 0,
             hStream: stream.cu_stream(),
             attrs: &mut attr,
             numAttrs: 1,

@@ -375,12 +375,6 @@ impl CudaBackend {
         *self.mmq_packed.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    /// A launch with `smem` bytes of dynamic shared memory.
-    fn launch_smem(&self, name: &str, grid: (u32, u32, u32), block: u32, smem: u32, args: &[A]) {
-        self.forget_quantized();
-        self.enqueue(graph::Op::new(self.k.get(name).cu_function(), grid, block, args).with_smem(smem));
-    }
-
     /// A launch that leaves the Q8 scratch's record alone (the products' own).
     fn launch_keep(&self, f: &CudaFunction, grid: (u32, u32, u32), block: u32, args: &[A]) {
         self.enqueue(graph::Op::new(f.cu_function(), grid, block, args));

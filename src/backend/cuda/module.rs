@@ -96,36 +96,10 @@ const NAMES: &[&str] = &[
     "attn_tc_hd128",
     "attn_tc_hd256",
     "attn_tc_hd128_g2",
-    "attn_pv_hd64",
-    "attn_pv_hd128",
-    "attn_pv_hd256",
-    "attn_pv_hd128_g2",
-    "attn_tcr_hd128",
-    "attn_tcr_hd128_g2",
-    "attn_tcq_hd128",
-    "attn_tcq_hd128_g2",
-    "attn_pvr_hd128",
-    "attn_pvr_hd128_g2",
     "attn_merge",
     "argmax_rows",
     "attn_scores",
 ];
-
-/// The attention kernels with a cp.async ring in dynamic shared memory (kernels/attention.cu, NS > 0):
-/// name, head dim, keys per stage (CH), stages (NS).
-pub(super) const RINGS: [(&str, usize, usize, usize); 6] = [
-    ("attn_tcr_hd128", 128, 64, 4),
-    ("attn_tcr_hd128_g2", 128, 64, 4),
-    ("attn_tcq_hd128", 128, 32, 6),
-    ("attn_tcq_hd128_g2", 128, 32, 6),
-    ("attn_pvr_hd128", 128, 64, 4),
-    ("attn_pvr_hd128_g2", 128, 64, 4),
-];
-
-/// The dynamic shared memory a kernel of [`RINGS`] takes (0 for the others): NS x CH rows of HD + 8 f16.
-pub(super) fn ring_bytes(name: &str) -> u32 {
-    RINGS.iter().find(|r| r.0 == name).map_or(0, |&(_, hd, ch, ns)| (ns * ch * (hd + 8) * 2) as u32)
-}
 
 /// The loaded kernels by name.
 pub(super) struct Kernels {
@@ -212,12 +186,6 @@ pub(super) fn load(ctx: &Arc<CudaContext>) -> Result<Kernels, String> {
     let mut map = HashMap::new();
     for &name in NAMES {
         let f = module.load_function(name).map_err(|e| format!("kernel '{name}': {e}"))?;
-        let ring = ring_bytes(name);
-        if ring > 48 * 1024 {
-            // above the default limit of dynamic shared memory: asked for once per kernel
-            let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-            f.set_attribute(attr, ring as i32).map_err(|e| format!("kernel '{name}': {ring} bytes of shared memory: {e}"))?;
-        }
         map.insert(name, f);
     }
     Ok(Kernels { map })
