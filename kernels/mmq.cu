@@ -114,9 +114,25 @@ __device__ __forceinline__ void mmq_put(float (*pk)[MmqShape<RG>::PS], const Mmq
     pk[8 * nt + 2 * m.t + (e & 1)][m.rA - blockIdx.x * MmqShape<RG>::ROWS + (e < 2 ? 0 : 8)] = v;
 }
 
+// The (token in the tile, row in the CTA) of a thread's output idx (= threadIdx.x + MMQ_THREADS o), so
+// that a warp's 32 loads of one k-phase's terms fall in 32 banks: ROWS 32 (PS 36): one token's rows;
+// ROWS 16 (PS 20): rows 0-15 of tokens t and t + 4, 80 floats (16 banks) apart (tokens t and t + 1 shared
+// 4 banks, and every such load took two wavefronts: ncu, bench/GPU_NOTES.md call 76).
+template <int ROWS>
+__device__ __forceinline__ void mmq_out(int idx, int& tok, int& row) {
+    if constexpr (ROWS == 16) {
+        const int j = idx >> 5;
+        tok = (j & 3) | ((j >> 2) << 3) | (((idx >> 4) & 1) << 2);
+        row = idx & 15;
+    } else {
+        tok = idx / ROWS;
+        row = idx % ROWS;
+    }
+}
+
 // The rounds of a CTA (header): `terms(sb, pk)` stores this lane's terms of super-block sb (mmq_put); each
-// thread then owns outputs idx = threadIdx.x + MMQ_THREADS o (row idx % ROWS, token t0 + idx / ROWS) and
-// adds their terms in super-block order.
+// thread then owns outputs idx = threadIdx.x + MMQ_THREADS o (token and row by mmq_out) and adds their
+// terms in super-block order.
 template <int NT, int RG, class Terms>
 __device__ __forceinline__ void mmq_rounds(const MmqTile& m, int nsb, int n_tok, int n_rows, float* __restrict__ out,
                                            Terms terms) {
@@ -134,15 +150,18 @@ __device__ __forceinline__ void mmq_rounds(const MmqTile& m, int nsb, int n_tok,
         const int nk = min(KW, nsb - sb0);
 #pragma unroll
         for (int o = 0; o < OUTS; o++) {
-            const int idx = threadIdx.x + MMQ_THREADS * o;
-            for (int k = 0; k < nk; k++) acc[o] = acc[o] + part[k][idx / ROWS][idx % ROWS];
+            int tok, row;
+            mmq_out<ROWS>(threadIdx.x + MMQ_THREADS * o, tok, row);
+            for (int k = 0; k < nk; k++) acc[o] = acc[o] + part[k][tok][row];
         }
         __syncthreads();
     }
 #pragma unroll
     for (int o = 0; o < OUTS; o++) {
-        const int idx = threadIdx.x + MMQ_THREADS * o;
-        const int row = blockIdx.x * ROWS + idx % ROWS, tok = m.t0 + idx / ROWS;
+        int tok, row;
+        mmq_out<ROWS>(threadIdx.x + MMQ_THREADS * o, tok, row);
+        row += blockIdx.x * ROWS;
+        tok += m.t0;
         if (row < n_rows && tok < n_tok) out[(long long)tok * n_rows + row] = acc[o];
     }
 }
