@@ -466,9 +466,10 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
 }
 
 // NAME: head dim HD, G query heads per CTA, WARPS warps (CudaBackend's threads for NAME), CH keys per
-// staged chunk (the loads in flight per CTA)
-#define ATTN(NAME, HD, G, WARPS, CH, TC)                                                                           \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32) NAME(                                                 \
+// staged chunk (the loads in flight per CTA), TC the tensor-core phases; ATTN_K also takes the launch
+// bounds (with a second number, the CTAs per SM the registers must allow)
+#define ATTN_K(NAME, BOUNDS, HD, G, WARPS, CH, TC)                                                                 \
+    extern "C" __global__ void __launch_bounds__ BOUNDS NAME(                                                      \
         const float* q, const u16* kc, const u16* vc, const int* rows, const u32* bt, const u64* live,             \
         int n_heads, int n_kv, int block_size, float scale, int n_splits, float* out, float* part_o, float* part_ml, \
         float* wsc) {                                                                                              \
@@ -476,12 +477,14 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
         attn_body<HD, G, WARPS, CH, TC>(q, kc, vc, rows, bt, live, n_heads, n_kv, block_size, scale, n_splits, out, \
                                         part_o, part_ml, wsc);                                                     \
     }
+#define ATTN(NAME, HD, G, WARPS, CH, TC) ATTN_K(NAME, (WARPS * 32), HD, G, WARPS, CH, TC)
 ATTN(attn_hd64, 64, 4, 8, 64, 0)
 ATTN(attn_hd128, 128, 4, 8, 64, 0)
 ATTN(attn_hd256, 256, 4, 8, 64, 0)
 // variants for head dim 128, picked by PAGELLM_CUDA_ATTN (measured against each other on the GPU)
 ATTN(attn_hd128_g2c64, 128, 2, 8, 64, 0)
 ATTN(attn_hd128_w16, 128, 4, 16, 64, 0)
+ATTN_K(attn_hd128_o3, (256, 3), 128, 4, 8, 64, 0)  // registers capped for 3 CTAs per SM
 // tensor-core kernels (sm_80+, PAGELLM_CUDA_ATTN=tc): both phases on the tensor cores
 ATTN(attn_tc_hd64, 64, 4, 8, 64, TC_QK | TC_PV)
 ATTN(attn_tc_hd128, 128, 4, 8, 64, TC_QK | TC_PV)

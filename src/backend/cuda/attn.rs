@@ -11,7 +11,8 @@ use crate::backend::{AttnParams, AttnSeq, Buffer, KvStore};
 /// (`attn_tc_hd*`): 15% faster for 16 sequences at 4096 keys on the H200, within DESIGN.md's bound of
 /// the reference per kernel, but the reordered sums flip later Q8 roundings, which puts a tiny random
 /// model's logits 1.5e-2 from the CPU's (bench/GPU_NOTES.md, call 74). For head dim 128 it may also
-/// force one variant: `tc_g4`, `tc_g2` (4 or 2 query heads per CTA), exact `g4c64`, `g2c64`, `w16`.
+/// force one variant: `tc_g4`, `tc_g2` (4 or 2 query heads per CTA), exact `g4c64`, `g2c64`, `w16`, `o3`
+/// (registers capped for 3 CTAs per SM).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct AttnChoice {
     /// The kernels' name prefix: "tc_" or "" (exact).
@@ -29,6 +30,7 @@ pub(super) fn attn_choice(major: i32) -> AttnChoice {
         Ok("g4c64") => Some(("attn_hd128", 4, ATTN_THREADS)),
         Ok("g2c64") => Some(("attn_hd128_g2c64", 2, ATTN_THREADS)),
         Ok("w16") => Some(("attn_hd128_w16", 4, 512)),
+        Ok("o3") => Some(("attn_hd128_o3", 4, ATTN_THREADS)),
         _ => None,
     };
     let kind = if tensor && matches!(var.as_deref(), Ok("tc" | "tc_g4" | "tc_g2")) { "tc_" } else { "" };
