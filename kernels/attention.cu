@@ -50,44 +50,13 @@ __device__ __forceinline__ void load16_f16(const u16* __restrict__ p, float f[16
     }
 }
 
-// Tensor-core helpers (sm_80+; the host takes the TC kernels only there): four 8x8 f16 matrices from
-// shared memory (lanes 8i..8i+7 give matrix i's row addresses), plain or transposed, and
-// c += a b for a 16x16 (row) by 16x8 (col) f16 product with f32 accumulation.
-__device__ __forceinline__ void ldsm_x4(u32 r[4], const u16* p) {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"((u32)__cvta_generic_to_shared(p))
-                 : "memory");
-#endif
-}
-__device__ __forceinline__ void ldsm_x4_t(u32 r[4], const u16* p) {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"((u32)__cvta_generic_to_shared(p))
-                 : "memory");
-#endif
-}
-__device__ __forceinline__ void mma_f16_k16(float c[4], const u32 a[4], u32 b0, u32 b1) {
-#if __CUDA_ARCH__ >= 800
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
-
-// TC: which phases run on the tensor cores (TC_QK: phase 1, TC_PV: phase 3; 0: the exact kernel)
-#define TC_QK 1
-#define TC_PV 2
-template <int HD, int G, int WARPS, int CH, int TC>
+template <int HD, int G, int WARPS, int CH>
 __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16* __restrict__ kc,
                                           const u16* __restrict__ vc, const int* __restrict__ rows,
                                           const u32* __restrict__ bt, const u64* __restrict__ live, int n_heads,
                                           int n_kv, int block_size, float scale, int n_splits, float* __restrict__ out,
                                           float* __restrict__ part_o, float* __restrict__ part_ml,
                                           float* __restrict__ wsc) {
-    constexpr bool TC1 = (TC & TC_QK) != 0, TC3 = (TC & TC_PV) != 0;
     const int t = blockIdx.x;
     const int group = n_heads / n_kv;
     const int n_hc = (group + G - 1) / G;
@@ -105,7 +74,6 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 
     __shared__ float sc[G][ATT_SPLIT];
-    __shared__ __align__(16) u16 wt[TC3 ? G : 1][TC3 ? ATT_SPLIT : 2];  // TC3: the f16 weights (phase 2)
     __shared__ float sm_red[WARPS][G];
     __shared__ double sm_sum[WARPS][G];
 
@@ -158,32 +126,17 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
     // j, j+8, j+16, j+24 and v_j in registers, then 3 shuffles inside its 8 lanes (the same float
     // operations, 4 keys per instruction). Larger heads: one warp per key, lane c running chain c.
     constexpr bool QUAD = HD <= 128;
-    constexpr int QR = TC1 ? 1 : QUAD ? 4 * QPL : QPL;  // q values per lane and head
+    constexpr int QR = QUAD ? 4 * QPL : QPL;  // q values per lane and head
     const int j8 = lane & 7;
     float qr[G][QR];
-    // TC1: the mma fragments' lane coordinates (g8: row group, t4: column pair) and q^T as the B operand
-    // of s = K q (16 dims x 8 heads a k-step): head g8's f16 dims 16 s + 2 t4, +1 and 16 s + 8 + 2 t4, +1
-    const int g8 = lane >> 2, t4 = lane & 3;
-    u32 qb[TC1 ? HD / 16 : 1][2];
-    if constexpr (TC1) {
-        const float* qh = q + ((long long)t * n_heads + h0 + min(g8, nh - 1)) * HD;
 #pragma unroll
-        for (int s = 0; s < HD / 16; s++)
+    for (int hh = 0; hh < G; hh++)
 #pragma unroll
-            for (int r = 0; r < 2; r++) {
-                const int d = 16 * s + 8 * r + 2 * t4;
-                qb[s][r] = g8 < nh ? (u32)f2h(qh[d]) | ((u32)f2h(qh[d + 1]) << 16) : 0u;
-            }
-    } else {
-#pragma unroll
-        for (int hh = 0; hh < G; hh++)
-#pragma unroll
-            for (int i = 0; i < QR; i++) {
-                // QUAD: i = 4e + mq holds element j8 + 8 mq + 32 e; else element lane + 32 i
-                const int el = QUAD ? j8 + 8 * (i % 4) + 32 * (i / 4) : lane + 32 * i;
-                qr[hh][i] = hh < nh ? f16_round(q[((long long)t * n_heads + h0 + hh) * HD + el]) : 0.0f;
-            }
-    }
+        for (int i = 0; i < QR; i++) {
+            // QUAD: i = 4e + mq holds element j8 + 8 mq + 32 e; else element lane + 32 i
+            const int el = QUAD ? j8 + 8 * (i % 4) + 32 * (i / 4) : lane + 32 * i;
+            qr[hh][i] = hh < nh ? f16_round(q[((long long)t * n_heads + h0 + hh) * HD + el]) : 0.0f;
+        }
     __syncthreads();
 
     // K (then V) rows of the split staged through shared memory CH keys at a time, double-buffered
@@ -203,18 +156,12 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
             if (r < nk) tmp[j] = *(const uint4*)(pool + ((long long)sslot[c0 + r] * n_kv + g) * HD + 8 * (idx % VPR));
         }
     };
-    // the fetched chunk into kvs (the caller syncs before: kvs is free; and after: kvs is complete); TC3:
-    // rows past the keys up to a whole 16-key tile zero (the mma multiplies them by zero weights, and
-    // 0 x NaN is NaN)
+    // the fetched chunk into kvs (the caller syncs before: kvs is free; and after: kvs is complete)
     auto put = [&](int nk) {
 #pragma unroll
         for (int j = 0; j < PER; j++) {
             const int idx = threadIdx.x + j * NT;
-            if (idx / VPR < nk) {
-                ((uint4*)kvs)[(idx / VPR) * (KS / 8) + idx % VPR] = tmp[j];
-            } else if (TC3 && idx / VPR < ((nk + 15) & ~15)) {
-                ((uint4*)kvs)[(idx / VPR) * (KS / 8) + idx % VPR] = make_uint4(0u, 0u, 0u, 0u);
-            }
+            if (idx / VPR < nk) ((uint4*)kvs)[(idx / VPR) * (KS / 8) + idx % VPR] = tmp[j];
         }
     };
 
@@ -229,39 +176,14 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
         put(nk);
         __syncthreads();
         if (c0 + CH < n) fetch(kc, c0 + CH);
-        const u16* kv = kvs;
-        if constexpr (TC1) {
-            // 16 keys a warp step: s (16 keys x 8 heads) = K (16 keys x HD) q^T, K's rows by ldmatrix;
-            // lane (g8, t4) gets keys g8, g8 + 8 of heads 2 t4, 2 t4 + 1
-            for (int kr = 16 * warp; kr < nk; kr += 16 * WARPS) {
-                float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                const u16* ka = kv + (kr + (lane & 7) + 8 * ((lane >> 3) & 1)) * KS + 8 * (lane >> 4);
-#pragma unroll
-                for (int s = 0; s < HD / 16; s++) {
-                    u32 a[4];
-                    ldsm_x4(a, ka + 16 * s);
-                    mma_f16_k16(c, a, qb[s][0], qb[s][1]);
-                }
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int u = kr + g8 + 8 * (e >> 1), hh = 2 * t4 + (e & 1);
-#pragma unroll
-                    for (int h2 = 0; h2 < G; h2++) {  // constant indices: m stays in registers
-                        if (h2 != hh || u >= nk || hh >= nh) continue;
-                        const float sv = c[e] * scale;
-                        m[h2] = fmaxf(m[h2], sv);
-                        sc[h2][c0 + u] = sv;
-                    }
-                }
-            }
-        } else if constexpr (QUAD) {
+        if constexpr (QUAD) {
             // every lane of the warp takes part in the shuffles: a warp runs whole quads
             for (int ub = 4 * warp; ub < nk; ub += 4 * WARPS) {
                 const int u = ub + (lane >> 3);
                 const bool valid = u < nk;
                 float kf[QR];
 #pragma unroll
-                for (int i = 0; i < QR; i++) kf[i] = valid ? h2f(kv[u * KS + j8 + 8 * (i % 4) + 32 * (i / 4)]) : 0.0f;
+                for (int i = 0; i < QR; i++) kf[i] = valid ? h2f(kvs[u * KS + j8 + 8 * (i % 4) + 32 * (i / 4)]) : 0.0f;
 #pragma unroll
                 for (int hh = 0; hh < G; hh++) {
                     float a[4];
@@ -285,7 +207,7 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
             for (int u = warp; u < nk; u += WARPS) {
                 float kf[QPL];
 #pragma unroll
-                for (int e = 0; e < QPL; e++) kf[e] = h2f(kv[u * KS + lane + 32 * e]);
+                for (int e = 0; e < QPL; e++) kf[e] = h2f(kvs[u * KS + lane + 32 * e]);
 #pragma unroll
                 for (int hh = 0; hh < G; hh++) {
                     float a = 0.0f;
@@ -298,14 +220,8 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
             }
         }
     }
-    // TC1: the maxima of the warp's 32 lanes (each head's in some lanes, -inf in the others); QUAD: of its
-    // 4 key lanes (0, 8, 16, 24); into lane 0 (max is exact in any order)
-    if constexpr (TC1) {
-#pragma unroll
-        for (int hh = 0; hh < G; hh++)
-#pragma unroll
-            for (int off = 16; off > 0; off >>= 1) m[hh] = fmaxf(m[hh], __shfl_down_sync(0xffffffffu, m[hh], off));
-    } else if constexpr (QUAD) {
+    // QUAD: the maxima of the warp's 4 key lanes (0, 8, 16, 24) into lane 0 (max is exact in any order)
+    if constexpr (QUAD) {
 #pragma unroll
         for (int hh = 0; hh < G; hh++) {
             m[hh] = fmaxf(m[hh], __shfl_down_sync(0xffffffffu, m[hh], 16));
@@ -333,7 +249,6 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
     double l[G];
 #pragma unroll
     for (int hh = 0; hh < G; hh++) {
-        if (hh >= nh) break;  // padding heads of the last chunk: never written
         double s = 0.0;
         for (int i = threadIdx.x; i < n; i += blockDim.x) {
             const float e = exp_cr(sc[hh][i] - m[hh]);
@@ -347,7 +262,6 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
     __syncthreads();
 #pragma unroll
     for (int hh = 0; hh < G; hh++) {
-        if (hh >= nh) break;
         double s = 0.0;
 #pragma unroll
         for (int w = 0; w < WARPS; w++) s += sm_sum[w][hh];
@@ -357,108 +271,47 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
             float* wh = wrow + (long long)(h0 + hh) * ctx;
             for (int i = threadIdx.x; i < n; i += blockDim.x) wh[sent[i]] = sc[hh][i] * inv;
         }
-        if constexpr (TC3) {  // f16 bits for the mma, zero up to a whole 16-key tile (and for padding heads)
-            for (int i = threadIdx.x; i < ((n + 15) & ~15); i += blockDim.x) wt[hh][i] = i < n && hh < nh ? f2h(sc[hh][i] * inv) : 0;
-        } else {
-            for (int i = threadIdx.x; i < n; i += blockDim.x) sc[hh][i] = f16_round(sc[hh][i] * inv);
-        }
+        for (int i = threadIdx.x; i < n; i += blockDim.x) sc[hh][i] = f16_round(sc[hh][i] * inv);
     }
     __syncthreads();
 
-    // 3. o = sum_j w_j v_j
-    if constexpr (TC3) {
-        // 16 keys a step: o^T (16 dims x 8 heads) += V^T (16 dims x 16 keys, ldmatrix.trans of V's rows)
-        // w^T (16 keys x 8 heads); warp w takes dim tiles w, w + WARPS, ...; lane (g8, t4) ends with dims
-        // g8, g8 + 8 of heads 2 t4, 2 t4 + 1
-        constexpr int MT = HD / 16, MTW = (MT + WARPS - 1) / WARPS;
-        float oc[MTW][4];
+    // 3. o = sum_j w_j v_j: one thread per (dim, HPT heads of the chunk): HPT independent chains, keys
+    //    in order by FMA (the CPU's axpy_f16)
+    constexpr int HPT = G * HD / NT;  // hd64: 1, hd128: 2, hd256: 4
+    static_assert(HPT >= 1 && G % HPT == 0 && NT % HD == 0, "attention: threads per (head, dim)");
+    const int d = threadIdx.x % HD, hb = (threadIdx.x / HD) * HPT;
+    float o[HPT];
 #pragma unroll
-        for (int i = 0; i < MTW; i++) oc[i][0] = oc[i][1] = oc[i][2] = oc[i][3] = 0.0f;
-        const u16* wg = wt[g8 < G ? g8 : 0];  // heads past G: zero fragments
-        for (int c0 = 0; c0 < n; c0 += CH) {
-            const int nk = min(CH, n - c0);
-            __syncthreads();
-            put(nk);
-            __syncthreads();
-            if (c0 + CH < n) fetch(vc, c0 + CH);
-            const u16* kv = kvs;
-            for (int kr = 0; kr < nk; kr += 16) {
-                const u32 b0 = g8 < G ? *(const u32*)(wg + c0 + kr + 2 * t4) : 0u;
-                const u32 b1 = g8 < G ? *(const u32*)(wg + c0 + kr + 8 + 2 * t4) : 0u;
-                const u16* va = kv + (kr + (lane & 7) + 8 * (lane >> 4)) * KS + 8 * ((lane >> 3) & 1);
+    for (int k = 0; k < HPT; k++) o[k] = 0.0f;
+    for (int c0 = 0; c0 < n; c0 += CH) {
+        const int nk = min(CH, n - c0);
+        __syncthreads();
+        put(nk);
+        __syncthreads();
+        if (c0 + CH < n) fetch(vc, c0 + CH);
+        for (int u = 0; u < nk; u++) {
+            const float v = h2f(kvs[u * KS + d]);
 #pragma unroll
-                for (int i = 0; i < MTW; i++) {
-                    const int mt = warp + i * WARPS;
-                    if (mt >= MT) break;
-                    u32 a[4];
-                    ldsm_x4_t(a, va + 16 * mt);
-                    mma_f16_k16(oc[i], a, b0, b1);
-                }
-            }
+            for (int k = 0; k < HPT; k++) o[k] = fmaf(sc[hb + k][c0 + u], v, o[k]);
         }
+    }
 #pragma unroll
-        for (int i = 0; i < MTW; i++) {
-            const int mt = warp + i * WARPS;
-            if (mt >= MT) break;
+    for (int k = 0; k < HPT; k++) {
+        const int hh = hb + k;
+        if (hh >= nh) break;
+        const long long th = (long long)t * n_heads + h0 + hh;
+        if (row_splits == 1) {
+            out[th * HD + d] = o[k];
+        } else {
+            part_o[(th * n_splits + split) * HD + d] = o[k];
+            if (d == 0) {
+                float* ml = part_ml + (th * n_splits + split) * 4;
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int d = 16 * mt + g8 + 8 * (e >> 1), hh = 2 * t4 + (e & 1);
-                if (hh >= nh) continue;
-                const long long th = (long long)t * n_heads + h0 + hh;
-                if (row_splits == 1) out[th * HD + d] = oc[i][e];
-                else part_o[(th * n_splits + split) * HD + d] = oc[i][e];
-            }
-        }
-        if (row_splits > 1) {
-#pragma unroll
-            for (int hh = 0; hh < G; hh++) {  // constant indices: m and l stay in registers
-                if ((int)threadIdx.x != hh || hh >= nh) continue;
-                float* ml = part_ml + (((long long)t * n_heads + h0 + hh) * n_splits + split) * 4;
-                ml[0] = m[hh];
-                ml[1] = 0.0f;
-                *(double*)(ml + 2) = l[hh];
-            }
-        }
-    } else {
-        //    the exact path: one thread per (dim, HPT heads of the chunk): HPT independent chains, keys
-        //    in order by FMA (the CPU's axpy_f16)
-        constexpr int HPT = G * HD / NT;  // hd64: 1, hd128: 2, hd256: 4
-        static_assert(HPT >= 1 && G % HPT == 0 && NT % HD == 0, "attention: threads per (head, dim)");
-        const int d = threadIdx.x % HD, hb = (threadIdx.x / HD) * HPT;
-        float o[HPT];
-#pragma unroll
-        for (int k = 0; k < HPT; k++) o[k] = 0.0f;
-        for (int c0 = 0; c0 < n; c0 += CH) {
-            const int nk = min(CH, n - c0);
-            __syncthreads();
-            put(nk);
-            __syncthreads();
-            if (c0 + CH < n) fetch(vc, c0 + CH);
-            const u16* kv = kvs;
-            for (int u = 0; u < nk; u++) {
-                const float v = h2f(kv[u * KS + d]);
-#pragma unroll
-                for (int k = 0; k < HPT; k++) o[k] = fmaf(sc[hb + k][c0 + u], v, o[k]);
-            }
-        }
-#pragma unroll
-        for (int k = 0; k < HPT; k++) {
-            const int hh = hb + k;
-            if (hh >= nh) break;
-            const long long th = (long long)t * n_heads + h0 + hh;
-            if (row_splits == 1) {
-                out[th * HD + d] = o[k];
-            } else {
-                part_o[(th * n_splits + split) * HD + d] = o[k];
-                if (d == 0) {
-                    float* ml = part_ml + (th * n_splits + split) * 4;
-#pragma unroll
-                    for (int h2 = 0; h2 < G; h2++) {  // constant indices: m and l stay in registers
-                        if (h2 != hh) continue;
-                        ml[0] = m[h2];
-                        ml[1] = 0.0f;
-                        *(double*)(ml + 2) = l[h2];
-                    }
+                for (int h2 = 0; h2 < G; h2++) {  // constant indices: m and l stay in registers
+                    if (h2 != hh) continue;
+                    ml[0] = m[h2];
+                    ml[1] = 0.0f;
+                    *(double*)(ml + 2) = l[h2];
                 }
             }
         }
@@ -466,30 +319,22 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
 }
 
 // NAME: head dim HD, G query heads per CTA, WARPS warps (CudaBackend's threads for NAME), CH keys per
-// staged chunk (the loads in flight per CTA), TC the tensor-core phases; ATTN_K also takes the launch
-// bounds (with a second number, the CTAs per SM the registers must allow)
-#define ATTN_K(NAME, BOUNDS, HD, G, WARPS, CH, TC)                                                                 \
-    extern "C" __global__ void __launch_bounds__ BOUNDS NAME(                                                      \
+// staged chunk (the loads in flight per CTA)
+#define ATTN(NAME, HD, G, WARPS, CH)                                                                               \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) NAME(                                                 \
         const float* q, const u16* kc, const u16* vc, const int* rows, const u32* bt, const u64* live,             \
         int n_heads, int n_kv, int block_size, float scale, int n_splits, float* out, float* part_o, float* part_ml, \
         float* wsc) {                                                                                              \
         pdl_enter();                                                                                               \
-        attn_body<HD, G, WARPS, CH, TC>(q, kc, vc, rows, bt, live, n_heads, n_kv, block_size, scale, n_splits, out, \
+        attn_body<HD, G, WARPS, CH>(q, kc, vc, rows, bt, live, n_heads, n_kv, block_size, scale, n_splits, out, \
                                         part_o, part_ml, wsc);                                                     \
     }
-#define ATTN(NAME, HD, G, WARPS, CH, TC) ATTN_K(NAME, (WARPS * 32), HD, G, WARPS, CH, TC)
-ATTN(attn_hd64, 64, 4, 8, 64, 0)
-ATTN(attn_hd128, 128, 4, 8, 64, 0)
-ATTN(attn_hd256, 256, 4, 8, 64, 0)
+ATTN(attn_hd64, 64, 4, 8, 64)
+ATTN(attn_hd128, 128, 4, 8, 64)
+ATTN(attn_hd256, 256, 4, 8, 64)
 // variants for head dim 128, picked by PAGELLM_CUDA_ATTN (measured against each other on the GPU)
-ATTN(attn_hd128_g2c64, 128, 2, 8, 64, 0)
-ATTN(attn_hd128_w16, 128, 4, 16, 64, 0)
-ATTN_K(attn_hd128_o3, (256, 3), 128, 4, 8, 64, 0)  // registers capped for 3 CTAs per SM
-// tensor-core kernels (sm_80+, PAGELLM_CUDA_ATTN=tc): both phases on the tensor cores
-ATTN(attn_tc_hd64, 64, 4, 8, 64, TC_QK | TC_PV)
-ATTN(attn_tc_hd128, 128, 4, 8, 64, TC_QK | TC_PV)
-ATTN(attn_tc_hd256, 256, 4, 8, 32, TC_QK | TC_PV)
-ATTN(attn_tc_hd128_g2, 128, 2, 8, 64, TC_QK | TC_PV)
+ATTN(attn_hd128_g2c64, 128, 2, 8, 64)
+ATTN(attn_hd128_w16, 128, 4, 16, 64)
 
 // The splits of a row folded left in order, as the CPU's `merge`: one block of head_dim threads per
 // (query row, head); rows with one split were written by the attention kernel. Splits with no live key

@@ -5,36 +5,17 @@ use super::scratch::Tag;
 use super::{blocks, dptr, kv_ref, CudaBackend, A, ATTN_THREADS};
 use crate::backend::{AttnParams, AttnSeq, Buffer, KvStore};
 
-/// The attention kernels a [`CudaBackend`] takes, from `PAGELLM_CUDA_ATTN`. Unset (or `exact`): the
-/// exact kernels, the CPU backend's float operations in its order, so CUDA and CPU agree bit for bit.
-/// `tc` (sm_80 and later): q.k and the weighted sum of V by f16 mma with f32 accumulation
-/// (`attn_tc_hd*`): 15% faster for 16 sequences at 4096 keys on the H200, within DESIGN.md's bound of
-/// the reference per kernel, but the reordered sums flip later Q8 roundings, which puts a tiny random
-/// model's logits 1.5e-2 from the CPU's (bench/GPU_NOTES.md, call 74). For head dim 128 it may also
-/// force one variant: `tc_g4`, `tc_g2` (4 or 2 query heads per CTA), exact `g4c64`, `g2c64`, `w16`, `o3`
-/// (registers capped for 3 CTAs per SM).
-#[derive(Clone, Copy, Debug)]
-pub(super) struct AttnChoice {
-    /// The kernels' name prefix: "tc_" or "" (exact).
-    pub kind: &'static str,
-    /// The forced head-dim-128 kernel with its heads per CTA and threads; `None`: chosen per call.
-    pub forced128: Option<(&'static str, usize, u32)>,
-}
-
-pub(super) fn attn_choice(major: i32) -> AttnChoice {
-    let var = std::env::var("PAGELLM_CUDA_ATTN");
-    let tensor = major >= 8;
-    let forced128 = match var.as_deref() {
-        Ok("tc_g4") if tensor => Some(("attn_tc_hd128", 4, ATTN_THREADS)),
-        Ok("tc_g2") if tensor => Some(("attn_tc_hd128_g2", 2, ATTN_THREADS)),
+/// The head-dim-128 attention kernel `PAGELLM_CUDA_ATTN` forces (`g4c64`: 4 query heads per CTA;
+/// `g2c64`: 2; `w16`: 4 with 16 warps), with its heads per CTA and threads. Unset, each call picks g2
+/// when g4 would leave SMs idle, else g4 ([`CudaBackend::attention`]): g2 is 11% faster for a decode
+/// step of one sequence at 4096 keys on the H200 and slower with many CTAs (bench/GPU_NOTES.md, session 4).
+pub(super) fn attn128() -> Option<(&'static str, usize, u32)> {
+    match std::env::var("PAGELLM_CUDA_ATTN").as_deref() {
         Ok("g4c64") => Some(("attn_hd128", 4, ATTN_THREADS)),
         Ok("g2c64") => Some(("attn_hd128_g2c64", 2, ATTN_THREADS)),
         Ok("w16") => Some(("attn_hd128_w16", 4, 512)),
-        Ok("o3") => Some(("attn_hd128_o3", 4, ATTN_THREADS)),
         _ => None,
-    };
-    let kind = if tensor && matches!(var.as_deref(), Ok("tc" | "tc_g4" | "tc_g2")) { "tc_" } else { "" };
-    AttnChoice { kind, forced128 }
+    }
 }
 
 impl CudaBackend {
@@ -95,11 +76,10 @@ impl CudaBackend {
         // depth 4096 on the H200: bench/GPU_NOTES.md session 3); 2 when 4 leave SMs idle (one sequence
         // at 4096 keys: 34.1 vs 38.3 us per layer on the H200, session 4). Both give the same values.
         let ctas_g4 = n_rows * n_kv * group.div_ceil(4) * n_splits;
-        let kind = self.attn.kind;
-        let (name, g, threads) = match self.attn.forced128 {
+        let (name, g, threads) = match self.attn128 {
             Some((name, g, threads)) if hd == 128 => (name.to_string(), g, threads),
-            None if hd == 128 && group > 2 && ctas_g4 < self.sms => (if kind.is_empty() { "attn_hd128_g2c64".to_string() } else { format!("attn_{kind}hd128_g2") }, 2, ATTN_THREADS),
-            _ => (format!("attn_{kind}hd{hd}"), 4, ATTN_THREADS),
+            None if hd == 128 && group > 2 && ctas_g4 < self.sms => ("attn_hd128_g2c64".to_string(), 2, ATTN_THREADS),
+            _ => (format!("attn_hd{hd}"), 4, ATTN_THREADS),
         };
         let grid = (n_rows as u32, (n_kv * group.div_ceil(g)) as u32, n_splits as u32);
         self.launch(&name, grid, threads, &args);

@@ -205,8 +205,8 @@ pub struct CudaBackend {
     /// (activations pointer, row length, rounding) of the last products that quantized their input:
     /// an op writing that buffer next time quantizes it on the way out (one launch fewer).
     quant_hints: Mutex<Vec<(u64, usize, Act)>>,
-    /// Which attention kernels it takes (`PAGELLM_CUDA_ATTN`, [`attn::attn_choice`]).
-    attn: attn::AttnChoice,
+    /// The head-dim-128 attention kernel `PAGELLM_CUDA_ATTN` forces (see [`attn128`]); `None`: chosen per call.
+    attn128: Option<(&'static str, usize, u32)>,
 }
 
 fn dptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
@@ -306,7 +306,7 @@ impl CudaBackend {
             mmvp_blocks,
             fuse,
             quant_hints: Mutex::new(Vec::new()),
-            attn: attn::attn_choice(major),
+            attn128: attn::attn128(),
         })
     }
 
