@@ -76,20 +76,36 @@ __device__ __forceinline__ MmqTile mmq_tile(const u8* __restrict__ w, int n_rows
 
 // mmq's activation layout (mmq_pack): token groups of 8; for each 32-byte block b of K, a group's 8
 // rows side by side, so the 8 tokens x 32 bytes an mma n-tile reads are 256 contiguous bytes (2 cache
-// lines; in the Q8_K rows, 8: call 59's mmq was bound by these L1 wavefronts). Tokens past the batch
-// are zero, up to a whole tile.
-extern "C" __global__ void mmq_pack(const i8* __restrict__ qa, int K, int n_tok, int n_pad, i8* __restrict__ out) {
+// lines; in the Q8_K rows, 8: call 59's mmq was bound by these L1 wavefronts). Then, after the n_pad x K
+// bytes, the Q8_K scales and block sums the same way: for token group tg and super-block sb, the group's
+// 8 scales (float, at dap) and its 8 x 8 block sums (int, at sap = dap + n_pad nsb), so the float steps
+// of an n-tile read 32 + 256 contiguous bytes instead of 8 tokens' scattered rows (mmq_scales). Tokens
+// past the batch are zero, up to a whole tile.
+extern "C" __global__ void mmq_pack(const i8* __restrict__ qa, const float* __restrict__ da, const int* __restrict__ sa,
+                                    int K, int n_tok, int n_pad, i8* __restrict__ out) {
     pdl_enter();
     const long long u = blockIdx.x * (long long)blockDim.x + threadIdx.x;  // 16-byte piece of out
     if (u >= (long long)n_pad * K / 16) return;
-    const int nb = K / 32;
+    const int nb = K / 32, nsb = K / 256;
     const long long ob = 16 * u, gb = ob / 256;  // gb = group * nb + block
     const int r = (int)(ob % 256), tok = 8 * (int)(gb / nb) + r / 32, b = (int)(gb % nb);
     uint4 v;
     v.x = v.y = v.z = v.w = 0u;
     if (tok < n_tok) v = *(const uint4*)(qa + (long long)tok * K + 32 * b + r % 32);
     *(uint4*)(out + ob) = v;
+    if (u < (long long)n_pad * nsb) {  // u = (tg nsb + sb) 8 + g: token 8 tg + g's scale and sums of sb
+        const int g = (int)(u % 8), sb = (int)(u / 8 % nsb), t = 8 * (int)(u / 8 / nsb) + g;
+        float* dap = (float*)(out + (long long)n_pad * K);
+        int* sap = (int*)(dap + (long long)n_pad * nsb);
+        const long long base = (long long)t * nb + sb * 8;
+#pragma unroll
+        for (int j = 0; j < 8; j++) sap[8 * u + j] = t < n_tok ? sa[base + j] : 0;
+        dap[u] = t < n_tok ? da[base] : 0.0f;
+    }
 }
+
+// The index of token 8 tg + g's Q8_K scale of super-block sb in mmq_pack's layout (its block sums at 8x it).
+__device__ __forceinline__ long long mmq_scales(int tg, int nsb, int sb, int g) { return ((long long)tg * nsb + sb) * 8 + g; }
 
 // 8 (4) activation bytes at byte `off` of 32-byte block b for token 8 tg + g, from mmq_pack's layout.
 __device__ __forceinline__ unsigned long long act8(const i8* __restrict__ qp, int nb, int tg, int b, int g, int off) {
@@ -263,11 +279,10 @@ __device__ __forceinline__ void mmq_q4_k_body(const i8* __restrict__ qp, const f
             for (int nt = 0; nt < NP; nt++)
 #pragma unroll
                 for (int h = 0; h < 2; h++) {
-                    // a clamped token's output is not stored
-                    const int tok = min(m.t0 + 8 * (p0 + nt) + 2 * m.t + h, n_tok - 1);
-                    const long long base = (long long)tok * nb + sb * 8;
-                    const float dab = da[base];
-                    const int4 s0 = *(const int4*)(sa + base), s1 = *(const int4*)(sa + base + 4);
+                    // (a token past the batch has zero scales and sums; its output is not stored)
+                    const long long u = mmq_scales(m.t0 / 8 + p0 + nt, nsb, sb, 2 * m.t + h);
+                    const float dab = da[u];
+                    const int4 s0 = *(const int4*)(sa + 8 * u), s1 = *(const int4*)(sa + 8 * u + 4);
                     const int s[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
                     int msA = 0, msB = 0;
 #pragma unroll
@@ -350,8 +365,7 @@ __device__ __forceinline__ void mmq_q6_k_body(const i8* __restrict__ qp, const f
             for (int nt = 0; nt < NP; nt++)
 #pragma unroll
                 for (int h = 0; h < 2; h++) {
-                    const int tok = min(m.t0 + 8 * (p0 + nt) + 2 * m.t + h, n_tok - 1);
-                    const float dab = da[(long long)tok * nb + sb * 8];
+                    const float dab = da[mmq_scales(m.t0 / 8 + p0 + nt, nsb, sb, 2 * m.t + h)];
                     mmq_put<RG>(pk, m, p0 + nt, h, (dA * dab) * (float)isum[nt][h]);
                     mmq_put<RG>(pk, m, p0 + nt, 2 + h, (dB * dab) * (float)isum[nt][2 + h]);
                 }
@@ -361,7 +375,7 @@ __device__ __forceinline__ void mmq_q6_k_body(const i8* __restrict__ qp, const f
 
 // One kernel per type and token tile (8 NT tokens): mmq_q4_k_16, _32, _64 and mmq_q6_k_16, _32, _64;
 // qp: the activations in mmq_pack's layout (padded to whole tiles), da / sa: their Q8_K scales and block
-// sums as the quantize kernels wrote them.
+// sums, also in mmq_pack's layout (mmq_scales).
 #define MMQ_KERNEL(TY, NT, RG, SUFFIX)                                                                              \
     extern "C" __global__ void __launch_bounds__(MMQ_THREADS, 2) mmq_##TY##_##NT##SUFFIX(                           \
         const i8* __restrict__ qp, const float* __restrict__ da, const int* __restrict__ sa, int K, int n_tok,      \

@@ -141,16 +141,19 @@ impl CudaBackend {
                 if let Some(fs) = mmq {
                     let i = MMQ_TILES.iter().position(|&t| n <= t).unwrap_or(MMQ_TILES.len() - 1);
                     // the activations in mmq's layout (kernels/mmq.cu mmq_pack), once per quantized input
+                    // then their scales (f32) and block sums (8 x i32) per token and super-block
                     let n_pad = n.div_ceil(MMQ_TILES[i]) * MMQ_TILES[i];
-                    let qp = s.mmq_act.ensure(&self.stream, n_pad * k, &self.flusher());
+                    let scales = n_pad * (k / 256);
+                    let qp = s.mmq_act.ensure(&self.stream, n_pad * k + 36 * scales, &self.flusher());
+                    let (dap, sap) = (qp + (n_pad * k) as u64, qp + (n_pad * k + 4 * scales) as u64);
                     let mut packed = self.mmq_packed.lock().unwrap_or_else(|e| e.into_inner());
                     if *packed != Some((qa, qp, n_pad, k)) {
-                        let args = [A::P(qa), A::I(k as i32), A::I(n as i32), A::I(n_pad as i32), A::P(qp)];
+                        let args = [A::P(qa), A::P(da), A::P(sa), A::I(k as i32), A::I(n as i32), A::I(n_pad as i32), A::P(qp)];
                         self.launch_keep(self.k.get("mmq_pack"), (blocks(n_pad * k / 16, 256), 1, 1), 256, &args);
                         *packed = Some((qa, qp, n_pad, k));
                     }
                     drop(packed);
-                    let args = [A::P(qp), A::P(da), A::P(sa), A::I(k as i32), A::I(n as i32), A::P(wp), A::I(n_rows as i32), A::P(op)];
+                    let args = [A::P(qp), A::P(dap), A::P(sap), A::I(k as i32), A::I(n as i32), A::P(wp), A::I(n_rows as i32), A::P(op)];
                     // narrow CTAs: 16 rows, 8 warps on each row's K
                     let rows = if self.mmq_narrow { MMQ_ROWS / 2 } else { MMQ_ROWS };
                     let f = &fs[self.mmq_narrow as usize][i];
