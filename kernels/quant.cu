@@ -45,6 +45,29 @@ __device__ __forceinline__ void kscales(const u8* __restrict__ row, int b, int& 
     }
 }
 
+// decode's codes are unsigned bytes; the weight is code - code_off<T>() (times the scale). The products
+// take the offset out of their integer sums exactly (dot32<OFF>), so no per-byte subtraction is needed.
+template <int T>
+__device__ __forceinline__ constexpr int code_off() {
+    return (T == T_Q4_0 || T == T_Q4_0R) ? 8 : T == T_Q5_0 ? 16 : T == T_Q6_K ? 32 : 0;
+}
+
+// 8 little-endian words from p (2-byte aligned, and p + 34 inside the allocation when p is not 4-byte
+// aligned): 8 or 9 aligned loads instead of 16 halves.
+__device__ __forceinline__ void ld8_b2(const u8* p, int w[8]) {
+    const u32* a = (const u32*)((size_t)p & ~(size_t)3);
+    if (((size_t)p & 2) == 0) {
+#pragma unroll
+        for (int i = 0; i < 8; i++) w[i] = (int)a[i];
+    } else {
+        u32 v[9];
+#pragma unroll
+        for (int i = 0; i < 9; i++) v[i] = a[i];
+#pragma unroll
+        for (int i = 0; i < 8; i++) w[i] = (int)__byte_perm(v[i], v[i + 1], 0x5432);
+    }
+}
+
 template <int T>
 __device__ __forceinline__ void decode(const u8* __restrict__ row, int b, int nb, int q[8], float& d0, float& d1, float& m) {
     m = 0.0f;
@@ -60,8 +83,8 @@ __device__ __forceinline__ void decode(const u8* __restrict__ row, int b, int nb
         }
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            q[i] = __vsub4(v[i] & 0x0F0F0F0F, 0x08080808);
-            q[i + 4] = __vsub4((v[i] >> 4) & 0x0F0F0F0F, 0x08080808);
+            q[i] = v[i] & 0x0F0F0F0F;
+            q[i + 4] = (v[i] >> 4) & 0x0F0F0F0F;
         }
     } else if constexpr (T == T_Q4_0) {
         const u8* x = row + b * 18;
@@ -69,8 +92,8 @@ __device__ __forceinline__ void decode(const u8* __restrict__ row, int b, int nb
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             int v = ld_i32_b2(x + 2 + 4 * i);
-            q[i] = __vsub4(v & 0x0F0F0F0F, 0x08080808);
-            q[i + 4] = __vsub4((v >> 4) & 0x0F0F0F0F, 0x08080808);
+            q[i] = v & 0x0F0F0F0F;
+            q[i + 4] = (v >> 4) & 0x0F0F0F0F;
         }
     } else if constexpr (T == T_Q4_1) {
         const u8* x = row + b * 20;
@@ -89,8 +112,8 @@ __device__ __forceinline__ void decode(const u8* __restrict__ row, int b, int nb
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             int v = ld_i32_b2(x + 6 + 4 * i);
-            q[i] = __vsub4((v & 0x0F0F0F0F) | expand_hi4((qh >> (4 * i)) & 0xF), 0x10101010);
-            q[i + 4] = __vsub4(((v >> 4) & 0x0F0F0F0F) | expand_hi4((qh >> (16 + 4 * i)) & 0xF), 0x10101010);
+            q[i] = (v & 0x0F0F0F0F) | expand_hi4((qh >> (4 * i)) & 0xF);
+            q[i + 4] = ((v >> 4) & 0x0F0F0F0F) | expand_hi4((qh >> (16 + 4 * i)) & 0xF);
         }
     } else if constexpr (T == T_Q8_0) {
         const u8* x = row + b * 34;
@@ -119,14 +142,14 @@ __device__ __forceinline__ void decode(const u8* __restrict__ row, int b, int nb
         const i8* sc = (const i8*)(x + 192) + 2 * j;
         d0 = d * (float)sc[0];
         d1 = d * (float)sc[1];
-        const u8* ql = x + 64 * n + 32 * (k & 1);
-        const u8* qh = x + 128 + 32 * n;
+        int l[8], h[8];
+        ld8_b2(x + 64 * n + 32 * (k & 1), l);
+        ld8_b2(x + 128 + 32 * n, h);
 #pragma unroll
         for (int i = 0; i < 8; i++) {
-            int l = ld_i32_b2(ql + 4 * i);
-            int lo = (k < 2 ? l : (l >> 4)) & 0x0F0F0F0F;
-            int hi = ((ld_i32_b2(qh + 4 * i) >> (2 * k)) & 0x03030303) << 4;
-            q[i] = __vsub4(lo | hi, 0x20202020);
+            const int lo = (k < 2 ? l[i] : (l[i] >> 4)) & 0x0F0F0F0F;
+            const int hi = ((h[i] >> (2 * k)) & 0x03030303) << 4;
+            q[i] = lo | hi;
         }
     }
 }
@@ -281,6 +304,9 @@ extern "C" __global__ void q8k_to_f16(const float* __restrict__ x, u16* __restri
 
 // The two integer half-sums of one 32-weight block: codes q[0..4] against activations 0..16 (lo),
 // q[4..8] against 16..32 (hi); `a` is the block's 32 Q8 activations (16-byte aligned).
+// With OFF, the codes q are unsigned and each weight is q - OFF: OFF x the activations' half sums are taken
+// out by dp4a against bytes of -OFF (exact integers, as the signed codes would give).
+template <int OFF = 0>
 __device__ __forceinline__ void dot32(const int q[8], const i8* __restrict__ a, int& lo, int& hi) {
     const int4* ap = (const int4*)a;
     const int4 a0 = ap[0], a1 = ap[1];
@@ -292,6 +318,11 @@ __device__ __forceinline__ void dot32(const int q[8], const i8* __restrict__ a, 
     hi = __dp4a(q[5], a1.y, hi);
     hi = __dp4a(q[6], a1.z, hi);
     hi = __dp4a(q[7], a1.w, hi);
+    if constexpr (OFF != 0) {
+        constexpr int m = (int)(0x01010101u * (u32)(u8)(-OFF));
+        lo = __dp4a(m, a0.x, __dp4a(m, a0.y, __dp4a(m, a0.z, __dp4a(m, a0.w, lo))));
+        hi = __dp4a(m, a1.x, __dp4a(m, a1.y, __dp4a(m, a1.z, __dp4a(m, a1.w, hi))));
+    }
 }
 
 // Rounds exactly as the CPU backend's dots (src/backend/cpu/kernels.rs, module doc):
@@ -334,7 +365,7 @@ __device__ __forceinline__ void mmv_q(const u8* __restrict__ w, int K, int n_row
                 int lo = 0, hi = 0;
                 float dab = 0.0f;
                 if (have) {
-                    dot32(q, qa + (long long)t * K + b * 32, lo, hi);
+                    dot32<code_off<T>()>(q, qa + (long long)t * K + b * 32, lo, hi);
                     dab = da[t * nb + b];
                 }
                 if constexpr (KQ) {
@@ -344,7 +375,7 @@ __device__ __forceinline__ void mmv_q(const u8* __restrict__ w, int K, int n_row
 #pragma unroll
                     for (int o = 1; o < 8; o <<= 1) {
                         isum += __shfl_xor_sync(0xffffffffu, isum, o);
-                        msum += __shfl_xor_sync(0xffffffffu, msum, o);
+                        if (T == T_Q4_K) msum += __shfl_xor_sync(0xffffffffu, msum, o);
                     }
                     float v;
                     if (T == T_Q4_K) v = (dw * dab) * (float)isum - (dminw * dab) * (float)msum;
@@ -452,7 +483,7 @@ __device__ __forceinline__ void mmv1_q(const u8* __restrict__ w, int K, int n_ro
             int lo = 0, hi = 0;
             float dab = 0.0f;
             if (have) {
-                dot32(q[u], qa + b * 32, lo, hi);
+                dot32<code_off<T>()>(q[u], qa + b * 32, lo, hi);
                 dab = da[b];
             }
             if constexpr (KQ) {
@@ -461,7 +492,7 @@ __device__ __forceinline__ void mmv1_q(const u8* __restrict__ w, int K, int n_ro
 #pragma unroll
                 for (int o = 1; o < 8; o <<= 1) {
                     isum += __shfl_xor_sync(0xffffffffu, isum, o);
-                    msum += __shfl_xor_sync(0xffffffffu, msum, o);
+                    if (T == T_Q4_K) msum += __shfl_xor_sync(0xffffffffu, msum, o);
                 }
                 float v;
                 if (T == T_Q4_K) v = (dw[u] * dab) * (float)isum - (dminw[u] * dab) * (float)msum;
@@ -539,6 +570,25 @@ __device__ __forceinline__ void mmvp_row(int R, int K, const u8* w0, int r0, flo
     }
 }
 
+// Block b's term as the CPU rounds it, (d_w * d_a) * sumi, with sumi = (q - 8) . a taken as q . a - 8 * sum(a):
+// the nibbles go to dp4a unsigned (0..15) and the activations' block sum `sa` (exact in int32) corrects them,
+// so the codes need no per-byte subtraction (__vsub4 is 4-5 instructions on sm_80+). Zero when absent.
+__device__ __forceinline__ float q4r_term(const uint4 raw, u16 d, const i8* __restrict__ qa, const float* __restrict__ da,
+                                          const int* __restrict__ sa, int b, bool have) {
+    if (!have) return 0.0f;
+    const u32 v4[4] = {raw.x, raw.y, raw.z, raw.w};
+    int q[8];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        q[i] = (int)(v4[i] & 0x0F0F0F0Fu);
+        q[i + 4] = (int)((v4[i] >> 4) & 0x0F0F0F0Fu);
+    }
+    int lo = 0, hi = 0;
+    dot32(q, qa + b * 32, lo, hi);
+    return (h2f(d) * da[b]) * (float)(lo + hi - 8 * sa[b]);
+}
+
+// 6 CTAs per SM: up to 80 registers, none spilled (8 per SM spilled and measured 11% slower, call 82).
 extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32, 6) mmvp_q4_0r(
     const i8* __restrict__ qa, const float* __restrict__ da, const int* __restrict__ sa, const float* __restrict__ ss,
     int K, int n_tok, const u8* w0, int r0, float* o0, const u8* w1, int r1, float* o1, const u8* w2, int r2, float* o2) {
@@ -567,32 +617,22 @@ extern "C" __global__ void __launch_bounds__(MMV_WARPS * 32, 6) mmvp_q4_0r(
         }
         const bool more = R2 < rows;
         if (more) q4r_load(nxt, wrow2, nb, nb0);
-        // this batch: mmv1_q's steps for T_Q4_0R
+        // this batch: mmv1_q's float steps for T_Q4_0R; lanes 0..3 fold blocks (lane & 3) + 4i in order
 #pragma unroll
         for (int u = 0; u < MMV1_U; u++) {
             const int bb = b0 + 32 * u;
             if (bb >= nb) break;
             const int b = bb + lane;
-            const bool have = b < nb;
-            const int v4[4] = {(int)cur.qs[u].x, (int)cur.qs[u].y, (int)cur.qs[u].z, (int)cur.qs[u].w};
-            int q[8];
+            const float v = q4r_term(cur.qs[u], cur.d[u], qa, da, sa, b, b < nb);
+            if (bb + 32 <= nb) {  // a whole round (warp-uniform): no per-block checks
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                q[i] = __vsub4(v4[i] & 0x0F0F0F0F, 0x08080808);
-                q[i + 4] = __vsub4((v4[i] >> 4) & 0x0F0F0F0F, 0x08080808);
-            }
-            const float d0 = h2f(cur.d[u]);
-            int lo = 0, hi = 0;
-            float dab = 0.0f;
-            if (have) {
-                dot32(q, qa + b * 32, lo, hi);
-                dab = da[b];
-            }
-            const float v = (d0 * dab) * (float)(lo + hi);
+                for (int i = 0; i < 8; i++) acc = acc + __shfl_sync(0xffffffffu, v, (lane & 3) + 4 * i);
+            } else {
 #pragma unroll
-            for (int i = 0; i < 8; i++) {
-                const float x = __shfl_sync(0xffffffffu, v, (lane & 3) + 4 * i);
-                if (bb + (lane & 3) + 4 * i < nb) acc = acc + x;
+                for (int i = 0; i < 8; i++) {
+                    const float x = __shfl_sync(0xffffffffu, v, (lane & 3) + 4 * i);
+                    if (bb + (lane & 3) + 4 * i < nb) acc = acc + x;
+                }
             }
         }
         if (b0 + batch >= nb) {  // the row's last batch: (acc0 + acc2) + (acc1 + acc3)
@@ -707,7 +747,7 @@ __device__ __forceinline__ void block_values(const u8* __restrict__ row, int b, 
 #pragma unroll
             for (int k = 0; k < 4; k++) {
                 const float d = i < 4 ? d0 : d1;
-                const float qv = (float)sbyte(q[i], k);
+                const float qv = (float)(sbyte(q[i], k) - code_off<T>());
                 v[4 * i + k] = (T == T_Q4_1 || T == T_Q4_K) ? d * qv + m : qv * d;
             }
     }
