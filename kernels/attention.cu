@@ -289,10 +289,27 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
         put(nk);
         __syncthreads();
         if (c0 + CH < n) fetch(vc, c0 + CH);
-        for (int u = 0; u < nk; u++) {
-            const float v = h2f(kvs[u * KS + d]);
+        if (nk == CH) {  // a whole chunk: 4 keys' values and weights (one 16-byte load a head) per step
+#pragma unroll 4
+            for (int u = 0; u < CH; u += 4) {
+                float v[4];
 #pragma unroll
-            for (int k = 0; k < HPT; k++) o[k] = fmaf(sc[hb + k][c0 + u], v, o[k]);
+                for (int j = 0; j < 4; j++) v[j] = h2f(kvs[(u + j) * KS + d]);
+#pragma unroll
+                for (int k = 0; k < HPT; k++) {
+                    const float4 w = *(const float4*)&sc[hb + k][c0 + u];
+                    o[k] = fmaf(w.x, v[0], o[k]);
+                    o[k] = fmaf(w.y, v[1], o[k]);
+                    o[k] = fmaf(w.z, v[2], o[k]);
+                    o[k] = fmaf(w.w, v[3], o[k]);
+                }
+            }
+        } else {
+            for (int u = 0; u < nk; u++) {
+                const float v = h2f(kvs[u * KS + d]);
+#pragma unroll
+                for (int k = 0; k < HPT; k++) o[k] = fmaf(sc[hb + k][c0 + u], v, o[k]);
+            }
         }
     }
 #pragma unroll
@@ -335,6 +352,7 @@ ATTN(attn_hd256, 256, 4, 8, 64)
 // variants for head dim 128, picked by PAGELLM_CUDA_ATTN (measured against each other on the GPU)
 ATTN(attn_hd128_g2c64, 128, 2, 8, 64)
 ATTN(attn_hd128_w16, 128, 4, 16, 64)
+ATTN(attn_hd128_g2c128, 128, 2, 8, 128)
 
 // The splits of a row folded left in order, as the CPU's `merge`: one block of head_dim threads per
 // (query row, head); rows with one split were written by the attention kernel. Splits with no live key
@@ -351,6 +369,7 @@ ATTN(attn_hd128_w16, 128, 4, 16, 64)
 // chain, f64 exps and global loads included, cost ~4% of a decode step at 4096 keys on the H200; merging
 // in the attention kernel's last CTA instead was slower: bench/GPU_NOTES.md call 70.)
 #define MERGE_CH 128
+
 extern "C" __global__ void attn_merge(const float* __restrict__ part_o, float* __restrict__ part_ml,
                                       const int* __restrict__ rows, int n_heads, int head_dim, int n_splits,
                                       float* __restrict__ out) {

@@ -895,7 +895,7 @@ fn bench_kernels() {
     let ms = time_ms(&b, 20, || b.attention(&q, &kv, &seqs, &p, &mut out, None));
     println!("attention decode 16x4096 32/8 hd128: {ms:.3} ms, K/V read {:.0} GB/s", bytes / ms / 1e6);
     // one sequence at depth 4096 (the tg128 @ d4096 case), every head-dim-128 variant
-    let variants = std::env::var("PAGELLM_CUDA_ATTN_VARIANTS").unwrap_or_else(|_| "g4c64 g2c64 w16".into());
+    let variants = std::env::var("PAGELLM_CUDA_ATTN_VARIANTS").unwrap_or_else(|_| "g4c64 g2c64 g2c128 w16".into());
     for v in variants.split_whitespace() {
         // SAFETY: single-threaded here (the GPU tests run with --test-threads=1); read by the backend below.
         unsafe { std::env::set_var("PAGELLM_CUDA_ATTN", v) };
