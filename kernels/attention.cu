@@ -369,7 +369,6 @@ ATTN(attn_hd128_g2c128, 128, 2, 8, 128)
 // chain, f64 exps and global loads included, cost ~4% of a decode step at 4096 keys on the H200; merging
 // in the attention kernel's last CTA instead was slower: bench/GPU_NOTES.md call 70.)
 #define MERGE_CH 128
-
 extern "C" __global__ void attn_merge(const float* __restrict__ part_o, float* __restrict__ part_ml,
                                       const int* __restrict__ rows, int n_heads, int head_dim, int n_splits,
                                       float* __restrict__ out) {
