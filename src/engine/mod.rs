@@ -280,7 +280,7 @@ impl Engine {
                 return Ok(out);
             }
             let n_new = (n - seq.num_computed).min(UBATCH);
-            self.forward(seq, n_new, if greedy { Outputs::Argmax(&mut picked) } else { Outputs::Logits(&mut logits) })?;
+            self.forward(seq, n_new, Outputs::pick(greedy, &mut picked, &mut logits))?;
         }
         out.prefill_secs = t.elapsed().as_secs_f64();
 
@@ -306,7 +306,7 @@ impl Engine {
                 break FinishReason::ContextFull;
             }
             seq.tokens.push(next);
-            self.forward(seq, 1, if greedy { Outputs::Argmax(&mut picked) } else { Outputs::Logits(&mut logits) })?;
+            self.forward(seq, 1, Outputs::pick(greedy, &mut picked, &mut logits))?;
         };
         out.decode_secs = t.elapsed().as_secs_f64();
         Ok(out)

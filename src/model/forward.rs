@@ -37,6 +37,17 @@ pub enum Outputs<'a> {
     Argmax(&'a mut Vec<u32>),
 }
 
+impl<'a> Outputs<'a> {
+    /// The greedy tokens when `greedy`, else the logits.
+    pub fn pick(greedy: bool, tokens: &'a mut Vec<u32>, logits: &'a mut Vec<f32>) -> Self {
+        if greedy {
+            Outputs::Argmax(tokens)
+        } else {
+            Outputs::Logits(logits)
+        }
+    }
+}
+
 /// [`Outputs`] once sized, as the ops write it.
 enum OutRows<'a> {
     Logits(&'a mut [f32]),
