@@ -50,6 +50,21 @@ __device__ __forceinline__ int ld_i32_b2(const u8* p) {
     return (int)((u32)q[0] | ((u32)q[1] << 16));
 }
 __device__ __forceinline__ int ld_i32_b4(const u8* p) { return *(const int*)p; }
+// 8 little-endian words from p (2-byte aligned, and p + 34 inside the allocation when p is not 4-byte
+// aligned): 8 or 9 aligned loads instead of 16 halves.
+__device__ __forceinline__ void ld8_b2(const u8* p, int w[8]) {
+    const u32* a = (const u32*)((size_t)p & ~(size_t)3);
+    if (((size_t)p & 2) == 0) {
+#pragma unroll
+        for (int i = 0; i < 8; i++) w[i] = (int)a[i];
+    } else {
+        u32 v[9];
+#pragma unroll
+        for (int i = 0; i < 9; i++) v[i] = a[i];
+#pragma unroll
+        for (int i = 0; i < 8; i++) w[i] = (int)__byte_perm(v[i], v[i + 1], 0x5432);
+    }
+}
 
 // The CPU backend's float dot-product order (src/backend/cpu/avx2.rs, dot_f16_ptr / dot_f32_ptr): 32
 // running sums, sum c taking elements c, c + 32, ... by FMA in order, then

@@ -52,22 +52,6 @@ __device__ __forceinline__ constexpr int code_off() {
     return (T == T_Q4_0 || T == T_Q4_0R) ? 8 : T == T_Q5_0 ? 16 : T == T_Q6_K ? 32 : 0;
 }
 
-// 8 little-endian words from p (2-byte aligned, and p + 34 inside the allocation when p is not 4-byte
-// aligned): 8 or 9 aligned loads instead of 16 halves.
-__device__ __forceinline__ void ld8_b2(const u8* p, int w[8]) {
-    const u32* a = (const u32*)((size_t)p & ~(size_t)3);
-    if (((size_t)p & 2) == 0) {
-#pragma unroll
-        for (int i = 0; i < 8; i++) w[i] = (int)a[i];
-    } else {
-        u32 v[9];
-#pragma unroll
-        for (int i = 0; i < 9; i++) v[i] = a[i];
-#pragma unroll
-        for (int i = 0; i < 8; i++) w[i] = (int)__byte_perm(v[i], v[i + 1], 0x5432);
-    }
-}
-
 template <int T>
 __device__ __forceinline__ void decode(const u8* __restrict__ row, int b, int nb, int q[8], float& d0, float& d1, float& m) {
     m = 0.0f;
@@ -585,7 +569,7 @@ __device__ __forceinline__ float q4r_term(const uint4 raw, u16 d, const i8* __re
     }
     int lo = 0, hi = 0;
     dot32(q, qa + b * 32, lo, hi);
-    return (h2f(d) * da[b]) * (float)(lo + hi - 8 * sa[b]);
+    return (h2f(d) * da[b]) * (float)(lo + hi - code_off<T_Q4_0R>() * sa[b]);
 }
 
 // 6 CTAs per SM: up to 80 registers, none spilled (8 per SM spilled and measured 11% slower, call 82).
