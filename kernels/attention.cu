@@ -143,47 +143,57 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
     // through registers: the 16-byte loads of the next chunk are in flight while this one is computed
     // (memory parallelism for the few CTAs of a one-sequence decode step)
     constexpr int NT = WARPS * 32;
-    constexpr int VPR = HD / 8;              // 16-byte pieces per row
+    constexpr int VPR = HD / 8;         // 16-byte pieces per row
     constexpr int PER = CH * VPR / NT;  // pieces per thread per chunk
+    constexpr int RPP = NT / VPR;       // rows a pass of the CTA's threads covers
+    static_assert(NT % VPR == 0 && CH % RPP == 0, "attention: staging passes");
     constexpr int KS = HD + 8;  // row stride in kvs: 4 banks apart, so the 4 keys of a quad do not collide
     __shared__ __align__(16) u16 kvs[CH * KS];
+    // a thread's pieces: column pcol of rows prow + RPP j; its addresses are the slot's row times the pool's
+    // row stride (one 32 x 32 -> 64-bit multiply a piece) past a base fixed for the CTA
+    const int prow = threadIdx.x / VPR, pcol = threadIdx.x % VPR;
+    const u32 row_bytes = (u32)(n_kv * HD * 2);
+    const u32 poff = (u32)((g * HD + 8 * pcol) * 2);  // byte offset of the thread's piece in a slot's row
+    uint4* const sdst = (uint4*)kvs + prow * (KS / 8) + pcol;
     uint4 tmp[PER];
-    auto fetch = [&](const u16* __restrict__ pool, int c0) {
+    auto fetch = [&](const char* __restrict__ base, int c0) {
         const int nk = min(CH, n - c0);
 #pragma unroll
         for (int j = 0; j < PER; j++) {
-            const int idx = threadIdx.x + j * NT, r = idx / VPR;
-            if (r < nk) tmp[j] = *(const uint4*)(pool + ((long long)sslot[c0 + r] * n_kv + g) * HD + 8 * (idx % VPR));
+            const int r = prow + RPP * j;
+            if (r < nk) tmp[j] = *(const uint4*)(base + (u64)sslot[c0 + r] * row_bytes);
         }
     };
     // the fetched chunk into kvs (the caller syncs before: kvs is free; and after: kvs is complete)
     auto put = [&](int nk) {
 #pragma unroll
-        for (int j = 0; j < PER; j++) {
-            const int idx = threadIdx.x + j * NT;
-            if (idx / VPR < nk) ((uint4*)kvs)[(idx / VPR) * (KS / 8) + idx % VPR] = tmp[j];
-        }
+        for (int j = 0; j < PER; j++)
+            if (prow + RPP * j < nk) sdst[RPP * j * (KS / 8)] = tmp[j];
     };
 
     // 1. s_j = scale * (q . k_j), one warp per key, in the CPU's dot_f16 order; the split's max
     float m[G];
 #pragma unroll
     for (int hh = 0; hh < G; hh++) m[hh] = NEG_INF;
-    fetch(kc, 0);
+    const char* __restrict__ kbase = (const char*)kc + poff;
+    fetch(kbase, 0);
     for (int c0 = 0; c0 < n; c0 += CH) {
         const int nk = min(CH, n - c0);
         __syncthreads();
         put(nk);
         __syncthreads();
-        if (c0 + CH < n) fetch(kc, c0 + CH);
+        if (c0 + CH < n) fetch(kbase, c0 + CH);
         if constexpr (QUAD) {
-            // every lane of the warp takes part in the shuffles: a warp runs whole quads
+            // every lane of the warp takes part in the shuffles: a warp runs whole quads. A quad's keys past
+            // nk (a last chunk's) read rows of kvs the chunk did not fill (still inside kvs: CH is a multiple
+            // of 4): their sums are never stored or compared, so their loads need no check
             for (int ub = 4 * warp; ub < nk; ub += 4 * WARPS) {
                 const int u = ub + (lane >> 3);
-                const bool valid = u < nk;
+                const bool keep = u < nk && j8 == 0;  // lane 0 of the key's 8 holds its score
+                float* const scu = &sc[0][c0 + u];
                 float kf[QR];
 #pragma unroll
-                for (int i = 0; i < QR; i++) kf[i] = valid ? h2f(kvs[u * KS + j8 + 8 * (i % 4) + 32 * (i / 4)]) : 0.0f;
+                for (int i = 0; i < QR; i++) kf[i] = h2f(kvs[u * KS + j8 + 8 * (i % 4) + 32 * (i / 4)]);
 #pragma unroll
                 for (int hh = 0; hh < G; hh++) {
                     float a[4];
@@ -197,10 +207,8 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
                     const float w = v + __shfl_down_sync(0xffffffffu, v, 4);
                     const float x = w + __shfl_down_sync(0xffffffffu, w, 2);
                     const float s = (x + __shfl_down_sync(0xffffffffu, x, 1)) * scale;
-                    if (valid && j8 == 0) {  // lane 0 of the key's 8 holds its score
-                        m[hh] = fmaxf(m[hh], s);
-                        sc[hh][c0 + u] = s;
-                    }
+                    m[hh] = fmaxf(m[hh], keep ? s : NEG_INF);
+                    if (keep) scu[hh * ATT_SPLIT] = s;
                 }
             }
         } else {
@@ -229,7 +237,8 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
         }
     }
     // the first V chunk's loads in flight during the softmax
-    fetch(vc, 0);
+    const char* __restrict__ vbase = (const char*)vc + poff;
+    fetch(vbase, 0);
     if (lane == 0)
 #pragma unroll
         for (int hh = 0; hh < G; hh++) sm_red[warp][hh] = m[hh];
@@ -288,7 +297,7 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
         __syncthreads();
         put(nk);
         __syncthreads();
-        if (c0 + CH < n) fetch(vc, c0 + CH);
+        if (c0 + CH < n) fetch(vbase, c0 + CH);
         if (nk == CH) {  // a whole chunk: 4 keys' values and weights (one 16-byte load a head) per step
 #pragma unroll 4
             for (int u = 0; u < CH; u += 4) {
@@ -338,7 +347,7 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
 // NAME: head dim HD, G query heads per CTA, WARPS warps (CudaBackend's threads for NAME), CH keys per
 // staged chunk (the loads in flight per CTA)
 #define ATTN(NAME, HD, G, WARPS, CH)                                                                               \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32) NAME(                                                 \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS) NAME(                                                 \
         const float* q, const u16* kc, const u16* vc, const int* rows, const u32* bt, const u64* live,             \
         int n_heads, int n_kv, int block_size, float scale, int n_splits, float* out, float* part_o, float* part_ml, \
         float* wsc) {                                                                                              \
@@ -367,11 +376,13 @@ ATTN(attn_hd128_g2c128, 128, 2, 8, 128)
 // chain wa = L e1, L <- wa + wb (a multiply and an add a split); all threads divide; then each dimension
 // folds o <- o fa + po fb, its partial outputs loaded 8 splits ahead. (Every thread running the whole
 // chain, f64 exps and global loads included, cost ~4% of a decode step at 4096 keys on the H200; merging
-// in the attention kernel's last CTA instead was slower: bench/GPU_NOTES.md call 70.)
+// in the attention kernel's last CTA instead was slower: bench/GPU_NOTES.md call 70.) With qact 1 the merged
+// rows are also written as Q8 blocks (q8_store), so the product reading them needs no quantize_q8 launch.
 #define MERGE_CH 128
 extern "C" __global__ void attn_merge(const float* __restrict__ part_o, float* __restrict__ part_ml,
                                       const int* __restrict__ rows, int n_heads, int head_dim, int n_splits,
-                                      float* __restrict__ out) {
+                                      float* __restrict__ out, i8* __restrict__ qa, float* __restrict__ da,
+                                      int* __restrict__ sa, float* __restrict__ ss, int qact) {
     // `rows` before the wait: the host uploaded it before the attention launch this merge follows, so
     // it is complete even while that kernel runs (only part_o and part_ml are its outputs). Blocks of
     // one-split rows return without waiting; the host launches the merge only when some row has more
@@ -482,6 +493,10 @@ extern "C" __global__ void attn_merge(const float* __restrict__ part_o, float* _
         }
         __syncthreads();  // the chunk's arrays are rewritten next
     }
+    // qact 1: the output also quantized to Q8 blocks for the product that reads it next (its 32-dim
+    // blocks lie inside a head: the host asks only when every row has splits to merge and head_dim is a
+    // multiple of 32); a row left alone is quantized as it stands, as quantize_q8 would
+    if (qact == 1) q8_store(started ? o : out[th * head_dim + d], (th * head_dim + d) / 32, qa, da, sa, ss);
     if (!started) return;
     if (d < head_dim) out[th * head_dim + d] = o;
     if (want) {

@@ -86,9 +86,15 @@ impl CudaBackend {
         };
         let grid = (n_rows as u32, (n_kv * group.div_ceil(g)) as u32, n_splits as u32);
         self.launch(&name, grid, threads, &args);
+        // when every row has splits to merge and the next product of `out` takes Q8 blocks, the merge
+        // writes them too (its 32-dim blocks lie inside a head); recorded after the call's last launch
+        let k = n_heads * hd;
+        let quantize = matches!(self.quant_hint(op, k), Some((_, 1))) && meta.min_splits > 1 && hd.is_multiple_of(32) && n_rows <= self.int_tokens(1);
         if n_splits > 1 {
+            let [qa, da, sa, ss] = if quantize { self.quant_scratch(&mut s, n_rows, k) } else { [0; 4] };
             let args = [A::P(po), A::P(pml), A::P(rows_p), A::I(n_heads as i32), A::I(hd as i32), A::I(n_splits as i32), A::P(op)];
-            self.launch("attn_merge", ((n_rows * n_heads) as u32, 1, 1), hd as u32, &args);
+            let q = [A::P(qa), A::P(da), A::P(sa), A::P(ss), A::I(quantize as i32)];
+            self.launch("attn_merge", ((n_rows * n_heads) as u32, 1, 1), hd as u32, &[&args[..], &q[..]].concat());
         }
         // the probabilities, summed over heads and rows in the CPU's order (every element written)
         if !meta.score_seqs.is_empty() {
@@ -107,6 +113,9 @@ impl CudaBackend {
             ];
             let grid = (blocks(meta.max_score_ctx, 128), n_kv as u32, (meta.score_seqs.len() / 5) as u32);
             self.launch("attn_scores", grid, 128, &args);
+        }
+        if quantize {
+            self.set_quantized(op, n_rows, k, 1);
         }
     }
 }

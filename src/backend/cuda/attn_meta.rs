@@ -24,6 +24,8 @@ pub(super) struct AttnMeta {
     pub(super) max_score_ctx: usize,
     /// Splits of the row with the most.
     pub(super) n_splits: usize,
+    /// Splits of the row with the fewest (0: a row belongs to no sequence).
+    pub(super) min_splits: usize,
 }
 
 /// Each query row's entry and visible range, cut as the CPU cuts them (src/backend/cpu/attention.rs,
@@ -39,6 +41,7 @@ pub(super) fn attn_meta(seqs: &[AttnSeq], p: &AttnParams, bs: usize, scores: Opt
         weights_len: 0,
         max_score_ctx: 0,
         n_splits: 1,
+        min_splits: 0,
     };
     for s in seqs {
         assert!(s.n_q <= s.ctx_len && s.block_table.len() * bs >= s.ctx_len, "attention: block table too short");
@@ -84,6 +87,12 @@ pub(super) fn attn_meta(seqs: &[AttnSeq], p: &AttnParams, bs: usize, scores: Opt
             }
         }
     }
+    m.min_splits = m
+        .rows
+        .chunks(ATT_ROW)
+        .map(|r| if r[0] == u32::MAX { 0 } else { (r[1] as usize + 1).saturating_sub(r[2] as usize).div_ceil(ATTN_SPLIT) })
+        .min()
+        .unwrap_or(0);
     m
 }
 
