@@ -65,11 +65,20 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
     const int nh = min(G, group - hc * G);
     const int split = blockIdx.z;
     const int* row = rows + ATT_ROW * t;
+    // Before pdl_enter only the host's lists (rows, bt, live: copied in stream order before this launch) are
+    // read: the row and the split's slots are found while the previous kernel finishes. A block with
+    // nothing to do waits too before it returns (no launch may have every block return before the wait).
     const int bt_off = row[AR_BT];
-    if (bt_off < 0) return;
+    if (bt_off < 0) {
+        pdl_enter();
+        return;
+    }
     const int entry = row[AR_ENTRY], lo = row[AR_LO], live_off = row[AR_LIVE];
     const int row_splits = (entry + 1 - lo + ATT_SPLIT - 1) / ATT_SPLIT;
-    if (split >= row_splits) return;
+    if (split >= row_splits) {
+        pdl_enter();
+        return;
+    }
     const int k_begin = lo + split * ATT_SPLIT, k_end = min(entry + 1, k_begin + ATT_SPLIT);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 
@@ -111,6 +120,7 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
         }
         n = base;
     }
+    pdl_enter();  // q, the pool and the outputs from here on
     if (n == 0) {  // an entirely dead split: nothing to add (the CPU's partial returns false)
         if (row_splits > 1 && (int)threadIdx.x < nh) {
             float* ml = part_ml + (((long long)t * n_heads + h0 + threadIdx.x) * n_splits + split) * 4;
@@ -351,7 +361,6 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
         const float* q, const u16* kc, const u16* vc, const int* rows, const u32* bt, const u64* live,             \
         int n_heads, int n_kv, int block_size, float scale, int n_splits, float* out, float* part_o, float* part_ml, \
         float* wsc) {                                                                                              \
-        pdl_enter();                                                                                               \
         attn_body<HD, G, WARPS, CH>(q, kc, vc, rows, bt, live, n_heads, n_kv, block_size, scale, n_splits, out, \
                                         part_o, part_ml, wsc);                                                     \
     }
