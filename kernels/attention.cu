@@ -134,10 +134,29 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
     //   v_j = (a_j + a_{j+8}) + (a_{j+16} + a_{j+24}),  w_j = v_j + v_{j+4},  x_j = w_j + w_{j+2},  s = x_0 + x_1.
     // Head dims up to 128 (QUAD): 8 lanes per key, 4 keys per warp step; lane j of a key runs the chains
     // j, j+8, j+16, j+24 and v_j in registers, then 3 shuffles inside its 8 lanes (the same float
-    // operations, 4 keys per instruction). Larger heads: one warp per key, lane c running chain c.
+    // operations, 4 keys per instruction). The G heads' trees share those shuffles: at each step a lane keeps
+    // half of the heads it still holds (the lower half where its step bit is clear) and sends the other half
+    // to its partner (lane xor the step), which adds it to its own: w_j = v_j + v_{j+4} is computed by lane j
+    // or j + 4 (a + b == b + a exactly), so the sums are the same, with G / 2 + G / 4 + ... shuffles instead of
+    // 3 G. Lane j of a quad ends holding the score of head qhead(j) (its steps' bits), the same in the lanes
+    // that differ only in the bits of steps left unsplit (qmask). Larger heads: one warp per key, lane c
+    // running chain c.
     constexpr bool QUAD = HD <= 128;
+    static_assert(!QUAD || (G & (G - 1)) == 0, "attention: heads per CTA a power of two");
+    constexpr int QMASK = G >= 8 ? 0 : G == 4 ? 1 : G == 2 ? 3 : 7;
     constexpr int QR = QUAD ? 4 * QPL : QPL;  // q values per lane and head
     const int j8 = lane & 7;
+    // QUAD: the head whose score lane j8 ends with (see the tree above)
+    int qhead = 0;
+    {
+        int held = G;
+#pragma unroll
+        for (int o = 4; o >= 1; o >>= 1)
+            if (held >= 2) {
+                held /= 2;
+                if (j8 & o) qhead += held;
+            }
+    }
     float qr[G][QR];
 #pragma unroll
     for (int hh = 0; hh < G; hh++)
@@ -185,6 +204,7 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
     float m[G];
 #pragma unroll
     for (int hh = 0; hh < G; hh++) m[hh] = NEG_INF;
+    float ml = NEG_INF;  // QUAD: the max of head qhead's scores this lane kept
     const char* __restrict__ kbase = (const char*)kc + poff;
     fetch(kbase, 0);
     for (int c0 = 0; c0 < n; c0 += CH) {
@@ -199,11 +219,10 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
             // of 4): their sums are never stored or compared, so their loads need no check
             for (int ub = 4 * warp; ub < nk; ub += 4 * WARPS) {
                 const int u = ub + (lane >> 3);
-                const bool keep = u < nk && j8 == 0;  // lane 0 of the key's 8 holds its score
-                float* const scu = &sc[0][c0 + u];
                 float kf[QR];
 #pragma unroll
                 for (int i = 0; i < QR; i++) kf[i] = h2f(kvs[u * KS + j8 + 8 * (i % 4) + 32 * (i / 4)]);
+                float cur[G];  // v_j, then w, x, s of the heads the lane still holds
 #pragma unroll
                 for (int hh = 0; hh < G; hh++) {
                     float a[4];
@@ -213,13 +232,28 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
 #pragma unroll
                         for (int e = 0; e < QPL; e++) a[mq] = fmaf(kf[4 * e + mq], qr[hh][4 * e + mq], a[mq]);
                     }
-                    const float v = (a[0] + a[1]) + (a[2] + a[3]);
-                    const float w = v + __shfl_down_sync(0xffffffffu, v, 4);
-                    const float x = w + __shfl_down_sync(0xffffffffu, w, 2);
-                    const float s = (x + __shfl_down_sync(0xffffffffu, x, 1)) * scale;
-                    m[hh] = fmaxf(m[hh], keep ? s : NEG_INF);
-                    if (keep) scu[hh * ATT_SPLIT] = s;
+                    cur[hh] = (a[0] + a[1]) + (a[2] + a[3]);
                 }
+                int held = G;
+#pragma unroll
+                for (int o = 4; o >= 1; o >>= 1) {
+                    if (held >= 2) {
+                        held /= 2;
+                        const bool up = j8 & o;
+#pragma unroll
+                        for (int i = 0; i < G / 2; i++) {
+                            if (i >= held) break;
+                            const float give = up ? cur[i] : cur[held + i], mine = up ? cur[held + i] : cur[i];
+                            cur[i] = mine + __shfl_xor_sync(0xffffffffu, give, o);
+                        }
+                    } else {
+                        cur[0] = cur[0] + __shfl_xor_sync(0xffffffffu, cur[0], o);
+                    }
+                }
+                const float sv = cur[0] * scale;
+                const bool keep = u < nk && (j8 & QMASK) == 0;
+                ml = fmaxf(ml, keep ? sv : NEG_INF);
+                if (keep) sc[qhead][c0 + u] = sv;
             }
         } else {
             for (int u = warp; u < nk; u += WARPS) {
@@ -238,20 +272,21 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
             }
         }
     }
-    // QUAD: the maxima of the warp's 4 key lanes (0, 8, 16, 24) into lane 0 (max is exact in any order)
+    // QUAD: the maxima of the warp's 4 key lanes (j8, j8 + 8, j8 + 16, j8 + 24) into lane j8 (max is exact in
+    // any order); lane j8 < 8 with (j8 & QMASK) == 0 holds head qhead's
     if constexpr (QUAD) {
-#pragma unroll
-        for (int hh = 0; hh < G; hh++) {
-            m[hh] = fmaxf(m[hh], __shfl_down_sync(0xffffffffu, m[hh], 16));
-            m[hh] = fmaxf(m[hh], __shfl_down_sync(0xffffffffu, m[hh], 8));
-        }
+        ml = fmaxf(ml, __shfl_down_sync(0xffffffffu, ml, 16));
+        ml = fmaxf(ml, __shfl_down_sync(0xffffffffu, ml, 8));
     }
     // the first V chunk's loads in flight during the softmax
     const char* __restrict__ vbase = (const char*)vc + poff;
     fetch(vbase, 0);
-    if (lane == 0)
+    if constexpr (QUAD) {
+        if (lane < 8 && (lane & QMASK) == 0) sm_red[warp][qhead] = ml;
+    } else if (lane == 0) {
 #pragma unroll
         for (int hh = 0; hh < G; hh++) sm_red[warp][hh] = m[hh];
+    }
     __syncthreads();
 #pragma unroll
     for (int hh = 0; hh < G; hh++) {
