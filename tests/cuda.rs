@@ -18,7 +18,8 @@
 //!   at every step (a top-2 probability margin below [`MARGIN_OK`] excused, printed) and logits within
 //!   DESIGN.md's [`LOGITS_BOUND`], with a 20-token prompt (the integer-dot path); a prompt of
 //!   `INT_PATH_MAX_TOK + 8` tokens fed whole (the f16 cuBLAS path, products ~3e-4 off the CPU's)
-//!   within [`CUBLAS_LOGITS_BOUND`];
+//!   within [`CUBLAS_LOGITS_BOUND`]; and past 512 keys (560 prompt tokens in chunks of 20: split attention,
+//!   the merge writing the next product's Q8 blocks) within the same bounds;
 //! - the real SmolLM2 file: DESIGN.md's bounds, prompt in chunks of 8.
 //! - `per_op_diff` (`PAGELLM_CUDA_TEE`): not a check, a tool: every op of a whole-model run on both
 //!   backends, its output compared.
