@@ -143,11 +143,10 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
     // running chain c.
     constexpr bool QUAD = HD <= 128;
     static_assert(!QUAD || (G & (G - 1)) == 0, "attention: heads per CTA a power of two");
-    constexpr int QMASK = G >= 8 ? 0 : G == 4 ? 1 : G == 2 ? 3 : 7;
     constexpr int QR = QUAD ? 4 * QPL : QPL;  // q values per lane and head
     const int j8 = lane & 7;
-    // QUAD: the head whose score lane j8 ends with (see the tree above)
-    int qhead = 0;
+    // QUAD: the head whose score lane j8 ends with, and the bits of the steps left unsplit (the tree above)
+    int qhead = 0, qmask = 0;
     {
         int held = G;
 #pragma unroll
@@ -155,6 +154,8 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
             if (held >= 2) {
                 held /= 2;
                 if (j8 & o) qhead += held;
+            } else {
+                qmask |= o;
             }
     }
     float qr[G][QR];
@@ -251,7 +252,7 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
                     }
                 }
                 const float sv = cur[0] * scale;
-                const bool keep = u < nk && (j8 & QMASK) == 0;
+                const bool keep = u < nk && (j8 & qmask) == 0;
                 ml = fmaxf(ml, keep ? sv : NEG_INF);
                 if (keep) sc[qhead][c0 + u] = sv;
             }
@@ -273,7 +274,7 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
         }
     }
     // QUAD: the maxima of the warp's 4 key lanes (j8, j8 + 8, j8 + 16, j8 + 24) into lane j8 (max is exact in
-    // any order); lane j8 < 8 with (j8 & QMASK) == 0 holds head qhead's
+    // any order); lane j8 < 8 with (j8 & qmask) == 0 holds head qhead's
     if constexpr (QUAD) {
         ml = fmaxf(ml, __shfl_down_sync(0xffffffffu, ml, 16));
         ml = fmaxf(ml, __shfl_down_sync(0xffffffffu, ml, 8));
@@ -282,7 +283,7 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
     const char* __restrict__ vbase = (const char*)vc + poff;
     fetch(vbase, 0);
     if constexpr (QUAD) {
-        if (lane < 8 && (lane & QMASK) == 0) sm_red[warp][qhead] = ml;
+        if (lane < 8 && (lane & qmask) == 0) sm_red[warp][qhead] = ml;
     } else if (lane == 0) {
 #pragma unroll
         for (int hh = 0; hh < G; hh++) sm_red[warp][hh] = m[hh];
@@ -392,7 +393,7 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
 // NAME: head dim HD, G query heads per CTA, WARPS warps (CudaBackend's threads for NAME), CH keys per
 // staged chunk (the loads in flight per CTA)
 #define ATTN(NAME, HD, G, WARPS, CH)                                                                               \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS) NAME(                                                 \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS) NAME(                                     \
         const float* q, const u16* kc, const u16* vc, const int* rows, const u32* bt, const u64* live,             \
         int n_heads, int n_kv, int block_size, float scale, int n_splits, float* out, float* part_o, float* part_ml, \
         float* wsc) {                                                                                              \

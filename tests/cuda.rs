@@ -745,6 +745,13 @@ fn compare_models_ctx(path: &std::path::Path, prompt: &[u32], gpu: &Arc<dyn Back
     (matched, excused, worst)
 }
 
+/// Writes the synthetic model `shape` / `ty` (`pagellm synth`'s names) with weights from `seed` to `path`.
+fn write_synth(path: &std::path::Path, shape: &str, ty: &str, seed: u64) -> &'static pagellm::synth::Shape {
+    let sh = pagellm::synth::shape(shape).unwrap();
+    pagellm::synth::write_model(path, sh, pagellm::synth::Recipe::parse(ty).unwrap(), seed, |_, _| {}).unwrap();
+    sh
+}
+
 /// Prints a [`compare_models`] result (`label`: the case) and records it in `failures` unless all 32 greedy
 /// tokens matched or were excused and the logits stayed within [`LOGITS_BOUND`].
 fn check_greedy(label: &str, res: std::thread::Result<(usize, usize, f64)>, failures: &mut Vec<String>) {
@@ -796,8 +803,7 @@ fn synthetic_models_agree_with_cpu() {
     let mut failures = Vec::new();
     for (shape, ty) in cases {
         let path = dir.join(format!("{shape}-{ty}.gguf"));
-        let sh = pagellm::synth::shape(shape).unwrap();
-        pagellm::synth::write_model(&path, sh, pagellm::synth::Recipe::parse(ty).unwrap(), 42, |_, _| {}).unwrap();
+        let sh = write_synth(&path, shape, ty, 42);
         // 20 prompt tokens fed whole (the integer-dot path, exact CPU rounding), then 32 single-token steps
         let prompt: Vec<u32> = (0..20).map(|_| r.gen_range(0..sh.vocab as u32)).collect();
         let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compare_models(&path, &prompt, &gpu, 20, MARGIN_OK)));
@@ -833,8 +839,7 @@ fn long_context_models_agree_with_cpu() {
     let mut failures = Vec::new();
     for (shape, ty) in [("tiny", "q4_0"), ("tiny", "q4_1"), ("tiny", "q8_0"), ("tiny", "q4_k_m"), ("tiny-gemma3", "q4_0")] {
         let path = dir.join(format!("{shape}-{ty}.gguf"));
-        let sh = pagellm::synth::shape(shape).unwrap();
-        pagellm::synth::write_model(&path, sh, pagellm::synth::Recipe::parse(ty).unwrap(), 43, |_, _| {}).unwrap();
+        let sh = write_synth(&path, shape, ty, 43);
         let prompt: Vec<u32> = (0..560).map(|_| r.gen_range(0..sh.vocab as u32)).collect();
         let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compare_models_ctx(&path, &prompt, &gpu, 20, MARGIN_OK, 1024)));
         check_greedy(&format!("{shape:<12} {ty:<7} 560 + 32 tokens:"), res, &mut failures);
@@ -1162,8 +1167,7 @@ fn per_op_diff() {
     let path = if let Some(rest) = spec.strip_prefix("synth:") {
         let (shape, ty) = rest.split_once(':').expect("synth:SHAPE:TYPE");
         let path = std::env::temp_dir().join(format!("pagellm-tee-{shape}-{ty}.gguf"));
-        let sh = pagellm::synth::shape(shape).unwrap();
-        pagellm::synth::write_model(&path, sh, pagellm::synth::Recipe::parse(ty).unwrap(), 42, |_, _| {}).unwrap();
+        write_synth(&path, shape, ty, 42);
         path
     } else {
         std::path::PathBuf::from(&spec)
@@ -1219,8 +1223,7 @@ fn cpu_isa_spread() {
     let mut r = rng(16);
     for (shape, ty) in [("tiny", "q4_0"), ("tiny", "q4_k_m"), ("tiny-gemma3", "q8_0"), ("tiny-gemma3", "q4_k_m")] {
         let path = dir.join(format!("{shape}-{ty}.gguf"));
-        let sh = pagellm::synth::shape(shape).unwrap();
-        pagellm::synth::write_model(&path, sh, pagellm::synth::Recipe::parse(ty).unwrap(), 42, |_, _| {}).unwrap();
+        let sh = write_synth(&path, shape, ty, 42);
         let prompt: Vec<u32> = (0..20).map(|_| r.gen_range(0..sh.vocab as u32)).collect();
         for k in pagellm::backend::cpu::Kernels::all() {
             let other: Arc<dyn Backend> = Arc::new(pagellm::backend::cpu::CpuBackend::new(4, k).unwrap());
@@ -1240,8 +1243,7 @@ fn split_cpu_gpu_matches_cpu() {
     let mut r = rng(21);
     for (shape, ty) in [("tiny", "q4_0"), ("tiny-gemma3", "q4_k_m")] {
         let path = dir.join(format!("{shape}-{ty}.gguf"));
-        let sh = pagellm::synth::shape(shape).unwrap();
-        pagellm::synth::write_model(&path, sh, pagellm::synth::Recipe::parse(ty).unwrap(), 42, |_, _| {}).unwrap();
+        let sh = write_synth(&path, shape, ty, 42);
         let file = Arc::new(pagellm::gguf::GgufFile::open(&path).unwrap());
         let n_layers = pagellm::model::Config::from_gguf(&file).unwrap().n_layers;
         let tied = file.tensor("output.weight").is_none();

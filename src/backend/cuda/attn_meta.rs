@@ -78,7 +78,6 @@ pub(super) fn attn_meta(seqs: &[AttnSeq], p: &AttnParams, bs: usize, scores: Opt
                     v.positions[..=entry].partition_point(|&q| pos - q as usize >= w)
                 }
             };
-            m.n_splits = m.n_splits.max((entry + 1).saturating_sub(lo).div_ceil(ATTN_SPLIT));
             let w_off = if want { m.weights_len } else { 0 };
             let r = &mut m.rows[ATT_ROW * (s.q_start + i)..][..ATT_ROW];
             r.copy_from_slice(&[bt_off, entry as u32, lo as u32, live_off, s.ctx_len as u32, w_off as u32, (w_off >> 32) as u32, want as u32]);
@@ -87,12 +86,10 @@ pub(super) fn attn_meta(seqs: &[AttnSeq], p: &AttnParams, bs: usize, scores: Opt
             }
         }
     }
-    m.min_splits = m
-        .rows
-        .chunks(ATT_ROW)
-        .map(|r| if r[0] == u32::MAX { 0 } else { (r[1] as usize + 1).saturating_sub(r[2] as usize).div_ceil(ATTN_SPLIT) })
-        .min()
-        .unwrap_or(0);
+    // each row's splits over lo ..= entry (0 for a row of no sequence)
+    let splits = m.rows.chunks(ATT_ROW).map(|r| if r[0] == u32::MAX { 0 } else { (r[1] as usize + 1).saturating_sub(r[2] as usize).div_ceil(ATTN_SPLIT) });
+    m.n_splits = splits.clone().fold(1, usize::max);
+    m.min_splits = splits.min().unwrap_or(0);
     m
 }
 
