@@ -12,6 +12,7 @@ mod avx2;
 mod avx2_tiles;
 mod avx512;
 mod elementwise;
+mod ggml;
 mod kernels;
 mod matmul;
 mod neon;
@@ -67,6 +68,8 @@ pub struct CpuBackend {
     repack: bool,
     /// Heap bytes of the packed copies made so far.
     packed_bytes: AtomicUsize,
+    /// llama.cpp's float order ([`ggml`]) instead of the native one.
+    llama_numerics: bool,
 }
 
 impl CpuBackend {
@@ -79,13 +82,20 @@ impl CpuBackend {
             .build()
             .map_err(|e| BackendError::Init { backend: "cpu".into(), problem: e.to_string() })?;
         let e = elementwise::table(kernels.isa);
-        Ok(CpuBackend { pool, threads, k: kernels, e, repack: true, packed_bytes: AtomicUsize::new(0) })
+        Ok(CpuBackend { pool, threads, k: kernels, e, repack: true, packed_bytes: AtomicUsize::new(0), llama_numerics: false })
     }
 
     /// Turns repacking off (`--no-repack`: every weight read in place from the map) or on (the
     /// default). Set it before loading a model.
     pub fn with_repack(mut self, on: bool) -> CpuBackend {
         self.repack = on;
+        self
+    }
+
+    /// Computes as llama.cpp's CPU backend does, bit for bit where [`ggml`] says (slower; not batch
+    /// invariant): its dots, norms, RoPE, SwiGLU and attention replace this backend's kernel table.
+    pub fn with_llama_numerics(mut self) -> CpuBackend {
+        (self.k, self.e, self.repack, self.llama_numerics) = (ggml::kernels(), &ggml::ELEMENTWISE, false, true);
         self
     }
 
@@ -181,7 +191,8 @@ fn rope_cache(pos: u32, p: &RopeParams, cos: &mut Vec<f32>, sin: &mut Vec<f32>) 
 
 impl Backend for CpuBackend {
     fn name(&self) -> String {
-        format!("cpu ({}, {} threads)", self.k.name(), self.threads)
+        let k = if self.llama_numerics { "llama.cpp numerics" } else { self.k.name() };
+        format!("cpu ({k}, {} threads)", self.threads)
     }
 
     fn upload_weight(&self, w: &HostWeight) -> Result<Weight, BackendError> {
@@ -337,7 +348,12 @@ impl Backend for CpuBackend {
     }
 
     fn attention(&self, q: &Buffer, kv: &KvStore, seqs: &[AttnSeq], p: &AttnParams, out: &mut Buffer, scores: Option<(&mut Buffer, usize)>) {
-        let (q, out, scores) = (buf(q), buf_mut(out), scores.map(|(s, base)| &mut buf_mut(s)[base..]));
+        let (q, out) = (buf(q), buf_mut(out));
+        if self.llama_numerics && scores.is_none() && seqs.iter().all(|s| s.view.is_none()) {
+            let tiny = seqs.iter().map(|s| s.n_q).sum::<usize>() >= 2;
+            return self.pool.install(|| ggml::attention(q, kv_ref(kv), kv.shape(), seqs, p, out, tiny));
+        }
+        let scores = scores.map(|(s, base)| &mut buf_mut(s)[base..]);
         self.pool.install(|| attention::attention(&self.k, q, kv_ref(kv), kv.shape(), seqs, p, out, scores));
     }
 

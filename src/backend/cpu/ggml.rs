@@ -1,0 +1,273 @@
+//! llama.cpp's CPU numerics: the float operations of its x86 build (AVX-512 F/DQ/VL/VNNI, the machine
+//! llama-cpp-python compiles natively for), repeated one by one so that a model gives llama.cpp's logits
+//! bit for bit (`--numerics llama.cpp`, `CpuBackend::with_llama_numerics`). It exists to compare with
+//! llama.cpp exactly: these small quantized models are chaotic at the last bit (a 1e-6 nudge moves
+//! SmolLM2's logits by ~5e-3), so no other order can agree with llama.cpp to 1e-2 in probability.
+//! The native order (the default) is faster and batch-invariant; this one, like llama.cpp, is neither.
+//!
+//! What it reproduces (llama.cpp of llama-cpp-python 0.3.36, no flash attention, f16 K/V):
+//!
+//! ```text
+//! quantized dots   Q4_1 x Q8_1, Q8_0 x Q8_0 (ggml_vec_dot_*, AVX2 path; llamafile's tinyBLAS_Q0_AVX
+//!                  gives the same bits for Q8_0 batches): 8 lanes, lane l holds the integer sum of
+//!                  elements 4l..4l+3 of each block, acc[l] = fma(d_w * d_a, lane, acc[l]) over the
+//!                  blocks, then hsum8; Q4_1 adds summs = fma(m_w, s_a, summs) after
+//! hsum8 / hsum16   _mm256 / _mm512_reduce_add_ps trees: halves added, then quarters, then the last pair
+//! RMS norm         sum of (x*x as f32) as f64 in element order (ops.cpp), then x * scale * w
+//! RoPE             y0 = fma(x0, c, -(x1 s)), y1 = fma(x0, s, x1 c) (gcc contracts ops.cpp's a*b - c*d)
+//! SwiGLU           silu by ggml_v_expf (AVX-512 polynomial, scalef), 16 elements at a time
+//! attention        Q and the probabilities rounded to f16; q.k and p.v as ggml_vec_dot_f16 (one token:
+//!                  4 accumulators of 16 lanes, element i in acc[(i/16)%4] lane i%16) or as tinyBLAS
+//!                  (2+ tokens in the batch: one accumulator of 16 lanes); softmax (ops.cpp) scales,
+//!                  takes exp by ggml_v_expf 16 keys at a time, sums each 16's hsum16 in f64, multiplies
+//!                  by (float)(1 / sum)
+//! ```
+//! The attention sees the keys llama.cpp's cache holds for one sequence from position 0: cells in
+//! position order, padded to 256 with masked ones (which add exact zeros). Other weight types use the
+//! scalar table's dots (not llama.cpp's order); KV budget views and attention scores use the native
+//! attention.
+
+use half::f16;
+use rayon::prelude::*;
+
+use super::attention::CpuKv;
+use super::elementwise::{scalar, Elementwise};
+use super::kernels::{f16_at, Isa, Kernels};
+use crate::backend::{AttnParams, AttnSeq, KvShape};
+
+/// `_mm256` horizontal sum (hsum_float_8, tinyBLAS `hsum(__m256)`).
+#[inline(always)]
+fn hsum8(v: &[f32; 8]) -> f32 {
+    let r = [v[4] + v[0], v[5] + v[1], v[6] + v[2], v[7] + v[3]];
+    (r[0] + r[2]) + (r[1] + r[3])
+}
+
+/// gcc's `_mm512_reduce_add_ps`.
+#[inline(always)]
+fn hsum16(v: &[f32; 16]) -> f32 {
+    let t: [f32; 8] = std::array::from_fn(|i| v[8 + i] + v[i]);
+    let u = [t[4] + t[0], t[5] + t[1], t[6] + t[2], t[7] + t[3]];
+    (u[0] + u[2]) + (u[1] + u[3])
+}
+
+// ---- quantized dots ----
+
+/// Q4_1 (20-byte blocks: d, m, 16 nibble bytes) x Q8_1 (36-byte blocks: d, s, 32 bytes).
+#[inline(always)]
+fn q4_1_body(w: &[u8], a: &[u8]) -> f32 {
+    let (mut acc, mut summs) = ([0.0f32; 8], 0.0f32);
+    for (x, y) in w.chunks_exact(20).zip(a.chunks_exact(36)) {
+        summs = f16_at(x, 2).mul_add(f16_at(y, 2), summs);
+        let d = f16_at(x, 0) * f16_at(y, 0);
+        for (l, acc) in acc.iter_mut().enumerate() {
+            let mut sumi = 0i32;
+            for e in 4 * l..4 * l + 4 {
+                let q = if e < 16 { x[4 + e] & 0x0f } else { x[4 + e - 16] >> 4 };
+                sumi += q as i32 * y[4 + e] as i8 as i32;
+            }
+            *acc = d.mul_add(sumi as f32, *acc);
+        }
+    }
+    hsum8(&acc) + summs
+}
+
+/// Q8_0 x Q8_0 (34-byte blocks: d, 32 bytes).
+#[inline(always)]
+fn q8_0_body(w: &[u8], a: &[u8]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    for (x, y) in w.chunks_exact(34).zip(a.chunks_exact(34)) {
+        let d = f16_at(x, 0) * f16_at(y, 0);
+        for (l, acc) in acc.iter_mut().enumerate() {
+            let sumi: i32 = (2 + 4 * l..2 + 4 * l + 4).map(|e| x[e] as i8 as i32 * y[e] as i8 as i32).sum();
+            *acc = d.mul_add(sumi as f32, *acc);
+        }
+    }
+    hsum8(&acc)
+}
+
+fn dot_q4_1(w: &[u8], a: &[u8]) -> f32 {
+    q4_1_body(w, a)
+}
+
+fn dot_q8_0(w: &[u8], a: &[u8]) -> f32 {
+    q8_0_body(w, a)
+}
+
+/// The same dots where `mul_add` is one instruction (the function pointers are handed out only after
+/// `is_x86_feature_detected!("fma")`).
+#[cfg(target_arch = "x86_64")]
+mod fma {
+    #[target_feature(enable = "fma")]
+    unsafe fn q4_1(w: &[u8], a: &[u8]) -> f32 {
+        super::q4_1_body(w, a)
+    }
+
+    #[target_feature(enable = "fma")]
+    unsafe fn q8_0(w: &[u8], a: &[u8]) -> f32 {
+        super::q8_0_body(w, a)
+    }
+
+    pub(super) fn dot_q4_1(w: &[u8], a: &[u8]) -> f32 {
+        // SAFETY: reached only through `kernels`, after the fma check.
+        unsafe { q4_1(w, a) }
+    }
+
+    pub(super) fn dot_q8_0(w: &[u8], a: &[u8]) -> f32 {
+        // SAFETY: as above.
+        unsafe { q8_0(w, a) }
+    }
+}
+
+/// The scalar table with llama.cpp's dots for the types it has them for (no tile kernels: every
+/// product is a per-row dot).
+pub(super) fn kernels() -> Kernels {
+    let mut k = Kernels::scalar();
+    (k.dot_q4_1, k.dot_q8_0) = (dot_q4_1, dot_q8_0);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        (k.dot_q4_1, k.dot_q8_0) = (fma::dot_q4_1, fma::dot_q8_0);
+    }
+    k
+}
+
+// ---- elementwise ----
+
+/// ggml's AVX-512 `ggml_v_expf` for one lane.
+pub(super) fn v_expf(x: f32) -> f32 {
+    let c = f32::from_bits;
+    let r = c(0x4b40_0000); // 0x1.8p23
+    let z = x.mul_add(c(0x3fb8_aa3b), r); // log2(e)
+    let n = z - r;
+    let b = (-n).mul_add(c(0x35bf_be8e), (-n).mul_add(c(0x3f31_7200), x)); // ln 2, low and high parts
+    if n.abs() > 192.0 {
+        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    }
+    let u = b * b;
+    let j = c(0x3c07_2010).mul_add(b, c(0x3d2b_9f17)).mul_add(u, c(0x3e2a_af33).mul_add(b, c(0x3eff_fedb)));
+    let j = j.mul_add(u, c(0x3f7f_fff6).mul_add(b, 1.0));
+    // _mm512_scalef_ps: j * 2^n, rounded once
+    (j as f64 * (n as f64).exp2()) as f32
+}
+
+/// `g = silu(g) * u` as ggml_vec_swiglu_f32: 16 lanes by [`v_expf`]; the last `len % 16` elements by
+/// `x / (1 + expf(-x))` with libm's expf (none in the models here: their FFN widths are multiples of 16,
+/// and the backend's chunks are too).
+fn silu_mul(g: &mut [f32], u: &[f32]) {
+    let full = g.len() / 16 * 16;
+    for (x, &y) in g[..full].iter_mut().zip(u) {
+        *x = *x / (1.0 + v_expf(0.0 - *x)) * y;
+    }
+    for (x, &y) in g[full..].iter_mut().zip(&u[full..]) {
+        *x = *x / (1.0 + (-*x).exp()) * y;
+    }
+}
+
+fn sum_sq(x: &[f32]) -> f64 {
+    x.iter().fold(0.0f64, |s, &v| s + (v * v) as f64)
+}
+
+fn rotate_halves(a: &mut [f32], b: &mut [f32], cos: &[f32], sin: &[f32]) {
+    for (((x0, x1), &c), &s) in a.iter_mut().zip(b.iter_mut()).zip(cos).zip(sin) {
+        (*x0, *x1) = rotate(*x0, *x1, c, s);
+    }
+}
+
+fn rotate_pairs(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    for ((p, &c), &s) in x.chunks_exact_mut(2).zip(cos).zip(sin) {
+        (p[0], p[1]) = rotate(p[0], p[1], c, s);
+    }
+}
+
+#[inline(always)]
+fn rotate(x0: f32, x1: f32, c: f32, s: f32) -> (f32, f32) {
+    (x0.mul_add(c, -(x1 * s)), x0.mul_add(s, x1 * c))
+}
+
+pub(super) const ELEMENTWISE: Elementwise = Elementwise {
+    isa: Isa::Scalar,
+    silu_mul,
+    sum_sq,
+    scale_mul: scalar::scale_mul,
+    rotate_halves,
+    rotate_pairs,
+};
+
+// ---- attention ----
+
+/// `sum x[i] * y[i]` as ggml_vec_dot_f16 (`tiny`: as llamafile's tinyBLAS instead), for the terms
+/// `terms` yields as (index, x, y); absent indices are zero terms (masked keys).
+#[inline(always)]
+fn dot16(terms: impl Iterator<Item = (usize, f32, f32)>, tiny: bool) -> f32 {
+    let mut acc = [[0.0f32; 16]; 4];
+    for (i, x, y) in terms {
+        let a = if tiny { 0 } else { (i / 16) % 4 };
+        acc[a][i % 16] = x.mul_add(y, acc[a][i % 16]);
+    }
+    if tiny {
+        return hsum16(&acc[0]);
+    }
+    let [mut a0, mut a1, a2, a3] = acc;
+    for l in 0..16 {
+        a0[l] += a2[l];
+        a1[l] += a3[l];
+        a0[l] += a1[l];
+    }
+    hsum16(&a0)
+}
+
+/// llama.cpp's attention (module doc) for every query row of `seqs`; `tiny`: the batch has 2+ tokens.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attention(q: &[f32], kv: &CpuKv, shape: KvShape, seqs: &[AttnSeq], p: &AttnParams, out: &mut [f32], tiny: bool) {
+    let (hd, nh, bs, width) = (p.head_dim, p.n_heads, shape.block_size, shape.token_width());
+    let group = nh / p.n_kv_heads;
+    let row_len = nh * hd;
+    let mut rows: Vec<(usize, usize)> = Vec::new(); // (q row, sequence)
+    for (si, s) in seqs.iter().enumerate() {
+        rows.extend((s.q_start..s.q_start + s.n_q).map(|r| (r, si)));
+    }
+    let outs: Vec<(usize, Vec<f32>)> = rows
+        .par_iter()
+        .map(|&(r, si)| {
+            let s = &seqs[si];
+            let entry = s.ctx_len - s.n_q + (r - s.q_start);
+            let slot = |j: usize| s.block_table[j / bs] as usize * bs + j % bs;
+            let keys: Vec<(usize, usize)> =
+                (0..=entry).filter(|&j| p.window.is_none_or(|w| entry - j < w)).map(|j| (j, slot(j) * width)).collect();
+            let mut o = vec![0.0f32; row_len];
+            let (mut w, mut pr) = (vec![0.0f32; keys.len()], vec![0.0f32; keys.len()]);
+            for h in 0..nh {
+                let g = (h / group) * hd;
+                let q16: Vec<f32> = q[r * row_len + h * hd..][..hd].iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+                for (wj, &(_, base)) in w.iter_mut().zip(&keys) {
+                    let k = &kv.k[base + g..base + g + hd];
+                    let kq = dot16(k.iter().zip(&q16).enumerate().map(|(d, (&k, &q))| (d, f16::from_bits(k).to_f32(), q)), tiny);
+                    *wj = kq * p.scale;
+                }
+                let max = w.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                // exp 16 keys (cells) at a time; each group's hsum16 into an f64 sum
+                let mut sum = 0.0f64;
+                let mut lanes = [0.0f32; 16];
+                let mut cell_group = usize::MAX;
+                for (pj, (&wj, &(j, _))) in pr.iter_mut().zip(w.iter().zip(&keys)) {
+                    if j / 16 != cell_group {
+                        sum += hsum16(&lanes) as f64;
+                        (lanes, cell_group) = ([0.0; 16], j / 16);
+                    }
+                    *pj = v_expf(wj - max);
+                    lanes[j % 16] = *pj;
+                }
+                sum += hsum16(&lanes) as f64;
+                let inv = (1.0 / sum) as f32;
+                pr.iter_mut().for_each(|v| *v = f16::from_f32(*v * inv).to_f32());
+                for (d, od) in o[h * hd..(h + 1) * hd].iter_mut().enumerate() {
+                    let terms = keys.iter().zip(&pr).map(|(&(j, base), &pj)| (j, f16::from_bits(kv.v[base + g + d]).to_f32(), pj));
+                    *od = dot16(terms, tiny);
+                }
+            }
+            (r, o)
+        })
+        .collect();
+    for (r, o) in outs {
+        out[r * row_len..(r + 1) * row_len].copy_from_slice(&o);
+    }
+}
