@@ -8,14 +8,16 @@
 //! What it reproduces (llama.cpp of llama-cpp-python 0.3.36, no flash attention, f16 K/V):
 //!
 //! ```text
-//! quantized dots   Q4_1 x Q8_1, Q8_0 x Q8_0 (ggml_vec_dot_*, AVX2 path; llamafile's tinyBLAS_Q0_AVX
-//!                  gives the same bits for Q8_0 batches): 8 lanes, lane l holds the integer sum of
-//!                  elements 4l..4l+3 of each block, acc[l] = fma(d_w * d_a, lane, acc[l]) over the
-//!                  blocks, then hsum8; Q4_1 adds summs = fma(m_w, s_a, summs) after
+//! quantized dots   Q4_1 x Q8_1, Q5_0 / Q8_0 x Q8_0 (ggml_vec_dot_*, AVX2 path; llamafile's
+//!                  tinyBLAS_Q0_AVX gives the same bits for batches): 8 lanes, lane l holds the integer
+//!                  sum of elements 4l..4l+3 of each block, acc[l] = fma(d_w * d_a, lane, acc[l]) over
+//!                  the blocks, then hsum8; Q4_1 adds summs = fma(m_w, s_a, summs) after.
+//!                  Q4_K (repacked by llama.cpp, gemv/gemm 8x8) and Q6_K x Q8_K: see their bodies
 //! hsum8 / hsum16   _mm256 / _mm512_reduce_add_ps trees: halves added, then quarters, then the last pair
 //! RMS norm         sum of (x*x as f32) as f64 in element order (ops.cpp), then x * scale * w
 //! RoPE             y0 = fma(x0, c, -(x1 s)), y1 = fma(x0, s, x1 c) (gcc contracts ops.cpp's a*b - c*d)
 //! SwiGLU           silu by ggml_v_expf (AVX-512 polynomial, scalef), 16 elements at a time
+//! GeGLU            f16 table of gelu (tanh form, `1 + a x x` fused), as the native one but for the fma
 //! attention        Q and the probabilities rounded to f16; q.k and p.v as ggml_vec_dot_f16 (one token:
 //!                  4 accumulators of 16 lanes, element i in acc[(i/16)%4] lane i%16) or as tinyBLAS
 //!                  (2+ tokens in the batch: one accumulator of 16 lanes); softmax (ops.cpp) scales,
@@ -32,8 +34,10 @@ use rayon::prelude::*;
 
 use super::attention::CpuKv;
 use super::elementwise::{scalar, Elementwise};
-use super::kernels::{f16_at, Isa, Kernels};
+use super::kernels::{f16_at, f32_at, i16_at, q6k_value, quantize_q8_k, Isa, Kernels};
+use crate::quant::{get_scale_min_k4, K_SCALE_SIZE, QK_K};
 use crate::backend::{AttnParams, AttnSeq, KvShape};
+use crate::dtype::GgmlType;
 
 /// `_mm256` horizontal sum (hsum_float_8, tinyBLAS `hsum(__m256)`).
 #[inline(always)]
@@ -85,50 +89,149 @@ fn q8_0_body(w: &[u8], a: &[u8]) -> f32 {
     hsum8(&acc)
 }
 
-fn dot_q4_1(w: &[u8], a: &[u8]) -> f32 {
-    q4_1_body(w, a)
+/// Q5_0 (22-byte blocks: d, 32 high bits, 16 nibble bytes) x Q8_0: as Q8_0, on the values `q - 16`.
+#[inline(always)]
+fn q5_0_body(w: &[u8], a: &[u8]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    for (x, y) in w.chunks_exact(22).zip(a.chunks_exact(34)) {
+        let qh = u32::from_le_bytes([x[2], x[3], x[4], x[5]]);
+        let d = f16_at(x, 0) * f16_at(y, 0);
+        for (l, acc) in acc.iter_mut().enumerate() {
+            let mut sumi = 0i32;
+            for e in 4 * l..4 * l + 4 {
+                let low = if e < 16 { x[6 + e] & 0x0f } else { x[6 + e - 16] >> 4 };
+                let v = (low as i32 | (((qh >> e) & 1) as i32) << 4) - 16;
+                sumi += v * y[2 + e] as i8 as i32;
+            }
+            *acc = d.mul_add(sumi as f32, *acc);
+        }
+    }
+    hsum8(&acc)
 }
 
-fn dot_q8_0(w: &[u8], a: &[u8]) -> f32 {
-    q8_0_body(w, a)
+/// Q4_K x Q8_K as llama.cpp's x86 build computes it: its Q4_K matrices are repacked (q4_K_8x8). A
+/// batch's rows in whole fours go through `ggml_gemm_q4_K_8x8_q8_K`, the rest (and single tokens)
+/// through `ggml_gemv_q4_K_8x8_q8_K`. Both keep two fused chains per output, `acc = fma(isum, d_w * d_a,
+/// acc)` and `accm = fma(msum, dmin_w * d_a, accm)`, and return `acc - accm`; the gemv adds once per
+/// super-block, the gemm (`pairs`) once per pair of 32-weight sub-blocks. `isum`, `msum`: exact integer
+/// sums of `scale * q * a` and `min * bsum`.
+#[inline(always)]
+fn q4_k_body(w: &[u8], a: &[u8], pairs: bool) -> f32 {
+    let (mut acc, mut accm) = (0.0f32, 0.0f32);
+    for (x, y) in w.chunks_exact(144).zip(a.chunks_exact(292)) {
+        let scales: &[u8; K_SCALE_SIZE] = x[4..16].try_into().expect("12 scale bytes");
+        let (d, dmin) = (f16_at(x, 0) * f32_at(y, 0), f16_at(x, 2) * f32_at(y, 0));
+        let (mut isum, mut msum) = (0i32, 0i32);
+        for j in 0..8 {
+            let (sc, m) = get_scale_min_k4(j, scales);
+            msum += m as i32 * (i16_at(y, 260 + 4 * j) + i16_at(y, 260 + 4 * j + 2));
+            let qs = &x[16 + 32 * (j / 2)..][..32];
+            let s: i32 = (0..32).map(|l| (if j % 2 == 0 { qs[l] & 0x0f } else { qs[l] >> 4 }) as i32 * y[4 + 32 * j + l] as i8 as i32).sum();
+            isum += sc as i32 * s;
+            if (pairs && j % 2 == 1) || j == 7 {
+                acc = (isum as f32).mul_add(d, acc);
+                accm = (msum as f32).mul_add(dmin, accm);
+                (isum, msum) = (0, 0);
+            }
+        }
+    }
+    acc - accm
 }
 
-/// The same dots where `mul_add` is one instruction (the function pointers are handed out only after
-/// `is_x86_feature_detected!("fma")`).
-#[cfg(target_arch = "x86_64")]
-mod fma {
-    #[target_feature(enable = "fma")]
-    unsafe fn q4_1(w: &[u8], a: &[u8]) -> f32 {
-        super::q4_1_body(w, a)
-    }
-
-    #[target_feature(enable = "fma")]
-    unsafe fn q8_0(w: &[u8], a: &[u8]) -> f32 {
-        super::q8_0_body(w, a)
-    }
-
-    pub(super) fn dot_q4_1(w: &[u8], a: &[u8]) -> f32 {
-        // SAFETY: reached only through `kernels`, after the fma check.
-        unsafe { q4_1(w, a) }
-    }
-
-    pub(super) fn dot_q8_0(w: &[u8], a: &[u8]) -> f32 {
-        // SAFETY: as above.
-        unsafe { q8_0(w, a) }
-    }
+/// A Q4_K or Q6_K matrix (`n_rows` rows of `row_len`) times `n_tokens` rows of `x`, in the order
+/// llama.cpp picks for the batch: Q4_K per [`q4_k_body`] (whole fours of tokens by its gemm), Q6_K by
+/// [`q6_k_body`] below 8 tokens and by its tiled kernel ([`q6_k_tiled`]) from 8. `out[t * n_rows + r]`.
+/// Call inside the backend's pool.
+pub(super) fn matmul_k(ty: GgmlType, w: &[u8], row_len: usize, n_rows: usize, x: &[f32], n_tokens: usize, out: &mut [f32]) {
+    let nb = row_len / QK_K;
+    let (wb, ab) = (nb * ty.type_size(), nb * 292);
+    let mut acts = vec![0u8; n_tokens * ab];
+    acts.par_chunks_mut(ab).zip(x.par_chunks(row_len)).for_each(|(a, x)| quantize_q8_k(x, a));
+    let gemm_tokens = n_tokens - n_tokens % 4;
+    let q4_k = ty == GgmlType::Q4K;
+    out[..n_tokens * n_rows].par_chunks_mut(64).enumerate().for_each(|(c, o)| {
+        for (i, o) in o.iter_mut().enumerate() {
+            let (t, r) = ((c * 64 + i) / n_rows, (c * 64 + i) % n_rows);
+            let (w, a) = (&w[r * wb..(r + 1) * wb], &acts[t * ab..(t + 1) * ab]);
+            *o = match (q4_k, n_tokens >= 8) {
+                (true, _) => q4_k_body(w, a, t < gemm_tokens),
+                (false, false) => q6_k_body(w, a),
+                (false, true) => q6_k_tiled(w, a),
+            };
+        }
+    });
 }
 
-/// The scalar table with llama.cpp's dots for the types it has them for (no tile kernels: every
-/// product is a per-row dot).
-pub(super) fn kernels() -> Kernels {
-    let mut k = Kernels::scalar();
-    (k.dot_q4_1, k.dot_q8_0) = (dot_q4_1, dot_q8_0);
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("fma") {
-        (k.dot_q4_1, k.dot_q8_0) = (fma::dot_q4_1, fma::dot_q8_0);
+/// Q6_K x Q8_K as llama.cpp's tiled kernel (`ggml-cpu/tiled`, batches of 8+ tokens of non-repacked
+/// K-quants): per super-block the exact integer `isum`, then `acc = fma(isum * d_w, d_a, acc)` (the
+/// kernel writes `acc + (isum * d_w) * d_a` with `_mm512_add_ps` / `_mm512_mul_ps`, which gcc, whose
+/// headers spell them as vector `+` and `*`, contracts).
+fn q6_k_tiled(w: &[u8], a: &[u8]) -> f32 {
+    let mut acc = 0.0f32;
+    for (x, y) in w.chunks_exact(210).zip(a.chunks_exact(292)) {
+        let isum: i32 = (0..QK_K).map(|e| x[192 + e / 16] as i8 as i32 * (q6k_value(x, e) - 32) * y[4 + e] as i8 as i32).sum();
+        acc = (isum as f32 * f16_at(x, 208)).mul_add(f32_at(y, 0), acc);
     }
-    k
+    acc
 }
+
+/// Q6_K x Q8_K (ggml_vec_dot_q6_K_q8_K, AVX2 path): 8 integer lanes per super-block, lane `k` holding
+/// `scale * q * a` of the elements `e` with `(e % 32) / 4 == k` minus `32 * (sc[2k] bsum[2k] + sc[2k+1]
+/// bsum[2k+1])`; then `acc[k] = fma(d_a * d_w, lane, acc[k])` and hsum8.
+#[inline(always)]
+fn q6_k_body(w: &[u8], a: &[u8]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    for (x, y) in w.chunks_exact(210).zip(a.chunks_exact(292)) {
+        let sc = |i: usize| x[192 + i] as i8 as i32;
+        let mut lanes = [0i32; 8];
+        for e in 0..QK_K {
+            lanes[(e % 32) / 4] += sc(e / 16) * q6k_value(x, e) * y[4 + e] as i8 as i32;
+        }
+        let d = f32_at(y, 0) * f16_at(x, 208);
+        for (k, (acc, lane)) in acc.iter_mut().zip(lanes).enumerate() {
+            let sub = 32 * (sc(2 * k) * i16_at(y, 260 + 4 * k) + sc(2 * k + 1) * i16_at(y, 260 + 4 * k + 2));
+            *acc = d.mul_add((lane - sub) as f32, *acc);
+        }
+    }
+    hsum8(&acc)
+}
+
+/// [`q4_k_body`] for one token.
+#[inline(always)]
+fn q4_k_gemv(w: &[u8], a: &[u8]) -> f32 {
+    q4_k_body(w, a, false)
+}
+
+/// Each body as a plain function (`mul_add` through libm) and, on x86, compiled with FMA (the pointers
+/// are handed out only after `is_x86_feature_detected!("fma")`).
+macro_rules! dots {
+    ($($name:ident => $body:ident),*) => {
+        mod plain {
+            $(pub(super) fn $name(w: &[u8], a: &[u8]) -> f32 { super::$body(w, a) })*
+        }
+        #[cfg(target_arch = "x86_64")]
+        mod fma {
+            $(pub(super) fn $name(w: &[u8], a: &[u8]) -> f32 {
+                #[target_feature(enable = "fma")]
+                unsafe fn inner(w: &[u8], a: &[u8]) -> f32 { super::$body(w, a) }
+                // SAFETY: reached only through `kernels`, after the fma check.
+                unsafe { inner(w, a) }
+            })*
+        }
+        /// The scalar table with llama.cpp's dots (no tile kernels: every product is a per-row dot).
+        pub(super) fn kernels() -> Kernels {
+            let mut k = Kernels::scalar();
+            $(k.$name = plain::$name;)*
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("fma") {
+                $(k.$name = fma::$name;)*
+            }
+            k
+        }
+    };
+}
+
+dots!(dot_q4_1 => q4_1_body, dot_q5_0 => q5_0_body, dot_q8_0 => q8_0_body, dot_q4_k => q4_k_gemv, dot_q6_k => q6_k_body);
 
 // ---- elementwise ----
 
@@ -159,6 +262,29 @@ fn silu_mul(g: &mut [f32], u: &[f32]) {
     }
     for (x, &y) in g[full..].iter_mut().zip(&u[full..]) {
         *x = *x / (1.0 + (-*x).exp()) * y;
+    }
+}
+
+/// ggml's `ggml_gelu_f32` as gcc compiles it: `1 + a x x` contracted to `fma(a x, x, 1)`.
+fn gelu_f32(x: f32) -> f32 {
+    const GELU_COEF_A: f32 = 0.044715;
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (GELU_COEF_A * x).mul_add(x, 1.0)).tanh())
+}
+
+/// `g = gelu(g) * u` as ggml_vec_geglu_f32 with `GGML_GELU_FP16`: the gate through f16 and a table of
+/// [`gelu_f32`] of every f16, 0 below -10, the identity above 10.
+pub(super) fn geglu_mul(g: &mut [f32], u: &[f32]) {
+    static TABLE: std::sync::OnceLock<Vec<u16>> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| (0..=u16::MAX).map(|b| f16::from_f32(gelu_f32(f16::from_bits(b).to_f32())).to_bits()).collect());
+    for (x, &y) in g.iter_mut().zip(u) {
+        *x = if *x <= -10.0 {
+            0.0
+        } else if *x >= 10.0 {
+            *x * y
+        } else {
+            f16::from_bits(table[f16::from_f32(*x).to_bits() as usize]).to_f32() * y
+        };
     }
 }
 

@@ -274,6 +274,10 @@ impl Backend for CpuBackend {
 
     fn matmul(&self, w: &Weight, x: &Buffer, n_tokens: usize, out: &mut Buffer) {
         let (x, out, cw) = (buf(x), buf_mut(out), weight(w));
+        if self.llama_numerics && matches!(w.ty(), crate::dtype::GgmlType::Q4K | crate::dtype::GgmlType::Q6K) {
+            let (rl, nr) = (w.row_len(), w.n_rows());
+            return self.pool.install(|| ggml::matmul_k(w.ty(), cw.data(), rl, nr, &x[..n_tokens * rl], n_tokens, out));
+        }
         self.pool.install(|| {
             let packed = cw.packed.get_or_init(|| {
                 let p = self.repacks(w.ty()).then(|| matmul::pack(&self.k, w.ty(), cw.data(), w.row_len(), w.n_rows()));
@@ -378,6 +382,7 @@ impl Backend for CpuBackend {
         self.pool.install(|| {
             g.par_chunks_mut(ELEMS_PER_TASK).zip(u.par_chunks(ELEMS_PER_TASK)).for_each(|(g, u)| match act {
                 Glu::Silu => (e.silu_mul)(g, u),
+                Glu::GeluTanh if self.llama_numerics => ggml::geglu_mul(g, u),
                 Glu::GeluTanh => g.iter_mut().zip(u).for_each(|(x, &y)| *x = gelu_mul(*x, y, table)),
             })
         });
