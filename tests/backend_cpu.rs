@@ -109,9 +109,10 @@ fn quant_dots(k: &Kernels) -> Vec<(GgmlType, GgmlType, Quantizer, pagellm::backe
 #[test]
 fn quantized_dots_match_dequantized_reference() {
     let _serial = serial();
-    let scalar = Kernels::scalar();
     let mut r = rng(1);
-    for (wty, aty, quantize, dot) in quant_dots(&scalar) {
+    // the scalar table, and llama.cpp's float order (`--numerics llama.cpp`)
+    let dots = [quant_dots(&Kernels::scalar()), quant_dots(&Kernels::llama_cpp())].concat();
+    for (wty, aty, quantize, dot) in dots {
         // 2304 = 9 K-quant super-blocks = 72 legacy blocks: the 4-block SIMD loop and its tail both run
         for k in [256, 512, 2304] {
             let w = random_weights(&mut r, wty, 1, k);
@@ -654,6 +655,94 @@ fn paged_attention_matches_reference() {
             let err = rel_l2(got, &s);
             assert!(err < 1e-3, "attention SIMD vs scalar: {err:e}");
         }
+    }
+}
+
+/// `--numerics llama.cpp`: every op it changes (matmul per batch shape, norm, RoPE, GLUs, attention
+/// one token and batched) computes the same function as the f64 references, within the bounds of the
+/// native kernels. (That its float order is llama.cpp's is held by tests/model_greedy.rs: the two real
+/// models give llama.cpp's logits bit for bit.)
+#[test]
+fn llama_numerics_ops_match_reference() {
+    let _serial = serial();
+    let mut r = rng(9);
+    let b = CpuBackend::new(2, Kernels::detect()).unwrap().with_llama_numerics();
+    println!("{}", b.name());
+    let k = 512;
+    for ty in [GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K] {
+        let (aty, quantize): (GgmlType, Quantizer) = match ty {
+            GgmlType::Q4_1 => (GgmlType::Q8_1, quantize_q8_1),
+            GgmlType::Q4K | GgmlType::Q6K => (GgmlType::Q8K, quantize_q8_k),
+            _ => (GgmlType::Q8_0, quantize_q8_0),
+        };
+        let n_rows = 24;
+        let w = random_weights(&mut r, ty, n_rows, k);
+        let (wf, wt) = (dequant(ty, &w, n_rows * k), upload(&b, ty, w.clone(), k, n_rows));
+        // 1 token (gemv), 6 (a gemm four and two gemv rows), 9 (Q6_K's tiled kernel)
+        for n_tok in [1, 6, 9] {
+            let x = randn(&mut r, n_tok * k);
+            let mut a = vec![0u8; n_tok * k / aty.block_size() * aty.type_size()];
+            quantize(&x, &mut a);
+            let xq = dequant(aty, &a, n_tok * k);
+            let want: Vec<f64> = (0..n_tok * n_rows)
+                .map(|o| (0..k).map(|i| wf[(o % n_rows) * k + i] as f64 * xq[(o / n_rows) * k + i] as f64).sum())
+                .collect();
+            let mut out = b.alloc(n_tok * n_rows).unwrap();
+            b.matmul(&wt, &buffer(&b, &x), n_tok, &mut out);
+            let err = rel_l2(&read(&b, &out, n_tok * n_rows), &want);
+            let bound = if ty == GgmlType::Q4_1 { 1e-3 } else { 1e-5 };
+            assert!(err < bound, "{ty} x {n_tok} tokens: matmul error {err:e}");
+        }
+    }
+
+    // rms_norm, RoPE, SwiGLU and GeGLU
+    let (dim, n) = (640, 3);
+    let x = randn(&mut r, n * dim);
+    let mut out = b.alloc(n * dim).unwrap();
+    b.rms_norm(&buffer(&b, &x), None, dim, n, 1e-6, &mut out);
+    let want: Vec<f64> = x
+        .chunks(dim)
+        .flat_map(|row| {
+            let s = (row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / dim as f64 + 1e-6).sqrt();
+            row.iter().map(move |&v| v as f64 / s)
+        })
+        .collect();
+    assert!(rel_l2(&read(&b, &out, n * dim), &want) < 1e-6, "rms_norm");
+    let p = RopeParams { mode: RopeMode::Norm, n_rot: 64, freq_base: 10000.0, freq_scale: 1.0, freq_factors: None };
+    let (pos, xr) = ([0u32, 5, 77], randn(&mut r, 3 * 2 * 64));
+    let mut xb = buffer(&b, &xr);
+    b.rope(&mut xb, &pos, 2, 64, &p);
+    assert!(rel_l2(&read(&b, &xb, xr.len()), &rope_ref(&xr, &pos, 2, 64, &p)) < 1e-5, "rope");
+    let (g, u) = (randn(&mut r, 2048), randn(&mut r, 2048));
+    for (act, f, bound) in [
+        (Glu::Silu, (|x: f64| x / (1.0 + (-x).exp())) as fn(f64) -> f64, 1e-6),
+        // GeGLU goes through an f16 table: f16 rounding of the gate
+        (Glu::GeluTanh, |x: f64| 0.5 * x * (1.0 + (0.797_884_560_802_865_4 * (x + 0.044715 * x * x * x)).tanh()), 1e-3),
+    ] {
+        let mut gb = buffer(&b, &g);
+        b.glu(&mut gb, &buffer(&b, &u), g.len(), act);
+        let want: Vec<f64> = g.iter().zip(&u).map(|(&g, &u)| f(g as f64) * u as f64).collect();
+        let err = rel_l2(&read(&b, &gb, g.len()), &want);
+        assert!(err < bound, "{act:?}: {err:e}");
+    }
+
+    // attention: one sequence of 40 tokens, the last 9 new (batched, tinyBLAS order), then 1 (decode)
+    let (nh, nkv, hd, bs) = (4, 2, 64, 16);
+    let shape = KvShape { num_blocks: 4, block_size: bs, n_kv_heads: nkv, head_dim: hd };
+    let table = [2u32, 0, 3];
+    let ctx = 40;
+    let (kf, vf) = (randn(&mut r, ctx * nkv * hd), randn(&mut r, ctx * nkv * hd));
+    let mut kv = b.alloc_kv(shape).unwrap();
+    let slots: Vec<u32> = (0..ctx).map(|j| table[j / bs] * bs as u32 + (j % bs) as u32).collect();
+    b.kv_write(&mut kv, &buffer(&b, &kf), &buffer(&b, &vf), &slots);
+    for (n_q, window) in [(9, None), (1, None), (9, Some(12))] {
+        let p = AttnParams { n_heads: nh, n_kv_heads: nkv, head_dim: hd, scale: 0.125, window };
+        let q = randn(&mut r, n_q * nh * hd);
+        let seqs = [AttnSeq { q_start: 0, n_q, ctx_len: ctx, block_table: &table, view: None }];
+        let mut out = b.alloc(q.len()).unwrap();
+        b.attention(&buffer(&b, &q), &kv, &seqs, &p, &mut out, None);
+        let err = rel_l2(&read(&b, &out, q.len()), &attn_ref(&q, &kf, &vf, ctx, n_q, &p));
+        assert!(err < 2e-3, "attention {n_q} queries, window {window:?}: {err:e}");
     }
 }
 

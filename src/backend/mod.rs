@@ -329,18 +329,47 @@ pub struct CpuOptions {
     /// Whether matrices of the types the kernel table packs get a packed copy (see
     /// `cpu::CpuBackend::with_repack`); off, every weight is read in place from the map.
     pub repack: bool,
+    /// Whose float order the CPU computes in.
+    pub numerics: Numerics,
 }
 
 impl CpuOptions {
-    /// `threads` workers, repacking on (the default).
+    /// `threads` workers, repacking on, native numerics (the defaults).
     pub fn threads(threads: usize) -> CpuOptions {
-        CpuOptions { threads, repack: true }
+        CpuOptions { threads, repack: true, numerics: Numerics::Native }
+    }
+}
+
+/// The float order of the CPU backend (`--numerics`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Numerics {
+    /// pagellm's own: SIMD kernels, results independent of the batch (the default).
+    #[default]
+    Native,
+    /// llama.cpp's CPU backend's (its x86 AVX-512 build): the same logits bit for bit on the model
+    /// types it covers (`cpu::CpuBackend::with_llama_numerics`); slower, and like llama.cpp not batch
+    /// invariant.
+    LlamaCpp,
+}
+
+impl std::str::FromStr for Numerics {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "native" => Ok(Numerics::Native),
+            "llama.cpp" | "llamacpp" | "ggml" => Ok(Numerics::LlamaCpp),
+            _ => Err(format!("unknown numerics '{s}': use native or llama.cpp")),
+        }
     }
 }
 
 /// The CPU backend with the best kernels this machine has (`PAGELLM_CPU=scalar` forces the scalar ones).
 pub fn cpu(opts: CpuOptions) -> Result<Arc<dyn Backend>, BackendError> {
-    Ok(Arc::new(cpu::CpuBackend::new(opts.threads, cpu::Kernels::detect())?.with_repack(opts.repack)))
+    let b = cpu::CpuBackend::new(opts.threads, cpu::Kernels::detect())?.with_repack(opts.repack);
+    Ok(Arc::new(match opts.numerics {
+        Numerics::Native => b,
+        Numerics::LlamaCpp => b.with_llama_numerics(),
+    }))
 }
 
 /// Which device `--device` asks for.

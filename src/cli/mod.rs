@@ -57,11 +57,16 @@ pub struct CpuArgs {
     /// than in the file, for faster decoding; use this when the model barely fits in memory.
     #[arg(long)]
     no_repack: bool,
+    /// CPU float order: `native` (pagellm's SIMD kernels, results independent of batching) or
+    /// `llama.cpp` (the operations of llama.cpp's x86 CPU build one by one, for logits equal to its own
+    /// bit for bit on Q4_1 / Q5_0 / Q8_0 / Q4_K / Q6_K models; several times slower).
+    #[arg(long, default_value = "native")]
+    numerics: crate::backend::Numerics,
 }
 
 impl CpuArgs {
     fn options(self) -> crate::backend::CpuOptions {
-        crate::backend::CpuOptions { threads: self.threads, repack: !self.no_repack }
+        crate::backend::CpuOptions { threads: self.threads, repack: !self.no_repack, numerics: self.numerics }
     }
 }
 

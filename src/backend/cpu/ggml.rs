@@ -150,16 +150,34 @@ pub(super) fn matmul_k(ty: GgmlType, w: &[u8], row_len: usize, n_rows: usize, x:
     let gemm_tokens = n_tokens - n_tokens % 4;
     let q4_k = ty == GgmlType::Q4K;
     out[..n_tokens * n_rows].par_chunks_mut(64).enumerate().for_each(|(c, o)| {
-        for (i, o) in o.iter_mut().enumerate() {
-            let (t, r) = ((c * 64 + i) / n_rows, (c * 64 + i) % n_rows);
-            let (w, a) = (&w[r * wb..(r + 1) * wb], &acts[t * ab..(t + 1) * ab]);
-            *o = match (q4_k, n_tokens >= 8) {
-                (true, _) => q4_k_body(w, a, t < gemm_tokens),
-                (false, false) => q6_k_body(w, a),
-                (false, true) => q6_k_tiled(w, a),
-            };
-        }
+        with_fma(|| {
+            for (i, o) in o.iter_mut().enumerate() {
+                let (t, r) = ((c * 64 + i) / n_rows, (c * 64 + i) % n_rows);
+                let (w, a) = (&w[r * wb..(r + 1) * wb], &acts[t * ab..(t + 1) * ab]);
+                *o = match (q4_k, n_tokens >= 8) {
+                    (true, _) => q4_k_body(w, a, t < gemm_tokens),
+                    (false, false) => q6_k_body(w, a),
+                    (false, true) => q6_k_tiled(w, a),
+                };
+            }
+        })
     });
+}
+
+/// `f()`, compiled with FMA where this CPU has it (`mul_add` is then one instruction instead of a libm
+/// call; the value is the same either way).
+#[inline(always)]
+fn with_fma<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        #[target_feature(enable = "fma")]
+        unsafe fn run<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        // SAFETY: the CPU has FMA (checked above).
+        return unsafe { run(f) };
+    }
+    f()
 }
 
 /// Q6_K x Q8_K as llama.cpp's tiled kernel (`ggml-cpu/tiled`, batches of 8+ tokens of non-repacked
@@ -344,56 +362,56 @@ fn dot16(terms: impl Iterator<Item = (usize, f32, f32)>, tiny: bool) -> f32 {
 /// llama.cpp's attention (module doc) for every query row of `seqs`; `tiny`: the batch has 2+ tokens.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attention(q: &[f32], kv: &CpuKv, shape: KvShape, seqs: &[AttnSeq], p: &AttnParams, out: &mut [f32], tiny: bool) {
-    let (hd, nh, bs, width) = (p.head_dim, p.n_heads, shape.block_size, shape.token_width());
-    let group = nh / p.n_kv_heads;
-    let row_len = nh * hd;
+    let row_len = p.n_heads * p.head_dim;
     let mut rows: Vec<(usize, usize)> = Vec::new(); // (q row, sequence)
     for (si, s) in seqs.iter().enumerate() {
         rows.extend((s.q_start..s.q_start + s.n_q).map(|r| (r, si)));
     }
-    let outs: Vec<(usize, Vec<f32>)> = rows
-        .par_iter()
-        .map(|&(r, si)| {
-            let s = &seqs[si];
-            let entry = s.ctx_len - s.n_q + (r - s.q_start);
-            let slot = |j: usize| s.block_table[j / bs] as usize * bs + j % bs;
-            let keys: Vec<(usize, usize)> =
-                (0..=entry).filter(|&j| p.window.is_none_or(|w| entry - j < w)).map(|j| (j, slot(j) * width)).collect();
-            let mut o = vec![0.0f32; row_len];
-            let (mut w, mut pr) = (vec![0.0f32; keys.len()], vec![0.0f32; keys.len()]);
-            for h in 0..nh {
-                let g = (h / group) * hd;
-                let q16: Vec<f32> = q[r * row_len + h * hd..][..hd].iter().map(|&v| f16::from_f32(v).to_f32()).collect();
-                for (wj, &(_, base)) in w.iter_mut().zip(&keys) {
-                    let k = &kv.k[base + g..base + g + hd];
-                    let kq = dot16(k.iter().zip(&q16).enumerate().map(|(d, (&k, &q))| (d, f16::from_bits(k).to_f32(), q)), tiny);
-                    *wj = kq * p.scale;
-                }
-                let max = w.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                // exp 16 keys (cells) at a time; each group's hsum16 into an f64 sum
-                let mut sum = 0.0f64;
-                let mut lanes = [0.0f32; 16];
-                let mut cell_group = usize::MAX;
-                for (pj, (&wj, &(j, _))) in pr.iter_mut().zip(w.iter().zip(&keys)) {
-                    if j / 16 != cell_group {
-                        sum += hsum16(&lanes) as f64;
-                        (lanes, cell_group) = ([0.0; 16], j / 16);
-                    }
-                    *pj = v_expf(wj - max);
-                    lanes[j % 16] = *pj;
-                }
-                sum += hsum16(&lanes) as f64;
-                let inv = (1.0 / sum) as f32;
-                pr.iter_mut().for_each(|v| *v = f16::from_f32(*v * inv).to_f32());
-                for (d, od) in o[h * hd..(h + 1) * hd].iter_mut().enumerate() {
-                    let terms = keys.iter().zip(&pr).map(|(&(j, base), &pj)| (j, f16::from_bits(kv.v[base + g + d]).to_f32(), pj));
-                    *od = dot16(terms, tiny);
-                }
-            }
-            (r, o)
-        })
-        .collect();
+    let outs: Vec<(usize, Vec<f32>)> = rows.par_iter().map(|&(r, si)| (r, with_fma(|| attend_row(q, kv, shape, &seqs[si], p, r, tiny)))).collect();
     for (r, o) in outs {
         out[r * row_len..(r + 1) * row_len].copy_from_slice(&o);
     }
+}
+
+/// One query row of [`attention`]: every head's output.
+#[inline(always)]
+fn attend_row(q: &[f32], kv: &CpuKv, shape: KvShape, s: &AttnSeq, p: &AttnParams, r: usize, tiny: bool) -> Vec<f32> {
+    let (hd, nh, bs, width) = (p.head_dim, p.n_heads, shape.block_size, shape.token_width());
+    let (group, row_len) = (nh / p.n_kv_heads, nh * hd);
+    let entry = s.ctx_len - s.n_q + (r - s.q_start);
+    let slot = |j: usize| s.block_table[j / bs] as usize * bs + j % bs;
+    let keys: Vec<(usize, usize)> =
+        (0..=entry).filter(|&j| p.window.is_none_or(|w| entry - j < w)).map(|j| (j, slot(j) * width)).collect();
+    let mut o = vec![0.0f32; row_len];
+    let (mut w, mut pr) = (vec![0.0f32; keys.len()], vec![0.0f32; keys.len()]);
+    for h in 0..nh {
+        let g = (h / group) * hd;
+        let q16: Vec<f32> = q[r * row_len + h * hd..][..hd].iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+        for (wj, &(_, base)) in w.iter_mut().zip(&keys) {
+            let k = &kv.k[base + g..base + g + hd];
+            let kq = dot16(k.iter().zip(&q16).enumerate().map(|(d, (&k, &q))| (d, f16::from_bits(k).to_f32(), q)), tiny);
+            *wj = kq * p.scale;
+        }
+        let max = w.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        // exp 16 keys (cells) at a time; each group's hsum16 into an f64 sum
+        let mut sum = 0.0f64;
+        let mut lanes = [0.0f32; 16];
+        let mut cell_group = usize::MAX;
+        for (pj, (&wj, &(j, _))) in pr.iter_mut().zip(w.iter().zip(&keys)) {
+            if j / 16 != cell_group {
+                sum += hsum16(&lanes) as f64;
+                (lanes, cell_group) = ([0.0; 16], j / 16);
+            }
+            *pj = v_expf(wj - max);
+            lanes[j % 16] = *pj;
+        }
+        sum += hsum16(&lanes) as f64;
+        let inv = (1.0 / sum) as f32;
+        pr.iter_mut().for_each(|v| *v = f16::from_f32(*v * inv).to_f32());
+        for (d, od) in o[h * hd..(h + 1) * hd].iter_mut().enumerate() {
+            let terms = keys.iter().zip(&pr).map(|(&(j, base), &pj)| (j, f16::from_bits(kv.v[base + g + d]).to_f32(), pj));
+            *od = dot16(terms, tiny);
+        }
+    }
+    o
 }

@@ -310,6 +310,12 @@ impl Kernels {
         super::neon::kernels()
     }
 
+    /// The scalar table with llama.cpp's quantized dots (its x86 build's float order; see `ggml.rs`),
+    /// as `CpuBackend::with_llama_numerics` uses it.
+    pub fn llama_cpp() -> Kernels {
+        super::ggml::kernels()
+    }
+
     /// Every table this machine can run, scalar first (for tests).
     pub fn all() -> Vec<Kernels> {
         [Some(Kernels::scalar()), Kernels::avx2(), Kernels::avx512(), Kernels::neon()].into_iter().flatten().collect()
