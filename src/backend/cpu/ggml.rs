@@ -39,6 +39,25 @@ use crate::quant::{get_scale_min_k4, K_SCALE_SIZE, QK_K};
 use crate::backend::{AttnParams, AttnSeq, KvShape};
 use crate::dtype::GgmlType;
 
+/// `$name`: `$body` (an `#[inline(always)]` function) compiled plain and, on x86, with FMA, and called as
+/// the CPU allows (`mul_add` is then one instruction instead of a libm call; the value is the same).
+macro_rules! fma_twin {
+    ($name:ident = $body:ident($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+        fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("fma") {
+                #[target_feature(enable = "fma")]
+                unsafe fn fast($($arg: $ty),*) -> $ret {
+                    $body($($arg),*)
+                }
+                // SAFETY: the CPU has FMA (checked above).
+                return unsafe { fast($($arg),*) };
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
 /// `_mm256` horizontal sum (hsum_float_8, tinyBLAS `hsum(__m256)`).
 #[inline(always)]
 fn hsum8(v: &[f32; 8]) -> f32 {
@@ -148,37 +167,35 @@ pub(super) fn matmul_k(ty: GgmlType, w: &[u8], row_len: usize, n_rows: usize, x:
     let mut acts = vec![0u8; n_tokens * ab];
     acts.par_chunks_mut(ab).zip(x.par_chunks(row_len)).for_each(|(a, x)| quantize_q8_k(x, a));
     let gemm_tokens = n_tokens - n_tokens % 4;
-    let q4_k = ty == GgmlType::Q4K;
-    out[..n_tokens * n_rows].par_chunks_mut(64).enumerate().for_each(|(c, o)| {
-        with_fma(|| {
-            for (i, o) in o.iter_mut().enumerate() {
-                let (t, r) = ((c * 64 + i) / n_rows, (c * 64 + i) % n_rows);
-                let (w, a) = (&w[r * wb..(r + 1) * wb], &acts[t * ab..(t + 1) * ab]);
-                *o = match (q4_k, n_tokens >= 8) {
-                    (true, _) => q4_k_body(w, a, t < gemm_tokens),
-                    (false, false) => q6_k_body(w, a),
-                    (false, true) => q6_k_tiled(w, a),
-                };
-            }
-        })
-    });
+    let k = KProduct { q4_k: ty == GgmlType::Q4K, tiled: n_tokens >= 8, gemm_tokens, n_rows, wb, ab };
+    out[..n_tokens * n_rows].par_chunks_mut(64).enumerate().for_each(|(c, o)| k_outputs(&k, w, &acts, c * 64, o));
 }
 
-/// `f()`, compiled with FMA where this CPU has it (`mul_add` is then one instruction instead of a libm
-/// call; the value is the same either way).
-#[inline(always)]
-fn with_fma<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("fma") {
-        #[target_feature(enable = "fma")]
-        unsafe fn run<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        // SAFETY: the CPU has FMA (checked above).
-        return unsafe { run(f) };
-    }
-    f()
+/// What [`k_outputs`] needs of a [`matmul_k`] call.
+struct KProduct {
+    q4_k: bool,
+    tiled: bool,
+    gemm_tokens: usize,
+    n_rows: usize,
+    wb: usize,
+    ab: usize,
 }
+
+/// Outputs `first..first + o.len()` of a [`matmul_k`] product.
+#[inline(always)]
+fn k_outputs_body(k: &KProduct, w: &[u8], acts: &[u8], first: usize, o: &mut [f32]) {
+    for (i, o) in o.iter_mut().enumerate() {
+        let (t, r) = ((first + i) / k.n_rows, (first + i) % k.n_rows);
+        let (w, a) = (&w[r * k.wb..(r + 1) * k.wb], &acts[t * k.ab..(t + 1) * k.ab]);
+        *o = match (k.q4_k, k.tiled) {
+            (true, _) => q4_k_body(w, a, t < k.gemm_tokens),
+            (false, false) => q6_k_body(w, a),
+            (false, true) => q6_k_tiled(w, a),
+        };
+    }
+}
+
+fma_twin!(k_outputs = k_outputs_body(k: &KProduct, w: &[u8], acts: &[u8], first: usize, o: &mut [f32]) -> ());
 
 /// Q6_K x Q8_K as llama.cpp's tiled kernel (`ggml-cpu/tiled`, batches of 8+ tokens of non-repacked
 /// K-quants): per super-block the exact integer `isum`, then `acc = fma(isum * d_w, d_a, acc)` (the
@@ -244,9 +261,174 @@ macro_rules! dots {
             if std::arch::is_x86_feature_detected!("fma") {
                 $(k.$name = fma::$name;)*
             }
+            #[cfg(target_arch = "x86_64")]
+            if avx2::usable() {
+                (k.dot_q4_1, k.dot_q5_0, k.dot_q8_0) = (avx2::dot_q4_1, avx2::dot_q5_0, avx2::dot_q8_0);
+            }
             k
         }
     };
+}
+
+/// The legacy-block dots in AVX2, as llama.cpp's own: the same integer lanes (`maddubs` cannot saturate
+/// on these ranges), the same `fmadd` per block and the same hsum8, so the same bits as the bodies above.
+///
+/// Safety: the `#[target_feature]` functions are reached only through [`kernels`], which hands them out
+/// after [`usable`] confirmed avx2, fma and f16c.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// The f16 at byte `at` of `b`, by F16C.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn f16_at(b: &[u8], at: usize) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes([b[at], b[at + 1]]) as i32)))
+    }
+
+    pub(super) fn usable() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum8(x: __m256) -> f32 {
+        let r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+        let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)))
+    }
+
+    /// Lane `l`: the sum of the products of unsigned bytes `4l..4l+4` of `u` with the signed ones of `s`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn lanes_us(u: __m256i, s: __m256i) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
+    }
+
+    /// As [`lanes_us`] for two signed operands (the sign moved onto `y`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn lanes_ss(x: __m256i, y: __m256i) -> __m256 {
+        lanes_us(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
+    }
+
+    /// 16 bytes of nibbles as 32 bytes: the low nibbles (elements 0..16), then the high ones.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn nibbles(p: *const u8) -> __m256i {
+        let b = _mm_loadu_si128(p as *const __m128i);
+        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0f))
+    }
+
+    /// Byte `i` all ones where bit `i` of `bits` is set.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn bit_bytes(bits: u32) -> __m256i {
+        // byte i takes byte i / 8 of `bits`, then tests its bit i % 8
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(bits as i32),
+            _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0),
+        );
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_1(w: &[u8], a: &[u8]) -> f32 {
+        let (mut acc, mut summs) = (_mm256_setzero_ps(), 0.0f32);
+        for (x, y) in w.chunks_exact(20).zip(a.chunks_exact(36)) {
+            summs = f16_at(x, 2).mul_add(f16_at(y, 2), summs);
+            let d = _mm256_set1_ps(f16_at(x, 0) * f16_at(y, 0));
+            let q = lanes_us(nibbles(x[4..].as_ptr()), _mm256_loadu_si256(y[4..].as_ptr() as *const __m256i));
+            acc = _mm256_fmadd_ps(d, q, acc);
+        }
+        hsum8(acc) + summs
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q5_0(w: &[u8], a: &[u8]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        for (x, y) in w.chunks_exact(22).zip(a.chunks_exact(34)) {
+            let d = _mm256_set1_ps(f16_at(x, 0) * f16_at(y, 0));
+            // q - 16: the nibble with 0xf0 or'ed in where the fifth bit is clear
+            let high = _mm256_andnot_si256(bit_bytes(u32::from_le_bytes([x[2], x[3], x[4], x[5]])), _mm256_set1_epi8(0xf0u8 as i8));
+            let qx = _mm256_or_si256(nibbles(x[6..].as_ptr()), high);
+            let q = lanes_ss(qx, _mm256_loadu_si256(y[2..].as_ptr() as *const __m256i));
+            acc = _mm256_fmadd_ps(d, q, acc);
+        }
+        hsum8(acc)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_0(w: &[u8], a: &[u8]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        for (x, y) in w.chunks_exact(34).zip(a.chunks_exact(34)) {
+            let d = _mm256_set1_ps(f16_at(x, 0) * f16_at(y, 0));
+            let q = lanes_ss(_mm256_loadu_si256(x[2..].as_ptr() as *const __m256i), _mm256_loadu_si256(y[2..].as_ptr() as *const __m256i));
+            acc = _mm256_fmadd_ps(d, q, acc);
+        }
+        hsum8(acc)
+    }
+
+    pub(super) fn dot_q4_1(w: &[u8], a: &[u8]) -> f32 {
+        // SAFETY: handed out only after `usable` (module doc); the chunks are whole blocks.
+        unsafe { q4_1(w, a) }
+    }
+
+    pub(super) fn dot_q5_0(w: &[u8], a: &[u8]) -> f32 {
+        // SAFETY: as above.
+        unsafe { q5_0(w, a) }
+    }
+
+    pub(super) fn dot_q8_0(w: &[u8], a: &[u8]) -> f32 {
+        // SAFETY: as above.
+        unsafe { q8_0(w, a) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+
+    /// The AVX2 dots give the scalar emulation's bits on random blocks (never zero scales).
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_dots_equal_the_scalar_order() {
+        if !super::avx2::usable() {
+            println!("skipped: no avx2+fma+f16c on this machine");
+            return;
+        }
+        let mut r = rand::rngs::StdRng::seed_from_u64(3);
+        let f16 = |r: &mut rand::rngs::StdRng| half::f16::from_f32(r.gen_range(0.001f32..0.05)).to_bits().to_le_bytes();
+        type Dot = fn(&[u8], &[u8]) -> f32;
+        let cases: [(usize, usize, Dot, Dot); 3] = [
+            (20, 36, super::plain::dot_q4_1, super::avx2::dot_q4_1),
+            (22, 34, super::plain::dot_q5_0, super::avx2::dot_q5_0),
+            (34, 34, super::plain::dot_q8_0, super::avx2::dot_q8_0),
+        ];
+        for (wb, ab, scalar, simd) in cases {
+            for nb in [1, 7, 18] {
+                for _ in 0..50 {
+                    let mut w: Vec<u8> = (0..nb * wb).map(|_| r.gen()).collect();
+                    let mut a: Vec<u8> = (0..nb * ab).map(|_| r.gen_range(-127i8..=127) as u8).collect();
+                    for b in 0..nb {
+                        w[b * wb..b * wb + 2].copy_from_slice(&f16(&mut r));
+                        a[b * ab..b * ab + 2].copy_from_slice(&f16(&mut r));
+                        if wb == 20 {
+                            w[b * wb + 2..b * wb + 4].copy_from_slice(&f16(&mut r));
+                            a[b * ab + 2..b * ab + 4].copy_from_slice(&f16(&mut r));
+                        }
+                        if wb == 34 {
+                            // Q8_0 weights never hold -128
+                            w[b * wb + 2..(b + 1) * wb].iter_mut().for_each(|v| *v = (*v as i8).max(-127) as u8);
+                        }
+                    }
+                    let (s, v) = (scalar(&w, &a), simd(&w, &a));
+                    assert!(s.to_bits() == v.to_bits(), "block bytes {wb}, {nb} blocks: scalar {s} vs avx2 {v}");
+                }
+            }
+        }
+    }
 }
 
 dots!(dot_q4_1 => q4_1_body, dot_q5_0 => q5_0_body, dot_q8_0 => q8_0_body, dot_q4_k => q4_k_gemv, dot_q6_k => q6_k_body);
@@ -367,15 +549,17 @@ pub(super) fn attention(q: &[f32], kv: &CpuKv, shape: KvShape, seqs: &[AttnSeq],
     for (si, s) in seqs.iter().enumerate() {
         rows.extend((s.q_start..s.q_start + s.n_q).map(|r| (r, si)));
     }
-    let outs: Vec<(usize, Vec<f32>)> = rows.par_iter().map(|&(r, si)| (r, with_fma(|| attend_row(q, kv, shape, &seqs[si], p, r, tiny)))).collect();
+    let outs: Vec<(usize, Vec<f32>)> = rows.par_iter().map(|&(r, si)| (r, attend_row(q, kv, shape, &seqs[si], p, r, tiny))).collect();
     for (r, o) in outs {
         out[r * row_len..(r + 1) * row_len].copy_from_slice(&o);
     }
 }
 
+fma_twin!(attend_row = attend_row_body(q: &[f32], kv: &CpuKv, shape: KvShape, s: &AttnSeq, p: &AttnParams, r: usize, tiny: bool) -> Vec<f32>);
+
 /// One query row of [`attention`]: every head's output.
 #[inline(always)]
-fn attend_row(q: &[f32], kv: &CpuKv, shape: KvShape, s: &AttnSeq, p: &AttnParams, r: usize, tiny: bool) -> Vec<f32> {
+fn attend_row_body(q: &[f32], kv: &CpuKv, shape: KvShape, s: &AttnSeq, p: &AttnParams, r: usize, tiny: bool) -> Vec<f32> {
     let (hd, nh, bs, width) = (p.head_dim, p.n_heads, shape.block_size, shape.token_width());
     let (group, row_len) = (nh / p.n_kv_heads, nh * hd);
     let entry = s.ctx_len - s.n_q + (r - s.q_start);
