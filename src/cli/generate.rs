@@ -36,7 +36,11 @@ pub fn load(path: &Path, ctx: usize, threads: usize, template_file: Option<&str>
 pub fn backend_for(file: &GgufFile, cpu: CpuOptions, device: DeviceOptions) -> Result<Arc<dyn crate::backend::Backend>, BoxError> {
     let n_layers = crate::model::Config::from_gguf(file)?.n_layers;
     let tied = file.tensor("output.weight").is_none();
-    Ok(crate::backend::select_for(device, cpu, n_layers, tied)?)
+    let backend = crate::backend::select_for(device, cpu, n_layers, tied)?;
+    if cpu.numerics != crate::backend::Numerics::Native && backend.name().contains("cuda") {
+        eprintln!("note: --numerics applies to the CPU backend only; the GPU ({}) computes in its own order", backend.name());
+    }
+    Ok(backend)
 }
 
 /// [`load`] on the backend `device` picks (`--device`, `--gpu-layers`).

@@ -386,13 +386,12 @@ mod avx2 {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use rand::{Rng, SeedableRng};
 
     /// The AVX2 dots give the scalar emulation's bits on random blocks (never zero scales).
     #[test]
-    #[cfg(target_arch = "x86_64")]
     fn avx2_dots_equal_the_scalar_order() {
         if !super::avx2::usable() {
             println!("skipped: no avx2+fma+f16c on this machine");
