@@ -726,23 +726,26 @@ fn llama_numerics_ops_match_reference() {
         assert!(err < bound, "{act:?}: {err:e}");
     }
 
-    // attention: one sequence of 40 tokens, the last 9 new (batched, tinyBLAS order), then 1 (decode)
-    let (nh, nkv, hd, bs) = (4, 2, 64, 16);
-    let shape = KvShape { num_blocks: 4, block_size: bs, n_kv_heads: nkv, head_dim: hd };
-    let table = [2u32, 0, 3];
-    let ctx = 40;
-    let (kf, vf) = (randn(&mut r, ctx * nkv * hd), randn(&mut r, ctx * nkv * hd));
-    let mut kv = b.alloc_kv(shape).unwrap();
-    let slots: Vec<u32> = (0..ctx).map(|j| table[j / bs] * bs as u32 + (j % bs) as u32).collect();
-    b.kv_write(&mut kv, &buffer(&b, &kf), &buffer(&b, &vf), &slots);
-    for (n_q, window) in [(9, None), (1, None), (9, Some(12))] {
-        let p = AttnParams { n_heads: nh, n_kv_heads: nkv, head_dim: hd, scale: 0.125, window };
-        let q = randn(&mut r, n_q * nh * hd);
-        let seqs = [AttnSeq { q_start: 0, n_q, ctx_len: ctx, block_table: &table, view: None }];
-        let mut out = b.alloc(q.len()).unwrap();
-        b.attention(&buffer(&b, &q), &kv, &seqs, &p, &mut out, None);
-        let err = rel_l2(&read(&b, &out, q.len()), &attn_ref(&q, &kf, &vf, ctx, n_q, &p));
-        assert!(err < 2e-3, "attention {n_q} queries, window {window:?}: {err:e}");
+    // attention: one sequence of 40 tokens, the last 9 new (batched, tinyBLAS order), then 1 (decode);
+    // head dim 80 also runs the f64 tail of ggml_vec_dot_f16 (dims 64..80)
+    for hd in [64, 80] {
+        let (nh, nkv, bs) = (4, 2, 16);
+        let shape = KvShape { num_blocks: 4, block_size: bs, n_kv_heads: nkv, head_dim: hd };
+        let table = [2u32, 0, 3];
+        let ctx = 40;
+        let (kf, vf) = (randn(&mut r, ctx * nkv * hd), randn(&mut r, ctx * nkv * hd));
+        let mut kv = b.alloc_kv(shape).unwrap();
+        let slots: Vec<u32> = (0..ctx).map(|j| table[j / bs] * bs as u32 + (j % bs) as u32).collect();
+        b.kv_write(&mut kv, &buffer(&b, &kf), &buffer(&b, &vf), &slots);
+        for (n_q, window) in [(9, None), (1, None), (9, Some(12))] {
+            let p = AttnParams { n_heads: nh, n_kv_heads: nkv, head_dim: hd, scale: 0.125, window };
+            let q = randn(&mut r, n_q * nh * hd);
+            let seqs = [AttnSeq { q_start: 0, n_q, ctx_len: ctx, block_table: &table, view: None }];
+            let mut out = b.alloc(q.len()).unwrap();
+            b.attention(&buffer(&b, &q), &kv, &seqs, &p, &mut out, None);
+            let err = rel_l2(&read(&b, &out, q.len()), &attn_ref(&q, &kf, &vf, ctx, n_q, &p));
+            assert!(err < 2e-3, "attention hd {hd}, {n_q} queries, window {window:?}: {err:e}");
+        }
     }
 }
 

@@ -357,7 +357,7 @@ impl std::str::FromStr for Numerics {
     fn from_str(s: &str) -> Result<Self, String> {
         match s.to_ascii_lowercase().as_str() {
             "native" => Ok(Numerics::Native),
-            "llama.cpp" | "llamacpp" | "ggml" => Ok(Numerics::LlamaCpp),
+            "llama.cpp" | "llamacpp" => Ok(Numerics::LlamaCpp),
             _ => Err(format!("unknown numerics '{s}': use native or llama.cpp")),
         }
     }

@@ -8,15 +8,17 @@
 //! What it reproduces (llama.cpp of llama-cpp-python 0.3.36, no flash attention, f16 K/V):
 //!
 //! ```text
-//! quantized dots   Q4_1 x Q8_1, Q5_0 / Q8_0 x Q8_0 (ggml_vec_dot_*, AVX2 path; llamafile's
-//!                  tinyBLAS_Q0_AVX gives the same bits for batches): 8 lanes, lane l holds the integer
-//!                  sum of elements 4l..4l+3 of each block, acc[l] = fma(d_w * d_a, lane, acc[l]) over
-//!                  the blocks, then hsum8; Q4_1 adds summs = fma(m_w, s_a, summs) after.
+//! quantized dots   Q4_1 x Q8_1, Q5_0 / Q8_0 x Q8_0 (ggml_vec_dot_*, AVX2 path; for batches of Q5_0 /
+//!                  Q8_0 llamafile's tinyBLAS_Q0_AVX, which gives the same bits): 8 lanes, lane l holds
+//!                  the integer sum of elements 4l..4l+3 of each block, acc[l] = fma(d_w * d_a, lane,
+//!                  acc[l]) over the blocks, then hsum8; Q4_1 adds summs = fma(m_w, s_a, summs) after.
 //!                  Q4_K (repacked by llama.cpp, gemv/gemm 8x8) and Q6_K x Q8_K: see their bodies
 //! hsum8 / hsum16   _mm256 / _mm512_reduce_add_ps trees: halves added, then quarters, then the last pair
 //! RMS norm         sum of (x*x as f32) as f64 in element order (ops.cpp), then x * scale * w
-//! RoPE             y0 = fma(x0, c, -(x1 s)), y1 = fma(x0, s, x1 c) (gcc contracts ops.cpp's a*b - c*d)
-//! SwiGLU           silu by ggml_v_expf (AVX-512 polynomial, scalef), 16 elements at a time
+//! RoPE             angles as the native path computes them (ggml's running product, libm cosf / sinf);
+//!                  y0 = fma(x0, c, -(x1 s)), y1 = fma(x0, s, x1 c) (gcc contracts ops.cpp's a*b - c*d)
+//! SwiGLU           silu by ggml_v_expf (AVX-512 polynomial, scalef) where ggml runs its 16-lane loop,
+//!                  libm's expf on a row's last len % 16 (none here: the FFN widths divide by 16)
 //! GeGLU            f16 table of gelu (tanh form, `1 + a x x` fused), as the native one but for the fma
 //! attention        Q and the probabilities rounded to f16; q.k and p.v as ggml_vec_dot_f16 (one token:
 //!                  4 accumulators of 16 lanes, element i in acc[(i/16)%4] lane i%16) or as tinyBLAS
@@ -25,9 +27,11 @@
 //!                  by (float)(1 / sum)
 //! ```
 //! The attention sees the keys llama.cpp's cache holds for one sequence from position 0: cells in
-//! position order, padded to 256 with masked ones (which add exact zeros). Other weight types use the
-//! scalar table's dots (not llama.cpp's order); KV budget views and attention scores use the native
-//! attention.
+//! position order (sliding-window layers too: llama-cpp-python keeps a full-size SWA cache), padded to a
+//! multiple of 256 with masked ones (which add exact zeros). Not covered (computed, but not in llama.cpp's
+//! order): other weight types (the scalar table's dots), Q4_K matrices whose row count 8 does not divide
+//! (llama.cpp does not repack those), several sequences in one batch (llama.cpp interleaves their cells);
+//! KV budget views and attention scores use the native attention.
 
 use half::f16;
 use rayon::prelude::*;
@@ -447,14 +451,15 @@ pub(super) fn v_expf(x: f32) -> f32 {
     let u = b * b;
     let j = c(0x3c07_2010).mul_add(b, c(0x3d2b_9f17)).mul_add(u, c(0x3e2a_af33).mul_add(b, c(0x3eff_fedb)));
     let j = j.mul_add(u, c(0x3f7f_fff6).mul_add(b, 1.0));
-    // _mm512_scalef_ps: j * 2^n, rounded once
-    (j as f64 * (n as f64).exp2()) as f32
+    // _mm512_scalef_ps: j * 2^n (|n| <= 192: an exact f64 power of two), rounded once
+    (j as f64 * f64::from_bits(((n as i64 + 1023) as u64) << 52)) as f32
 }
 
 /// `g = silu(g) * u` as ggml_vec_swiglu_f32: 16 lanes by [`v_expf`]; the last `len % 16` elements by
 /// `x / (1 + expf(-x))` with libm's expf (none in the models here: their FFN widths are multiples of 16,
 /// and the backend's chunks are too).
-fn silu_mul(g: &mut [f32], u: &[f32]) {
+#[inline(always)]
+fn silu_mul_body(g: &mut [f32], u: &[f32]) {
     let full = g.len() / 16 * 16;
     for (x, &y) in g[..full].iter_mut().zip(u) {
         *x = *x / (1.0 + v_expf(0.0 - *x)) * y;
@@ -508,6 +513,8 @@ fn rotate(x0: f32, x1: f32, c: f32, s: f32) -> (f32, f32) {
     (x0.mul_add(c, -(x1 * s)), x0.mul_add(s, x1 * c))
 }
 
+fma_twin!(silu_mul = silu_mul_body(g: &mut [f32], u: &[f32]) -> ());
+
 pub(super) const ELEMENTWISE: Elementwise = Elementwise {
     isa: Isa::Scalar,
     silu_mul,
@@ -519,12 +526,24 @@ pub(super) const ELEMENTWISE: Elementwise = Elementwise {
 
 // ---- attention ----
 
-/// `sum x[i] * y[i]` as ggml_vec_dot_f16 (`tiny`: as llamafile's tinyBLAS instead), for the terms
-/// `terms` yields as (index, x, y); absent indices are zero terms (masked keys).
+/// Cells llama.cpp's KV cache view is padded to (`llama_kv_cache::get_n_kv`: at least 256, a multiple of
+/// 256): the p.v products run over that many cells, the unused ones adding exact zeros.
+const N_KV_PAD: usize = 256;
+
+/// `sum x[i] * y[i]` over `n` elements as ggml_vec_dot_f16 (AVX-512: element `i < n & !63` into lane
+/// `i % 16` of accumulator `(i / 16) % 4`, the rest added in f64 after the reduction), or with `tiny` as
+/// llamafile's tinyBLAS (one accumulator of 16 lanes; llama.cpp takes it only when 16 divides `n`). The
+/// terms come as (index, x, y); absent indices are zero terms (masked keys).
 #[inline(always)]
-fn dot16(terms: impl Iterator<Item = (usize, f32, f32)>, tiny: bool) -> f32 {
+fn dot16(terms: impl Iterator<Item = (usize, f32, f32)>, n: usize, tiny: bool) -> f32 {
+    let tiny = tiny && n.is_multiple_of(16);
+    let (simd_end, mut tail) = (n & !63, Vec::new());
     let mut acc = [[0.0f32; 16]; 4];
     for (i, x, y) in terms {
+        if !tiny && i >= simd_end {
+            tail.push(x * y);
+            continue;
+        }
         let a = if tiny { 0 } else { (i / 16) % 4 };
         acc[a][i % 16] = x.mul_add(y, acc[a][i % 16]);
     }
@@ -537,11 +556,10 @@ fn dot16(terms: impl Iterator<Item = (usize, f32, f32)>, tiny: bool) -> f32 {
         a1[l] += a3[l];
         a0[l] += a1[l];
     }
-    hsum16(&a0)
+    tail.iter().fold(hsum16(&a0) as f64, |s, &t| s + t as f64) as f32
 }
 
 /// llama.cpp's attention (module doc) for every query row of `seqs`; `tiny`: the batch has 2+ tokens.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn attention(q: &[f32], kv: &CpuKv, shape: KvShape, seqs: &[AttnSeq], p: &AttnParams, out: &mut [f32], tiny: bool) {
     let row_len = p.n_heads * p.head_dim;
     let mut rows: Vec<(usize, usize)> = Vec::new(); // (q row, sequence)
@@ -561,6 +579,7 @@ fma_twin!(attend_row = attend_row_body(q: &[f32], kv: &CpuKv, shape: KvShape, s:
 fn attend_row_body(q: &[f32], kv: &CpuKv, shape: KvShape, s: &AttnSeq, p: &AttnParams, r: usize, tiny: bool) -> Vec<f32> {
     let (hd, nh, bs, width) = (p.head_dim, p.n_heads, shape.block_size, shape.token_width());
     let (group, row_len) = (nh / p.n_kv_heads, nh * hd);
+    let n_kv = s.ctx_len.div_ceil(N_KV_PAD).max(1) * N_KV_PAD;
     let entry = s.ctx_len - s.n_q + (r - s.q_start);
     let slot = |j: usize| s.block_table[j / bs] as usize * bs + j % bs;
     let keys: Vec<(usize, usize)> =
@@ -572,7 +591,7 @@ fn attend_row_body(q: &[f32], kv: &CpuKv, shape: KvShape, s: &AttnSeq, p: &AttnP
         let q16: Vec<f32> = q[r * row_len + h * hd..][..hd].iter().map(|&v| f16::from_f32(v).to_f32()).collect();
         for (wj, &(_, base)) in w.iter_mut().zip(&keys) {
             let k = &kv.k[base + g..base + g + hd];
-            let kq = dot16(k.iter().zip(&q16).enumerate().map(|(d, (&k, &q))| (d, f16::from_bits(k).to_f32(), q)), tiny);
+            let kq = dot16(k.iter().zip(&q16).enumerate().map(|(d, (&k, &q))| (d, f16::from_bits(k).to_f32(), q)), hd, tiny);
             *wj = kq * p.scale;
         }
         let max = w.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
@@ -593,7 +612,7 @@ fn attend_row_body(q: &[f32], kv: &CpuKv, shape: KvShape, s: &AttnSeq, p: &AttnP
         pr.iter_mut().for_each(|v| *v = f16::from_f32(*v * inv).to_f32());
         for (d, od) in o[h * hd..(h + 1) * hd].iter_mut().enumerate() {
             let terms = keys.iter().zip(&pr).map(|(&(j, base), &pj)| (j, f16::from_bits(kv.v[base + g + d]).to_f32(), pj));
-            *od = dot16(terms, tiny);
+            *od = dot16(terms, n_kv, tiny);
         }
     }
     o

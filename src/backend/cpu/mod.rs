@@ -93,7 +93,8 @@ impl CpuBackend {
     }
 
     /// Computes as llama.cpp's CPU backend does, bit for bit where [`ggml`] says (slower; not batch
-    /// invariant): its dots, norms, RoPE, SwiGLU and attention replace this backend's kernel table.
+    /// invariant): its dots (and its K-quant products per batch shape), norms, RoPE, SwiGLU, GeGLU and
+    /// attention replace this backend's kernels.
     pub fn with_llama_numerics(mut self) -> CpuBackend {
         (self.k, self.e, self.repack, self.llama_numerics) = (ggml::kernels(), &ggml::ELEMENTWISE, false, true);
         self
