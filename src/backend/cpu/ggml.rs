@@ -241,30 +241,15 @@ fn q4_k_gemv(w: &[u8], a: &[u8]) -> f32 {
     q4_k_body(w, a, false)
 }
 
-/// Each body as a plain function (`mul_add` through libm) and, on x86, compiled with FMA (the pointers
-/// are handed out only after `is_x86_feature_detected!("fma")`).
+/// Each body through [`fma_twin`], and the table of them.
 macro_rules! dots {
     ($($name:ident => $body:ident),*) => {
-        mod plain {
-            $(pub(super) fn $name(w: &[u8], a: &[u8]) -> f32 { super::$body(w, a) })*
-        }
-        #[cfg(target_arch = "x86_64")]
-        mod fma {
-            $(pub(super) fn $name(w: &[u8], a: &[u8]) -> f32 {
-                #[target_feature(enable = "fma")]
-                unsafe fn inner(w: &[u8], a: &[u8]) -> f32 { super::$body(w, a) }
-                // SAFETY: reached only through `kernels`, after the fma check.
-                unsafe { inner(w, a) }
-            })*
-        }
+        $(fma_twin!($name = $body(w: &[u8], a: &[u8]) -> f32);)*
+
         /// The scalar table with llama.cpp's dots (no tile kernels: every product is a per-row dot).
         pub(super) fn kernels() -> Kernels {
             let mut k = Kernels::scalar();
-            $(k.$name = plain::$name;)*
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("fma") {
-                $(k.$name = fma::$name;)*
-            }
+            $(k.$name = $name;)*
             #[cfg(target_arch = "x86_64")]
             if avx2::usable() {
                 (k.dot_q4_1, k.dot_q5_0, k.dot_q8_0) = (avx2::dot_q4_1, avx2::dot_q5_0, avx2::dot_q8_0);
@@ -390,56 +375,12 @@ mod avx2 {
     }
 }
 
-#[cfg(all(test, target_arch = "x86_64"))]
-mod tests {
-    use rand::{Rng, SeedableRng};
-
-    /// The AVX2 dots give the scalar emulation's bits on random blocks (never zero scales).
-    #[test]
-    fn avx2_dots_equal_the_scalar_order() {
-        if !super::avx2::usable() {
-            println!("skipped: no avx2+fma+f16c on this machine");
-            return;
-        }
-        let mut r = rand::rngs::StdRng::seed_from_u64(3);
-        let f16 = |r: &mut rand::rngs::StdRng| half::f16::from_f32(r.gen_range(0.001f32..0.05)).to_bits().to_le_bytes();
-        type Dot = fn(&[u8], &[u8]) -> f32;
-        let cases: [(usize, usize, Dot, Dot); 3] = [
-            (20, 36, super::plain::dot_q4_1, super::avx2::dot_q4_1),
-            (22, 34, super::plain::dot_q5_0, super::avx2::dot_q5_0),
-            (34, 34, super::plain::dot_q8_0, super::avx2::dot_q8_0),
-        ];
-        for (wb, ab, scalar, simd) in cases {
-            for nb in [1, 7, 18] {
-                for _ in 0..50 {
-                    let mut w: Vec<u8> = (0..nb * wb).map(|_| r.gen()).collect();
-                    let mut a: Vec<u8> = (0..nb * ab).map(|_| r.gen_range(-127i8..=127) as u8).collect();
-                    for b in 0..nb {
-                        w[b * wb..b * wb + 2].copy_from_slice(&f16(&mut r));
-                        a[b * ab..b * ab + 2].copy_from_slice(&f16(&mut r));
-                        if wb == 20 {
-                            w[b * wb + 2..b * wb + 4].copy_from_slice(&f16(&mut r));
-                            a[b * ab + 2..b * ab + 4].copy_from_slice(&f16(&mut r));
-                        }
-                        if wb == 34 {
-                            // Q8_0 weights never hold -128
-                            w[b * wb + 2..(b + 1) * wb].iter_mut().for_each(|v| *v = (*v as i8).max(-127) as u8);
-                        }
-                    }
-                    let (s, v) = (scalar(&w, &a), simd(&w, &a));
-                    assert!(s.to_bits() == v.to_bits(), "block bytes {wb}, {nb} blocks: scalar {s} vs avx2 {v}");
-                }
-            }
-        }
-    }
-}
-
 dots!(dot_q4_1 => q4_1_body, dot_q5_0 => q5_0_body, dot_q8_0 => q8_0_body, dot_q4_k => q4_k_gemv, dot_q6_k => q6_k_body);
 
 // ---- elementwise ----
 
 /// ggml's AVX-512 `ggml_v_expf` for one lane.
-pub(super) fn v_expf(x: f32) -> f32 {
+fn v_expf(x: f32) -> f32 {
     let c = f32::from_bits;
     let r = c(0x4b40_0000); // 0x1.8p23
     let z = x.mul_add(c(0x3fb8_aa3b), r); // log2(e)
@@ -476,20 +417,12 @@ fn gelu_f32(x: f32) -> f32 {
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (GELU_COEF_A * x).mul_add(x, 1.0)).tanh())
 }
 
-/// `g = gelu(g) * u` as ggml_vec_geglu_f32 with `GGML_GELU_FP16`: the gate through f16 and a table of
-/// [`gelu_f32`] of every f16, 0 below -10, the identity above 10.
+/// `g = gelu(g) * u` as ggml_vec_geglu_f32 with `GGML_GELU_FP16`: the native `gelu_mul` over a table of
+/// this module's [`gelu_f32`].
 pub(super) fn geglu_mul(g: &mut [f32], u: &[f32]) {
     static TABLE: std::sync::OnceLock<Vec<u16>> = std::sync::OnceLock::new();
-    let table = TABLE.get_or_init(|| (0..=u16::MAX).map(|b| f16::from_f32(gelu_f32(f16::from_bits(b).to_f32())).to_bits()).collect());
-    for (x, &y) in g.iter_mut().zip(u) {
-        *x = if *x <= -10.0 {
-            0.0
-        } else if *x >= 10.0 {
-            *x * y
-        } else {
-            f16::from_bits(table[f16::from_f32(*x).to_bits() as usize]).to_f32() * y
-        };
-    }
+    let table = TABLE.get_or_init(|| super::f16_table(gelu_f32));
+    g.iter_mut().zip(u).for_each(|(x, &y)| *x = super::gelu_mul(*x, y, table));
 }
 
 fn sum_sq(x: &[f32]) -> f64 {
@@ -562,21 +495,34 @@ fn dot16(terms: impl Iterator<Item = (usize, f32, f32)>, n: usize, tiny: bool) -
 /// llama.cpp's attention (module doc) for every query row of `seqs`; `tiny`: the batch has 2+ tokens.
 pub(super) fn attention(q: &[f32], kv: &CpuKv, shape: KvShape, seqs: &[AttnSeq], p: &AttnParams, out: &mut [f32], tiny: bool) {
     let row_len = p.n_heads * p.head_dim;
-    let mut rows: Vec<(usize, usize)> = Vec::new(); // (q row, sequence)
-    for (si, s) in seqs.iter().enumerate() {
-        rows.extend((s.q_start..s.q_start + s.n_q).map(|r| (r, si)));
+    let n_rows = seqs.iter().map(|s| s.q_start + s.n_q).max().unwrap_or(0);
+    let mut row_seq = vec![None; n_rows];
+    for s in seqs {
+        row_seq[s.q_start..s.q_start + s.n_q].fill(Some(s));
     }
-    let outs: Vec<(usize, Vec<f32>)> = rows.par_iter().map(|&(r, si)| (r, attend_row(q, kv, shape, &seqs[si], p, r, tiny))).collect();
-    for (r, o) in outs {
-        out[r * row_len..(r + 1) * row_len].copy_from_slice(&o);
-    }
+    let call = Call { q, kv, shape, p, tiny };
+    out[..n_rows * row_len].par_chunks_mut(row_len).zip(row_seq).enumerate().for_each(|(r, (o, s))| {
+        if let Some(s) = s {
+            attend_row(&call, s, r, o)
+        }
+    });
 }
 
-fma_twin!(attend_row = attend_row_body(q: &[f32], kv: &CpuKv, shape: KvShape, s: &AttnSeq, p: &AttnParams, r: usize, tiny: bool) -> Vec<f32>);
+/// What every row of an [`attention`] call shares.
+struct Call<'a> {
+    q: &'a [f32],
+    kv: &'a CpuKv,
+    shape: KvShape,
+    p: &'a AttnParams,
+    tiny: bool,
+}
 
-/// One query row of [`attention`]: every head's output.
+fma_twin!(attend_row = attend_row_body(c: &Call, s: &AttnSeq, r: usize, o: &mut [f32]) -> ());
+
+/// Query row `r` (of sequence `s`) of [`attention`]: every head's output into `o`.
 #[inline(always)]
-fn attend_row_body(q: &[f32], kv: &CpuKv, shape: KvShape, s: &AttnSeq, p: &AttnParams, r: usize, tiny: bool) -> Vec<f32> {
+fn attend_row_body(c: &Call, s: &AttnSeq, r: usize, o: &mut [f32]) {
+    let Call { q, kv, shape, p, tiny } = *c;
     let (hd, nh, bs, width) = (p.head_dim, p.n_heads, shape.block_size, shape.token_width());
     let (group, row_len) = (nh / p.n_kv_heads, nh * hd);
     let n_kv = s.ctx_len.div_ceil(N_KV_PAD).max(1) * N_KV_PAD;
@@ -584,7 +530,6 @@ fn attend_row_body(q: &[f32], kv: &CpuKv, shape: KvShape, s: &AttnSeq, p: &AttnP
     let slot = |j: usize| s.block_table[j / bs] as usize * bs + j % bs;
     let keys: Vec<(usize, usize)> =
         (0..=entry).filter(|&j| p.window.is_none_or(|w| entry - j < w)).map(|j| (j, slot(j) * width)).collect();
-    let mut o = vec![0.0f32; row_len];
     let (mut w, mut pr) = (vec![0.0f32; keys.len()], vec![0.0f32; keys.len()]);
     for h in 0..nh {
         let g = (h / group) * hd;
@@ -615,5 +560,48 @@ fn attend_row_body(q: &[f32], kv: &CpuKv, shape: KvShape, s: &AttnSeq, p: &AttnP
             *od = dot16(terms, n_kv, tiny);
         }
     }
-    o
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use rand::{Rng, SeedableRng};
+
+    /// The AVX2 dots give the scalar emulation's bits on random blocks (never zero scales).
+    #[test]
+    fn avx2_dots_equal_the_scalar_order() {
+        if !super::avx2::usable() {
+            println!("skipped: no avx2+fma+f16c on this machine");
+            return;
+        }
+        let mut r = rand::rngs::StdRng::seed_from_u64(3);
+        let f16 = |r: &mut rand::rngs::StdRng| half::f16::from_f32(r.gen_range(0.001f32..0.05)).to_bits().to_le_bytes();
+        type Dot = fn(&[u8], &[u8]) -> f32;
+        let cases: [(usize, usize, Dot, Dot); 3] = [
+            (20, 36, super::q4_1_body, super::avx2::dot_q4_1),
+            (22, 34, super::q5_0_body, super::avx2::dot_q5_0),
+            (34, 34, super::q8_0_body, super::avx2::dot_q8_0),
+        ];
+        for (wb, ab, scalar, simd) in cases {
+            for nb in [1, 7, 18] {
+                for _ in 0..50 {
+                    let mut w: Vec<u8> = (0..nb * wb).map(|_| r.gen()).collect();
+                    let mut a: Vec<u8> = (0..nb * ab).map(|_| r.gen_range(-127i8..=127) as u8).collect();
+                    for b in 0..nb {
+                        w[b * wb..b * wb + 2].copy_from_slice(&f16(&mut r));
+                        a[b * ab..b * ab + 2].copy_from_slice(&f16(&mut r));
+                        if wb == 20 {
+                            w[b * wb + 2..b * wb + 4].copy_from_slice(&f16(&mut r));
+                            a[b * ab + 2..b * ab + 4].copy_from_slice(&f16(&mut r));
+                        }
+                        if wb == 34 {
+                            // Q8_0 weights never hold -128
+                            w[b * wb + 2..(b + 1) * wb].iter_mut().for_each(|v| *v = (*v as i8).max(-127) as u8);
+                        }
+                    }
+                    let (s, v) = (scalar(&w, &a), simd(&w, &a));
+                    assert!(s.to_bits() == v.to_bits(), "block bytes {wb}, {nb} blocks: scalar {s} vs avx2 {v}");
+                }
+            }
+        }
+    }
 }

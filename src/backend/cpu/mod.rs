@@ -153,10 +153,15 @@ fn gelu_f32(x: f32) -> f32 {
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + GELU_COEF_A * x * x)).tanh())
 }
 
-/// GELU of every f16 input, as f16 bits (ggml's `ggml_table_gelu_f16`, 128 KiB).
+/// `gelu` of every f16 input, as f16 bits (ggml's `ggml_table_gelu_f16`, 128 KiB).
+fn f16_table(gelu: fn(f32) -> f32) -> Vec<u16> {
+    (0..=u16::MAX).map(|b| f16::from_f32(gelu(f16::from_bits(b).to_f32())).to_bits()).collect()
+}
+
+/// The table of [`gelu_f32`].
 fn gelu_table() -> &'static [u16] {
     static TABLE: OnceLock<Vec<u16>> = OnceLock::new();
-    TABLE.get_or_init(|| (0..=u16::MAX).map(|b| f16::from_f32(gelu_f32(f16::from_bits(b).to_f32())).to_bits()).collect())
+    TABLE.get_or_init(|| f16_table(gelu_f32))
 }
 
 /// ggml's f32 GEGLU with `GGML_GELU_FP16`: the gate goes through f16 and the table.
