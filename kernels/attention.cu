@@ -1,7 +1,8 @@
 // Paged attention over f16 K/V pools, for decode and prefill alike (flash-decoding style), computing the
 // CPU backend's function (src/backend/cpu/attention.rs) up to f32 summation order:
 //
-// pool (K, and V alike)  [num_slots x n_kv_heads x head_dim] f16,  slot = block_id * block_size + offset
+// pool (K, and V alike)  [num_slots x n_kv_heads x head_dim] f16,  slot = block_id * block_size + offset;
+//                        a K row's head_dim elements in kpos's order (common.cuh: the q . k lanes' pieces)
 // rows[ATT_ROW t ..]     query row t (fields AR_*, filled by the host): its entry e in its sequence's table;
 //                        it sees the live entries j in lo ..= e (lo: the first entry inside the window,
 //                        by original position under a KV budget view; the host computes it as the CPU does)
@@ -50,7 +51,26 @@ __device__ __forceinline__ void load16_f16(const u16* __restrict__ p, float f[16
     }
 }
 
-template <int HD, int G, int WARPS, int CH>
+// 16 bytes global -> shared without registers (cp.async, sm_80+), and its group fences
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+// 8 f16 values (16 aligned bytes) to floats
+__device__ __forceinline__ void load8_f16(const u16* p, float f[8]) {
+    const uint4 a = *(const uint4*)p;
+    const u32 w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        f[2 * i] = h2f((u16)(w[i] & 0xffff));
+        f[2 * i + 1] = h2f((u16)(w[i] >> 16));
+    }
+}
+
+template <int HD, int G, int WARPS, int CH, bool ASYNC>
 __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16* __restrict__ kc,
                                           const u16* __restrict__ vc, const int* __restrict__ rows,
                                           const u32* __restrict__ bt, const u64* __restrict__ live, int n_heads,
@@ -142,6 +162,7 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
     // that differ only in the bits of steps left unsplit (qmask). Larger heads: one warp per key, lane c
     // running chain c.
     constexpr bool QUAD = HD <= 128;
+    static_assert(QUAD ? HD == 64 || HD == 128 : HD % 256 == 0, "attention: head dims kpos lays out");
     static_assert(!QUAD || (G & (G - 1)) == 0, "attention: heads per CTA a power of two");
     constexpr int QR = QUAD ? 4 * QPL : QPL;  // q values per lane and head
     const int j8 = lane & 7;
@@ -170,21 +191,27 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
     __syncthreads();
 
     // K (then V) rows of the split staged through shared memory CH keys at a time, double-buffered
-    // through registers: the 16-byte loads of the next chunk are in flight while this one is computed
-    // (memory parallelism for the few CTAs of a one-sequence decode step)
+    // through registers (or, ASYNC, through two shared buffers filled by cp.async: fewer instructions and
+    // registers a piece): the 16-byte loads of the next chunk are in flight while this one is computed
     constexpr int NT = WARPS * 32;
     constexpr int VPR = HD / 8;         // 16-byte pieces per row
     constexpr int PER = CH * VPR / NT;  // pieces per thread per chunk
     constexpr int RPP = NT / VPR;       // rows a pass of the CTA's threads covers
     static_assert(NT % VPR == 0 && CH % RPP == 0, "attention: staging passes");
-    constexpr int KS = HD + 8;  // row stride in kvs: 4 banks apart, so the 4 keys of a quad do not collide
-    __shared__ __align__(16) u16 kvs[CH * KS];
+    // row stride in kvs: unpadded. q . k reads 16-byte pieces of kpos's layout, 8 lanes on 128 contiguous
+    // bytes; the weighted sum reads 32 lanes' 2-byte values of one row; staging writes whole rows
+    constexpr int KS = HD;
+    // ASYNC: two chunk buffers filled by cp.async (the next chunk lands while this one is computed); else
+    // one, the next chunk waiting in registers
+    constexpr int NBUF = ASYNC ? 2 : 1;
+    __shared__ __align__(16) u16 kvs_all[NBUF][CH * KS];
+    const u16* kvs = kvs_all[0];
     // a thread's pieces: column pcol of rows prow + RPP j; its addresses are the slot's row times the pool's
     // row stride (one 32 x 32 -> 64-bit multiply a piece) past a base fixed for the CTA
     const int prow = threadIdx.x / VPR, pcol = threadIdx.x % VPR;
     const u32 row_bytes = (u32)(n_kv * HD * 2);
     const u32 poff = (u32)((g * HD + 8 * pcol) * 2);  // byte offset of the thread's piece in a slot's row
-    uint4* const sdst = (uint4*)kvs + prow * (KS / 8) + pcol;
+    uint4* const sdst = (uint4*)kvs_all[0] + prow * (KS / 8) + pcol;
     uint4 tmp[PER];
     auto fetch = [&](const char* __restrict__ base, int c0) {
         const int nk = min(CH, n - c0);
@@ -194,11 +221,42 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
             if (r < nk) tmp[j] = *(const uint4*)(base + (u64)sslot[c0 + r] * row_bytes);
         }
     };
+    // ASYNC: chunk c0 of base into buffer b, one cp.async group (every thread commits, loads or not); the
+    // shared addresses as 32-bit values (one add a piece)
+    const u32 sdst_async = (u32)__cvta_generic_to_shared(kvs_all[0] + prow * KS + 8 * pcol);
+    auto issue = [&](const char* __restrict__ base, int c0, int b) {
+        const int nk = min(CH, n - c0);
+        const u32* __restrict__ sl = sslot + c0 + prow;
+        const u32 dst = sdst_async + (u32)(b * CH * KS * 2);
+#pragma unroll
+        for (int j = 0; j < PER; j++)
+            if (prow + RPP * j < nk) cp_async16(dst + RPP * j * KS * 2, base + (u64)sl[RPP * j] * row_bytes);
+        cp_async_commit();
+    };
     // the fetched chunk into kvs (the caller syncs before: kvs is free; and after: kvs is complete)
     auto put = [&](int nk) {
 #pragma unroll
         for (int j = 0; j < PER; j++)
             if (prow + RPP * j < nk) sdst[RPP * j * (KS / 8)] = tmp[j];
+    };
+    int chunk = 0;  // ASYNC: chunks so far, K's then V's (the buffer of chunk i is i & 1)
+    // A step's start: its chunk (nk keys) ready in kvs for every thread, the next one (next_c0 of next;
+    // none when next is null) on its way. ASYNC: into the other buffer, read last in the previous step
+    // (whose trailing barrier the caller runs); an empty group when there is none, so wait<1> still means
+    // "this chunk landed".
+    auto begin_chunk = [&](int nk, const char* __restrict__ next, int next_c0) {
+        if constexpr (ASYNC) {
+            if (next) issue(next, next_c0, (chunk + 1) & 1);
+            else cp_async_commit();
+            cp_async_wait<1>();
+            __syncthreads();
+            kvs = kvs_all[chunk & 1];
+        } else {
+            __syncthreads();
+            put(nk);
+            __syncthreads();
+            if (next) fetch(next, next_c0);
+        }
     };
 
     // 1. s_j = scale * (q . k_j), one warp per key, in the CPU's dot_f16 order; the split's max
@@ -207,22 +265,22 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
     for (int hh = 0; hh < G; hh++) m[hh] = NEG_INF;
     float ml = NEG_INF;  // QUAD: the max of head qhead's scores this lane kept
     const char* __restrict__ kbase = (const char*)kc + poff;
-    fetch(kbase, 0);
-    for (int c0 = 0; c0 < n; c0 += CH) {
+    const char* __restrict__ vbase = (const char*)vc + poff;
+    if constexpr (ASYNC) issue(kbase, 0, 0);
+    else fetch(kbase, 0);
+    for (int c0 = 0; c0 < n; c0 += CH, chunk++) {
         const int nk = min(CH, n - c0);
-        __syncthreads();
-        put(nk);
-        __syncthreads();
-        if (c0 + CH < n) fetch(kbase, c0 + CH);
+        // after the last K chunk, V's first: in flight during the softmax
+        begin_chunk(nk, c0 + CH < n ? kbase : vbase, c0 + CH < n ? c0 + CH : 0);
         if constexpr (QUAD) {
             // every lane of the warp takes part in the shuffles: a warp runs whole quads. A quad's keys past
             // nk (a last chunk's) read rows of kvs the chunk did not fill (still inside kvs: CH is a multiple
             // of 4): their sums are never stored or compared, so their loads need no check
             for (int ub = 4 * warp; ub < nk; ub += 4 * WARPS) {
                 const int u = ub + (lane >> 3);
-                float kf[QR];
+                float kf[QR];  // the lane's elements i = 4 e + mq, 16 bytes at a time (kpos)
 #pragma unroll
-                for (int i = 0; i < QR; i++) kf[i] = h2f(kvs[u * KS + j8 + 8 * (i % 4) + 32 * (i / 4)]);
+                for (int p = 0; p < QR / 8; p++) load8_f16(kvs + u * KS + 64 * p + 8 * j8, kf + 8 * p);
                 float cur[G];  // v_j, then w, x, s of the heads the lane still holds
 #pragma unroll
                 for (int hh = 0; hh < G; hh++) {
@@ -258,9 +316,9 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
             }
         } else {
             for (int u = warp; u < nk; u += WARPS) {
-                float kf[QPL];
+                float kf[QPL];  // the lane's elements lane + 32 e, 16 bytes at a time (kpos)
 #pragma unroll
-                for (int e = 0; e < QPL; e++) kf[e] = h2f(kvs[u * KS + lane + 32 * e]);
+                for (int p = 0; p < QPL / 8; p++) load8_f16(kvs + u * KS + 256 * p + 8 * lane, kf + 8 * p);
 #pragma unroll
                 for (int hh = 0; hh < G; hh++) {
                     float a = 0.0f;
@@ -272,6 +330,7 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
                 }
             }
         }
+        if constexpr (ASYNC) __syncthreads();  // the buffer is refilled next step
     }
     // QUAD: the maxima of the warp's 4 key lanes (j8, j8 + 8, j8 + 16, j8 + 24) into lane j8 (max is exact in
     // any order); lane j8 < 8 with (j8 & qmask) == 0 holds head qhead's
@@ -279,9 +338,6 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
         ml = fmaxf(ml, __shfl_down_sync(0xffffffffu, ml, 16));
         ml = fmaxf(ml, __shfl_down_sync(0xffffffffu, ml, 8));
     }
-    // the first V chunk's loads in flight during the softmax
-    const char* __restrict__ vbase = (const char*)vc + poff;
-    fetch(vbase, 0);
     if constexpr (QUAD) {
         if (lane < 8 && (lane & qmask) == 0) sm_red[warp][qhead] = ml;
     } else if (lane == 0) {
@@ -338,12 +394,9 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
     float o[HPT];
 #pragma unroll
     for (int k = 0; k < HPT; k++) o[k] = 0.0f;
-    for (int c0 = 0; c0 < n; c0 += CH) {
+    for (int c0 = 0; c0 < n; c0 += CH, chunk++) {
         const int nk = min(CH, n - c0);
-        __syncthreads();
-        put(nk);
-        __syncthreads();
-        if (c0 + CH < n) fetch(vbase, c0 + CH);
+        begin_chunk(nk, c0 + CH < n ? vbase : nullptr, c0 + CH);
         if (nk == CH) {  // a whole chunk: 4 keys' values and weights (one 16-byte load a head) per step
 #pragma unroll 4
             for (int u = 0; u < CH; u += 4) {
@@ -366,6 +419,7 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
                 for (int k = 0; k < HPT; k++) o[k] = fmaf(sc[hb + k][c0 + u], v, o[k]);
             }
         }
+        if constexpr (ASYNC) __syncthreads();
     }
 #pragma unroll
     for (int k = 0; k < HPT; k++) {
@@ -392,21 +446,22 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
 
 // NAME: head dim HD, G query heads per CTA, WARPS warps (CudaBackend's threads for NAME), CH keys per
 // staged chunk (the loads in flight per CTA)
-#define ATTN(NAME, HD, G, WARPS, CH)                                                                               \
+#define ATTN(NAME, HD, G, WARPS, CH, ASYNC)                                                                        \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS) NAME(                                     \
         const float* q, const u16* kc, const u16* vc, const int* rows, const u32* bt, const u64* live,             \
         int n_heads, int n_kv, int block_size, float scale, int n_splits, float* out, float* part_o, float* part_ml, \
         float* wsc) {                                                                                              \
-        attn_body<HD, G, WARPS, CH>(q, kc, vc, rows, bt, live, n_heads, n_kv, block_size, scale, n_splits, out, \
-                                        part_o, part_ml, wsc);                                                     \
+        attn_body<HD, G, WARPS, CH, ASYNC>(q, kc, vc, rows, bt, live, n_heads, n_kv, block_size, scale, n_splits, \
+                                           out, part_o, part_ml, wsc);                                             \
     }
-ATTN(attn_hd64, 64, 4, 8, 64)
-ATTN(attn_hd128, 128, 4, 8, 64)
-ATTN(attn_hd256, 256, 4, 8, 64)
+ATTN(attn_hd64, 64, 4, 8, 64, false)
+ATTN(attn_hd128, 128, 4, 8, 64, false)
+ATTN(attn_hd256, 256, 4, 8, 64, false)
 // variants for head dim 128, picked by PAGELLM_CUDA_ATTN (measured against each other on the GPU)
-ATTN(attn_hd128_g2c64, 128, 2, 8, 64)
-ATTN(attn_hd128_w16, 128, 4, 16, 64)
-ATTN(attn_hd128_g2c128, 128, 2, 8, 128)
+ATTN(attn_hd128_g2c64, 128, 2, 8, 64, false)
+ATTN(attn_hd128_w16, 128, 4, 16, 64, false)
+ATTN(attn_hd128_g2c128, 128, 2, 8, 128, false)
+ATTN(attn_hd128_a4c64, 128, 4, 4, 64, true)
 
 // The splits of a row folded left in order, as the CPU's `merge`: one block of head_dim threads per
 // (query row, head); rows with one split were written by the attention kernel. Splits with no live key

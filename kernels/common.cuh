@@ -43,6 +43,23 @@ __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefe
 // f32 -> nearest f16 -> f32.
 __device__ __forceinline__ float f16_round(float f) { return h2f(f2h(f)); }
 
+// Where element d of a K row (one token, one KV head of head_dim hd) lies in the pool: in the order the
+// attention's q . k lanes read it (kernels/attention.cu), so a lane's elements are whole 16-byte pieces.
+// hd 64 / 128: 8 lanes per key, lane j8 runs the elements d = j8 + 8 mq + 32 e as its i = 4 e + mq; piece
+// i / 8 of every lane lies together (8 lanes x 16 bytes: one shared-memory wavefront). hd a multiple of
+// 256: 32 lanes per key, lane l's elements l + 32 e, e = 0..7 of each piece. Other head dims: in order.
+__device__ __forceinline__ int kpos(int d, int hd) {
+    if (hd == 64 || hd == 128) {
+        const int i = 4 * (d >> 5) + ((d >> 3) & 3);
+        return (i >> 3) * 64 + (d & 7) * 8 + (i & 7);
+    }
+    if (hd % 256 == 0) {
+        const int e = d >> 5;
+        return (e >> 3) * 256 + (d & 31) * 8 + (e & 7);
+    }
+    return d;
+}
+
 // Little-endian loads from blocks that are only 2-byte aligned (GGML block sizes 18, 22, 34, 210).
 __device__ __forceinline__ u16 ld_u16(const u8* p) { return *(const u16*)p; }
 __device__ __forceinline__ int ld_i32_b2(const u8* p) {

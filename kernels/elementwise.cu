@@ -328,15 +328,17 @@ extern "C" __global__ void get_rows(const float* __restrict__ src, int row_len, 
     out[i] = src[(long long)rows[r] * row_len + c];
 }
 
-// K and V rows of n_tok tokens (width = n_kv_heads * head_dim) to f16 slots of the pools.
+// K and V rows of n_tok tokens (width = n_kv_heads * head_dim) to f16 slots of the pools; each head's K
+// elements in the attention's reading order (kpos), V's in order.
 extern "C" __global__ void kv_write(u16* __restrict__ kc, u16* __restrict__ vc, const float* __restrict__ k,
-                                    const float* __restrict__ v, const u32* __restrict__ slots, int n_tok, int width) {
+                                    const float* __restrict__ v, const u32* __restrict__ slots, int n_tok, int width,
+                                    int hd) {
     pdl_enter();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)n_tok * width) return;
     const int t = (int)(i / width), c = (int)(i % width);
     const long long dst = (long long)slots[t] * width + c;
-    kc[dst] = f2h(k[i]);
+    kc[dst - c % hd + kpos(c % hd, hd)] = f2h(k[i]);
     vc[dst] = f2h(v[i]);
 }
 

@@ -932,7 +932,42 @@ fn bench_kernels() {
     let mut out = b.alloc(n_seq * nh * hd).unwrap();
     let bytes = (n_seq * ctx * width * 2 * 2) as f64;
     let ms = time_ms(&b, 20, || b.attention(&q, &kv, &seqs, &p, &mut out, None));
-    println!("attention decode 16x4096 32/8 hd128: {ms:.3} ms, K/V read {:.0} GB/s", bytes / ms / 1e6);
+    let gpu_ms = b.gpu_time_ms(50, || b.attention(&q, &kv, &seqs, &p, &mut out, None));
+    println!(
+        "attention decode 16x4096 32/8 hd128: {ms:.3} ms, K/V read {:.0} GB/s; GPU time {gpu_ms:.4} ms, {:.0} GB/s",
+        bytes / ms / 1e6,
+        bytes / gpu_ms / 1e6
+    );
+    // the device's copy rate (read + write, 1 GiB device to device), the measure the target is a share of
+    let copy_len = 1usize << 28;
+    let (src, mut dst) = (b.alloc(copy_len).unwrap(), b.alloc(copy_len).unwrap());
+    let copy_ms = b.gpu_time_ms(20, || b.copy_device(&src, &mut dst));
+    let copy_gbs = 2.0 * 4.0 * copy_len as f64 / copy_ms / 1e6;
+    println!("device copy 1 GiB: {copy_ms:.3} ms, {copy_gbs:.0} GB/s (read + write); attention at {:.1}% of it", 100.0 * bytes / gpu_ms / 1e6 / copy_gbs);
+    // fewer sequences (the one-sequence case is below): the default against the variants
+    for n in [2usize, 4, 8] {
+        for v in ["", "g4c64", "a4c64"] {
+            let bv = if v.is_empty() {
+                CudaBackend::new(0).unwrap()
+            } else {
+                // SAFETY: single-threaded here (the GPU tests run with --test-threads=1); read by the backend below.
+                unsafe { std::env::set_var("PAGELLM_CUDA_ATTN", v) };
+                let bv = CudaBackend::new(0).unwrap();
+                unsafe { std::env::remove_var("PAGELLM_CUDA_ATTN") };
+                bv
+            };
+            let mut kvn = bv.alloc_kv(KvShape { num_blocks: n * ctx / 16, block_size: 16, n_kv_heads: nkv, head_dim: hd }).unwrap();
+            let kbn = buffer(&bv, &kvdata);
+            for c in 0..n * ctx / chunk {
+                bv.kv_write(&mut kvn, &kbn, &kbn, &((c * chunk) as u32..((c + 1) * chunk) as u32).collect::<Vec<_>>());
+            }
+            let qn = buffer(&bv, &randn(&mut r, n * nh * hd));
+            let mut on = bv.alloc(n * nh * hd).unwrap();
+            let ms = bv.gpu_time_ms(50, || bv.attention(&qn, &kvn, &seqs[..n], &p, &mut on, None));
+            let bn = bytes * n as f64 / n_seq as f64;
+            println!("attention {n}x4096 {}: GPU time {ms:.4} ms, {:.0} GB/s", if v.is_empty() { "default" } else { v }, bn / ms / 1e6);
+        }
+    }
     // one sequence at depth 4096 (the tg128 @ d4096 case), every head-dim-128 variant
     let variants = std::env::var("PAGELLM_CUDA_ATTN_VARIANTS").unwrap_or_else(|_| "g4c64 g2c64 g2c128 w16".into());
     for v in variants.split_whitespace() {

@@ -329,6 +329,28 @@ impl CudaBackend {
         self.stream.synchronize().unwrap_or_else(|e| panic!("cuda: {e}"));
     }
 
+    /// Milliseconds of GPU time per run of `f`, run `reps` times back to back on the stream between two
+    /// timing events (the host's own work overlaps the GPU's; benchmarks of one operation's kernels).
+    pub fn gpu_time_ms(&self, reps: usize, mut f: impl FnMut()) -> f64 {
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        self.synchronize();
+        let start = self.stream.record_event(flags).unwrap_or_else(|e| panic!("cuda: {e}"));
+        for _ in 0..reps {
+            f();
+        }
+        self.flush();
+        let end = self.stream.record_event(flags).unwrap_or_else(|e| panic!("cuda: {e}"));
+        let ms = start.elapsed_ms(&end).unwrap_or_else(|e| panic!("cuda: {e}"));
+        ms as f64 / reps.max(1) as f64
+    }
+
+    /// Copies `src` to `dst` on the device (the copy-rate measurement of the kernel benchmarks).
+    pub fn copy_device(&self, src: &Buffer, dst: &mut Buffer) {
+        self.flush();
+        let d = dst.inner_mut().downcast_mut::<CudaSlice<f32>>().expect("buffer from another backend");
+        self.stream.memcpy_dtod(slice(src), d).unwrap_or_else(|e| panic!("cuda copy: {e}"));
+    }
+
     /// (flushes replayed from a CUDA graph, graphs captured) so far.
     pub fn graph_stats(&self) -> (u64, u64) {
         let q = self.queue();
@@ -660,7 +682,7 @@ impl Backend for CudaBackend {
         let (kp, vp) = (dptr(&c.k, &self.stream), dptr(&c.v, &self.stream));
         let mut s = self.lock();
         let slots = self.upload(&mut s, Tag::Slots, slot_mapping);
-        let args = [A::P(kp), A::P(vp), A::P(self.p(k)), A::P(self.p(v)), A::P(slots), A::I(n as i32), A::I(width as i32)];
+        let args = [A::P(kp), A::P(vp), A::P(self.p(k)), A::P(self.p(v)), A::P(slots), A::I(n as i32), A::I(width as i32), A::I(shape.head_dim as i32)];
         self.launch("kv_write", (blocks(n * width, 256), 1, 1), 256, &args);
     }
 

@@ -93,6 +93,7 @@ const NAMES: &[&str] = &[
     "attn_hd128_g2c64",
     "attn_hd128_w16",
     "attn_hd128_g2c128",
+    "attn_hd128_a4c64",
     "attn_merge",
     "argmax_rows",
     "attn_scores",
