@@ -981,11 +981,16 @@ fn bench_kernels() {
         let q1 = buffer(&bv, &randn(&mut r, nh * hd));
         let mut o1 = bv.alloc(nh * hd).unwrap();
         let ms1 = time_ms(&bv, 50, || bv.attention(&q1, &kv1, &one, &p, &mut o1, None));
+        let gpu1 = bv.gpu_time_ms(100, || bv.attention(&q1, &kv1, &one, &p, &mut o1, None));
         let q16 = buffer(&bv, &randn(&mut r, n_seq * nh * hd));
         let mut o16 = bv.alloc(n_seq * nh * hd).unwrap();
         let ms16 = time_ms(&bv, 20, || bv.attention(&q16, &kv, &seqs, &p, &mut o16, None));
         let b1 = bytes / n_seq as f64;
-        println!("attention {v}: 1x4096 {ms1:.4} ms ({:.0} GB/s), 16x4096 {ms16:.3} ms ({:.0} GB/s)", b1 / ms1 / 1e6, bytes / ms16 / 1e6);
+        println!(
+            "attention {v}: 1x4096 {ms1:.4} ms ({:.0} GB/s; GPU time {gpu1:.4} ms), 16x4096 {ms16:.3} ms ({:.0} GB/s)",
+            b1 / ms1 / 1e6,
+            bytes / ms16 / 1e6
+        );
     }
     unsafe { std::env::remove_var("PAGELLM_CUDA_ATTN") };
     if attn_only {
