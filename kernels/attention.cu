@@ -41,23 +41,27 @@
 
 #define ATT_SPLIT 512
 
-__device__ __forceinline__ void load16_f16(const u16* __restrict__ p, float f[16]) {
-    const uint4 a = *(const uint4*)p, b = *(const uint4*)(p + 8);
-    const u32 w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-    for (int i = 0; i < 8; i++) {
-        f[2 * i] = h2f((u16)(w[i] & 0xffff));
-        f[2 * i + 1] = h2f((u16)(w[i] >> 16));
-    }
-}
-
-// 16 bytes global -> shared without registers (cp.async, sm_80+), and its group fences
+// 16 bytes global -> shared without registers (cp.async, sm_80+), and its group fences. Below sm_80 (the
+// host does not pick the ASYNC kernels there, but the module must build): a plain copy, already complete.
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
+#if __CUDA_ARCH__ >= 800
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+#else
+    const uint4 v = *(const uint4*)src;
+    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(dst), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+#endif
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
 template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
 
 // 8 f16 values (16 aligned bytes) to floats
 __device__ __forceinline__ void load8_f16(const u16* p, float f[8]) {
@@ -445,7 +449,7 @@ __device__ __forceinline__ void attn_body(const float* __restrict__ q, const u16
 }
 
 // NAME: head dim HD, G query heads per CTA, WARPS warps (CudaBackend's threads for NAME), CH keys per
-// staged chunk (the loads in flight per CTA)
+// staged chunk (the loads in flight per CTA), ASYNC: staged by cp.async (sm_80+) instead of registers
 #define ATTN(NAME, HD, G, WARPS, CH, ASYNC)                                                                        \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS) NAME(                                     \
         const float* q, const u16* kc, const u16* vc, const int* rows, const u32* bt, const u64* live,             \

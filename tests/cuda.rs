@@ -477,6 +477,21 @@ fn paged_attention_matches_reference() {
         assert!(err < 2e-3, "attention: relative L2 {err:e}");
         // the same function as the CPU's, float op for float op (whatever PAGELLM_CUDA_ATTN picks)
         assert_eq!(differ, 0, "attention hd={hd}: {differ} values differ from the CPU's");
+        // every head-dim-128 variant, each forced (the default picks by CTA count: these small shapes
+        // would leave some untested)
+        if hd == 128 && std::env::var_os("PAGELLM_CUDA_ATTN").is_none() {
+            for v in ["g4c64", "g2c64", "g2c128", "w16", "a4c64"] {
+                // SAFETY: single-threaded here (the GPU tests run with --test-threads=1); read by new() below.
+                unsafe { std::env::set_var("PAGELLM_CUDA_ATTN", v) };
+                let bv = CudaBackend::new(0);
+                unsafe { std::env::remove_var("PAGELLM_CUDA_ATTN") };
+                let bv = bv.expect("a second CUDA backend");
+                let got = run_attention(&bv, &p, &specs, &data, &tables, num_blocks);
+                let differ = common::bits_differ(&got, &on_cpu);
+                println!("  forced {v}: {differ} values differ from the cpu's");
+                assert_eq!(differ, 0, "attention hd=128 {v}: {differ} values differ from the CPU's");
+            }
+        }
     }
 }
 
@@ -969,7 +984,7 @@ fn bench_kernels() {
         }
     }
     // one sequence at depth 4096 (the tg128 @ d4096 case), every head-dim-128 variant
-    let variants = std::env::var("PAGELLM_CUDA_ATTN_VARIANTS").unwrap_or_else(|_| "g4c64 g2c64 g2c128 w16".into());
+    let variants = std::env::var("PAGELLM_CUDA_ATTN_VARIANTS").unwrap_or_else(|_| "g4c64 g2c64 g2c128 w16 a4c64".into());
     for v in variants.split_whitespace() {
         // SAFETY: single-threaded here (the GPU tests run with --test-threads=1); read by the backend below.
         unsafe { std::env::set_var("PAGELLM_CUDA_ATTN", v) };

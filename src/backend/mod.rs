@@ -19,6 +19,8 @@
 //! KV pool       [num_blocks x block_size x n_kv_heads x head_dim] for K and again for V, f16
 //! slot          block_id * block_size + offset_in_block
 //! ```
+//! A backend may order the head_dim elements of a K row its own way (the CUDA backend does: `kpos` in
+//! kernels/common.cuh); only its own kernels read its pools.
 
 pub mod cpu;
 pub mod cuda;

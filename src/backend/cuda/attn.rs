@@ -2,23 +2,24 @@
 
 use super::attn_meta::attn_meta;
 use super::scratch::Tag;
-use super::{blocks, dptr, kv_ref, CudaBackend, A, ATTN_THREADS};
+use super::{blocks, dptr, kv_ref, CudaBackend, A, ATTN_THREADS, ATTN_THREADS_W4};
 use crate::backend::{AttnParams, AttnSeq, Buffer, KvStore};
 
 /// The head-dim-128 attention kernel `PAGELLM_CUDA_ATTN` forces (`g4c64`: 4 query heads per CTA;
 /// `g2c64`: 2; `g2c128`: 2, staging 128 keys at a time; `w16`: 4 with 16 warps; `a4c64`: 4 with 4 warps,
-/// K/V staged by cp.async), with its heads per CTA and threads. Unset, each call picks g2c128 when g4 would
-/// leave SMs idle, else a4c64 ([`CudaBackend::attention`]): for a decode step of one sequence at 4096 keys
-/// on the H200, g2c64 is 11% faster than g4 and g2c128 3% faster than g2c64; with many CTAs both are
-/// slower, and a4c64 (4 CTAs of 4 warps per SM, each thread's weighted sum over 4 heads) is 20% faster than
-/// g4 at 16 x 4096 (bench/GPU_NOTES.md, session 4, call 85 and session 11).
+/// K/V staged by cp.async; sm_80+, ignored below), with its heads per CTA and threads. Unset, each call
+/// picks g2c128 when g4 would leave SMs idle (g4 itself when the group has 2 heads or fewer), else a4c64 on
+/// sm_80+ ([`CudaBackend::attention`]): for a decode step of one sequence at 4096 keys on the H200, g2c64 is
+/// 11% faster than g4 and g2c128 3% faster than g2c64; with many CTAs both are slower, and a4c64 (4 CTAs of
+/// 4 warps per SM on the H200, each thread's weighted sum over 4 heads) takes 20% less time than g4 at 16 x
+/// 4096 (bench/GPU_NOTES.md, session 4, call 85 and session 11).
 pub(super) fn attn128() -> Option<(&'static str, usize, u32)> {
     match std::env::var("PAGELLM_CUDA_ATTN").as_deref() {
         Ok("g4c64") => Some(("attn_hd128", 4, ATTN_THREADS)),
         Ok("g2c64") => Some(("attn_hd128_g2c64", 2, ATTN_THREADS)),
         Ok("w16") => Some(("attn_hd128_w16", 4, 512)),
         Ok("g2c128") => Some(("attn_hd128_g2c128", 2, ATTN_THREADS)),
-        Ok("a4c64") => Some(("attn_hd128_a4c64", 4, 128)),
+        Ok("a4c64") => Some(("attn_hd128_a4c64", 4, ATTN_THREADS_W4)),
         _ => None,
     }
 }
@@ -85,7 +86,7 @@ impl CudaBackend {
         let (name, g, threads) = match self.attn128 {
             Some((name, g, threads)) if hd == 128 => (name.to_string(), g, threads),
             None if hd == 128 && group > 2 && ctas_g4 < self.sms => ("attn_hd128_g2c128".to_string(), 2, ATTN_THREADS),
-            None if hd == 128 => ("attn_hd128_a4c64".to_string(), 4, 128),
+            None if hd == 128 && self.attn_async && ctas_g4 >= self.sms => ("attn_hd128_a4c64".to_string(), 4, ATTN_THREADS_W4),
             _ => (format!("attn_hd{hd}"), 4, ATTN_THREADS),
         };
         let grid = (n_rows as u32, (n_kv * group.div_ceil(g)) as u32, n_splits as u32);

@@ -7,7 +7,8 @@
 //!   [`BackendError::Init`] when there is no usable GPU.
 //! - **Memory.** Weights are copied to the device once, as the quantized blocks of the file (vectors such
 //!   as norm weights and biases as f32). Activations ([`Buffer`]) are `f32` device arrays, K/V pools are
-//!   f16 device arrays laid out as the trait says. Host-side index lists (tokens, positions, slot mapping,
+//!   f16 device arrays laid out as the trait says (each K row's head_dim elements in the order the
+//!   attention's q.k lanes read them: `kpos`, kernels/common.cuh). Host-side index lists (tokens, positions, slot mapping,
 //!   block tables) are uploaded per op into small device arrays, skipped when equal to the last upload of
 //!   the same kind (the layers of one step share them).
 //! - **One stream.** Every op is queued on the backend's stream in call order; only `read_buffer` waits.
@@ -91,8 +92,10 @@ fn env_usize(name: &str) -> Option<usize> {
     std::env::var(name).ok()?.parse().ok()
 }
 
-/// Threads per attention CTA (`ATT_WARPS` x 32 in kernels/attention.cu).
+/// Threads per attention CTA of 8 warps (the `ATTN` instances' WARPS x 32 in kernels/attention.cu), and
+/// of the 4-warp `attn_hd128_a4c64`.
 const ATTN_THREADS: u32 = 256;
+const ATTN_THREADS_W4: u32 = 128;
 /// Head sizes the attention kernel is instantiated for.
 pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
 
@@ -168,7 +171,7 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     k: module::Kernels,
-    #[allow(dead_code)] // grid sizing (mmvp's block count is computed from it at start)
+    /// SMs (grid sizing: the attention variant a call takes)
     sms: usize,
     name: String,
     copied: AtomicUsize,
@@ -207,6 +210,8 @@ pub struct CudaBackend {
     quant_hints: Mutex<Vec<(u64, usize, Act)>>,
     /// The head-dim-128 attention kernel `PAGELLM_CUDA_ATTN` forces (see [`attn128`]); `None`: chosen per call.
     attn128: Option<(&'static str, usize, u32)>,
+    /// Whether the cp.async attention kernel (a4c64) may run (sm_80+).
+    attn_async: bool,
 }
 
 fn dptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
@@ -306,7 +311,8 @@ impl CudaBackend {
             mmvp_blocks,
             fuse,
             quant_hints: Mutex::new(Vec::new()),
-            attn128: attn::attn128(),
+            attn128: attn::attn128().filter(|a| major >= 8 || a.0 != "attn_hd128_a4c64"),
+            attn_async: major >= 8,
         })
     }
 
@@ -330,9 +336,11 @@ impl CudaBackend {
     }
 
     /// Milliseconds of GPU time per run of `f`, run `reps` times back to back on the stream between two
-    /// timing events (the host's own work overlaps the GPU's; benchmarks of one operation's kernels).
+    /// timing events (the host's own work overlaps the GPU's; benchmarks of one operation's kernels),
+    /// after one untimed run.
     pub fn gpu_time_ms(&self, reps: usize, mut f: impl FnMut()) -> f64 {
         let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        f();
         self.synchronize();
         let start = self.stream.record_event(flags).unwrap_or_else(|e| panic!("cuda: {e}"));
         for _ in 0..reps {
@@ -347,6 +355,7 @@ impl CudaBackend {
     /// Copies `src` to `dst` on the device (the copy-rate measurement of the kernel benchmarks).
     pub fn copy_device(&self, src: &Buffer, dst: &mut Buffer) {
         self.flush();
+        self.forget_quantized();
         let d = dst.inner_mut().downcast_mut::<CudaSlice<f32>>().expect("buffer from another backend");
         self.stream.memcpy_dtod(slice(src), d).unwrap_or_else(|e| panic!("cuda copy: {e}"));
     }
